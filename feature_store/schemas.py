@@ -1,0 +1,176 @@
+"""Arrow schemas of every table in the system (DESIGN.md §4), defined once.
+
+Every writer checks its output against these before a snapshot commits; every reader can rely on
+them. Ids are int64 inside the system; timestamps are ``timestamp[ms, UTC]``.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+TS = pa.timestamp("ms", tz="UTC")
+
+
+class SchemaMismatch(ValueError):
+    """A table does not have the columns or types its contract requires."""
+
+
+def items_schema() -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("item_id", pa.int64(), nullable=False),
+            pa.field("title", pa.string(), nullable=False),
+            pa.field("text", pa.string()),
+            pa.field("tags", pa.list_(pa.string())),
+            # The encoded image exactly as received (PNG/JPEG/...), validated by decoding at ingest.
+            pa.field("image", pa.binary()),
+            pa.field("image_path", pa.string()),
+            # Video as encoded frames (PNG), in time order.
+            pa.field("video", pa.list_(pa.binary())),
+            pa.field("created_ts", TS),
+        ]
+    )
+
+
+def events_schema() -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("user_id", pa.int64(), nullable=False),
+            pa.field("item_id", pa.int64(), nullable=False),
+            pa.field("ts", TS, nullable=False),
+            pa.field("label", pa.int8(), nullable=False),
+            pa.field("weight", pa.float32()),
+        ]
+    )
+
+
+def item_pairs_schema() -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("src", pa.int64(), nullable=False),
+            pa.field("dst", pa.int64(), nullable=False),
+            pa.field("score", pa.float32(), nullable=False),
+            pa.field("source", pa.string(), nullable=False),
+        ]
+    )
+
+
+def item_embeddings_schema(dim: int) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("item_id", pa.int64(), nullable=False),
+            pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False),
+            pa.field("encoder_version", pa.string(), nullable=False),
+        ]
+    )
+
+
+def item_codes_schema(levels: int) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("item_id", pa.int64(), nullable=False),
+            pa.field("rq", pa.list_(pa.int32(), levels), nullable=False),
+            pa.field("vq", pa.list_(pa.int32()), nullable=False),
+            pa.field("codebook_version", pa.string(), nullable=False),
+        ]
+    )
+
+
+def examples_schema(levels: int) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("user_id", pa.int64(), nullable=False),
+            pa.field("item_id", pa.int64(), nullable=False),
+            pa.field("ts", TS, nullable=False),
+            pa.field("label", pa.int8(), nullable=False),
+            pa.field("hist_item_ids", pa.list_(pa.int64())),
+            pa.field("hist_rq", pa.list_(pa.list_(pa.int32(), levels))),
+            pa.field("rq", pa.list_(pa.int32(), levels)),
+            pa.field("vq", pa.list_(pa.int32())),
+        ]
+    )
+
+
+def quarantine_schema() -> pa.Schema:
+    return pa.schema(
+        [
+            # Which input the row came from ("items", "events", ...).
+            pa.field("source_table", pa.string(), nullable=False),
+            # Machine-readable reason, one of ``pipelines.ingest.Reason``.
+            pa.field("reason", pa.string(), nullable=False),
+            # Human detail (the bad value, the decoder's message).
+            pa.field("detail", pa.string()),
+            # The rejected row as JSON (binary columns replaced by their length).
+            pa.field("row", pa.string(), nullable=False),
+        ]
+    )
+
+
+def id_map_schema() -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("external_id", pa.string(), nullable=False),
+            pa.field("id", pa.int64(), nullable=False),
+        ]
+    )
+
+
+# Tables whose schema does not depend on a size parameter.
+FIXED_SCHEMAS = {
+    "items": items_schema,
+    "events": events_schema,
+    "item_pairs": item_pairs_schema,
+    "quarantine": quarantine_schema,
+    "item_id_map": id_map_schema,
+    "user_id_map": id_map_schema,
+}
+
+
+def check_schema(actual: pa.Schema, expected: pa.Schema, table: str) -> None:
+    """Raise :class:`SchemaMismatch` naming the first column whose name or type differs.
+
+    Nullability is not compared (Parquet writers from Spark mark every column nullable); the
+    non-null contract is enforced by the writers' validation instead.
+    """
+    for field in expected:
+        idx = actual.get_field_index(field.name)
+        if idx < 0:
+            raise SchemaMismatch(
+                f"{table}.{field.name} is missing; expected {field.type}. "
+                f"Columns present: {', '.join(actual.names)}"
+            )
+        got = actual.field(idx).type
+        if not _same_type(got, field.type):
+            raise SchemaMismatch(f"{table}.{field.name} is {got}, expected {field.type}")
+    extra = [n for n in actual.names if expected.get_field_index(n) < 0]
+    if extra:
+        raise SchemaMismatch(f"{table} has columns not in its contract: {', '.join(extra)}")
+
+
+def _same_type(a: pa.DataType, b: pa.DataType) -> bool:
+    # Parquet round trips turn list item names into "element" and large types may appear.
+    if pa.types.is_fixed_size_list(a) and pa.types.is_fixed_size_list(b):
+        return a.list_size == b.list_size and _same_type(a.value_type, b.value_type)
+    if pa.types.is_list(a) and pa.types.is_list(b):
+        return _same_type(a.value_type, b.value_type)
+    if pa.types.is_timestamp(a) and pa.types.is_timestamp(b):
+        return a.unit == b.unit and (a.tz is None) == (b.tz is None)
+    return a.equals(b)
+
+
+def conform(table: pa.Table, expected: pa.Schema, name: str) -> pa.Table:
+    """Select and order ``table``'s columns as ``expected`` and cast list/timestamp variants.
+
+    Raises :class:`SchemaMismatch` for a missing column or an incompatible type.
+    """
+    cols = []
+    for field in expected:
+        if field.name not in table.column_names:
+            raise SchemaMismatch(f"{name}.{field.name} is missing; expected {field.type}")
+        col = table.column(field.name)
+        if not col.type.equals(field.type):
+            if not _same_type(col.type, field.type):
+                raise SchemaMismatch(f"{name}.{field.name} is {col.type}, expected {field.type}")
+            col = col.cast(field.type)
+        cols.append(col)
+    return pa.Table.from_arrays(cols, schema=expected)

@@ -1,0 +1,157 @@
+"""``qarm``: run the daily DAG or one stage, and see what has run.
+
+Examples::
+
+    qarm run --config configs/demo.yaml                 # the whole DAG for today
+    qarm run --config configs/movielens.yaml --until ingest
+    qarm run --ds 2026-11-26 --only ingest --force       # one stage again
+    qarm ingest --config configs/demo.yaml               # same as: run --only ingest
+    qarm status                                          # which stages of which run are done
+    qarm config --config configs/demo.yaml --set world.n_items=500   # the effective config
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from jobs.config import ConfigError, QarmConfig, dump_yaml, load_config
+
+log = logging.getLogger("qarm")
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Typed errors a user can act on: printed as one line, exit code 2, no traceback."""
+    from feature_store.schemas import SchemaMismatch
+    from feature_store.snapshots import SnapshotNotFound
+    from jobs.dag import DagError
+    from pipelines.ingest import SchemaError
+    from pipelines.sources import SourceError
+    from pipelines.spark import SparkUnavailable
+
+    return (ConfigError, DagError, SchemaError, SchemaMismatch, SnapshotNotFound, SourceError,
+            SparkUnavailable)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", metavar="FILE",
+                   help="YAML config (default: built-in defaults, the synthetic demo world)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, e.g. --set world.n_items=500 (repeatable)")
+    p.add_argument("--ds", metavar="DATE", help="the run's date, YYYY-MM-DD (default: today, UTC)")
+    p.add_argument("--force", action="store_true",
+                   help="run stages even if their inputs and config are unchanged")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from jobs import stages  # noqa: F401
+    from jobs.dag import REGISTRY
+
+    parser = argparse.ArgumentParser(
+        prog="qarm", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="QARM-stack: trainable quantized multi-modal codes for recommendation.\n"
+                    "Stages form one daily DAG; each reads and writes versioned snapshots under "
+                    "<paths.root>/store\n(default ./.qarm) and logs to MLflow.",
+        epilog=__doc__.split("Examples::", 1)[1])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the DAG (all stages, --until a stage, or --only one)",
+                       description="Run the DAG's stages in order. A stage whose inputs and "
+                                   "config are unchanged since its last success for this --ds, "
+                                   "and whose outputs exist, is skipped.")
+    _common(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--until", metavar="STAGE", help="stop after this stage")
+    g.add_argument("--only", metavar="STAGE", help="run just this stage (upstream must have run)")
+
+    for s in REGISTRY.values():
+        sp = sub.add_parser(s.name, help=s.help, description=f"{s.help}. Same as "
+                            f"`qarm run --only {s.name}`.")
+        _common(sp)
+
+    p = sub.add_parser("status", help="which stages of which run are done, with their outputs")
+    p.add_argument("--config", "-c", metavar="FILE")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--ds", metavar="DATE", help="only this run date")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+    p = sub.add_parser("config", help="print the effective configuration (after --set)")
+    p.add_argument("--config", "-c", metavar="FILE")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def setup_logging(cfg: QarmConfig | None, verbose: bool) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if cfg is not None:
+        logs = cfg.root / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(logs / "qarm.log"))
+    logging.basicConfig(level=level, format=fmt, handlers=handlers, force=True)
+    for noisy in ("py4j", "alembic", "urllib3", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def print_outcomes(outcomes, store_root: Path) -> None:
+    print()
+    print(f"{'stage':<10} {'status':<8} {'seconds':>8}  outputs")
+    for o in outcomes:
+        outs = ", ".join(o.outputs.values())
+        print(f"{o.stage:<10} {o.status:<8} {o.seconds:>8.1f}  {outs}")
+    for o in outcomes:
+        if o.report:
+            print(f"\n[{o.stage}]\n{o.report}")
+    print(f"\nsnapshots: {store_root}/<table>/<snapshot_id>/ (manifest: _manifest.json)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    errors = _user_errors()
+    try:
+        cfg = load_config(args.config, args.overrides)
+        setup_logging(cfg, args.verbose)
+        if args.command == "config":
+            print(dump_yaml(cfg), end="")
+            return 0
+        from jobs.dag import Dag, today
+
+        dag = Dag(cfg)
+        if args.command == "status":
+            rows = dag.status(args.ds)
+            if not rows:
+                print(f"no runs recorded under {cfg.root}")
+                return 0
+            print(f"{'ds':<11} {'stage':<10} {'status':<8} {'finished (UTC)':<20} outputs")
+            import datetime as dt
+            import json
+
+            for r in rows:
+                fin = dt.datetime.fromtimestamp(r["finished"], dt.timezone.utc).strftime(
+                    "%Y-%m-%d %H:%M:%S") if r["finished"] else "-"
+                outs = ", ".join(json.loads(r["outputs"] or "{}").values()) or (r["error"] or "")
+                print(f"{r['ds']:<11} {r['stage']:<10} {r['status']:<8} {fin:<20} {outs}")
+            print(f"\nstore: {dag.store.root}")
+            return 0
+        ds = args.ds or today()
+        if args.command == "run":
+            outcomes = dag.run(ds, until=args.until, only=args.only, force=args.force,
+                               progress=not args.no_progress)
+        else:
+            outcomes = dag.run(ds, only=args.command, force=args.force,
+                               progress=not args.no_progress)
+        print_outcomes(outcomes, dag.store.root)
+        return 0
+    except errors as e:
+        print(f"qarm: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

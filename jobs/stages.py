@@ -1,0 +1,92 @@
+"""The stages of the daily DAG, in order. Each is glue: it reads its inputs from the store, calls
+the package that owns the logic, and returns the snapshots it committed plus metrics."""
+
+from __future__ import annotations
+
+import logging
+
+from feature_store.snapshots import Manifest
+from jobs.config import QarmConfig
+from jobs.dag import StageContext, StageResult, files_fingerprint, stage
+
+log = logging.getLogger(__name__)
+
+
+def _is_synthetic(cfg: QarmConfig) -> bool:
+    return cfg.source.kind == "synthetic"
+
+
+@stage("world", outputs=["raw_items", "raw_events", "truth_items", "truth_users", "truth_events"],
+       config=["world"], applies=_is_synthetic,
+       help="generate the synthetic multi-modal world (raw items, events, ground truth)")
+def world_stage(ctx: StageContext) -> StageResult:
+    from pipelines import synthetic as syn
+
+    w = ctx.cfg.world
+    lat = syn.draw_latents(w)
+    events, truth_events = syn.simulate_events(w, lat)
+    summary = syn.world_summary(w, lat, events)
+    common = dict(parents=[], config_hash=ctx.config_hash, extra=summary)
+    out: dict[str, Manifest] = {}
+    with ctx.store.writer("raw_items", schema=syn.RAW_ITEMS_SCHEMA, **common) as wr:
+        for chunk in syn.item_chunks(w, lat):
+            wr.write_arrow(chunk)
+        out["raw_items"] = wr.commit()
+    out["raw_events"] = ctx.store.write_table("raw_events", events, schema=syn.RAW_EVENTS_SCHEMA,
+                                              **common)
+    out["truth_items"] = ctx.store.write_table("truth_items", syn.truth_items_table(lat),
+                                               schema=syn.TRUTH_ITEMS_SCHEMA, **common)
+    out["truth_users"] = ctx.store.write_table("truth_users", syn.truth_users_table(lat),
+                                               schema=syn.TRUTH_USERS_SCHEMA, **common)
+    out["truth_events"] = ctx.store.write_table("truth_events", truth_events,
+                                                schema=syn.TRUTH_EVENTS_SCHEMA, **common)
+    report = (f"world: {summary['items']} items ({summary['cold_items']} cold), "
+              f"{summary['users']} users, {summary['events']} events, CTR {summary['ctr']:.3f}, "
+              f"train cut-off {summary['train_cutoff']}")
+    metrics = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
+    return StageResult(out, metrics, report)
+
+
+def _ingest_inputs(cfg: QarmConfig) -> tuple[str, ...]:
+    return ("raw_items", "raw_events") if _is_synthetic(cfg) else ()
+
+
+def _source_fingerprint(cfg: QarmConfig) -> str:
+    s = cfg.source
+    if s.kind == "generic":
+        return files_fingerprint([s.items, s.events, s.images_dir])
+    if s.kind == "movielens":
+        return files_fingerprint([s.movielens_dir, s.posters_dir])
+    return ""
+
+
+@stage("ingest", inputs=_ingest_inputs,
+       outputs=["items", "events", "quarantine", "item_id_map", "user_id_map"],
+       config=["source", "ingest"], external_fingerprint=_source_fingerprint,
+       help="validate raw items/events, map ids, quarantine bad rows (Spark)")
+def ingest_stage(ctx: StageContext) -> StageResult:
+    from pipelines.ingest import run_ingest
+    from pipelines.sources import generic_source, movielens_source
+
+    spark = ctx.spark
+    kind = ctx.cfg.source.kind
+    if kind == "synthetic":
+        raw_items = ctx.store.read_spark(spark, "raw_items", ctx.inputs["raw_items"].snapshot_id)
+        raw_events = ctx.store.read_spark(spark, "raw_events",
+                                          ctx.inputs["raw_events"].snapshot_id)
+    elif kind == "generic":
+        raw_items, raw_events = generic_source(spark, ctx.cfg.source)
+    else:
+        raw_items, raw_events = movielens_source(spark, ctx.cfg.source)
+    res = run_ingest(spark, ctx.store, raw_items, raw_events, ctx.cfg.source, ctx.cfg.ingest,
+                     parents=ctx.parents, config_hash=ctx.config_hash)
+    metrics = {f"{t}.{k}": v for t, c in res.counts.items() for k, v in c.items()}
+    metrics.update({f"quarantine.{k}": v for k, v in res.quarantine_reasons.items()})
+    lines = ["table    rows_in  rows_out  quarantined"]
+    for t, c in res.counts.items():
+        lines.append(f"{t:<8} {c['in']:>7}  {c['out']:>8}  {c['quarantined']:>11}")
+    if res.quarantine_reasons:
+        lines.append("quarantine reasons: " + ", ".join(
+            f"{k}={v}" for k, v in sorted(res.quarantine_reasons.items())))
+    lines.append(f"label mode: {res.label_mode}")
+    return StageResult(res.manifests, metrics, "\n".join(lines))

@@ -1,0 +1,90 @@
+"""MLflow glue: one parent run per DAG run, one nested run per stage.
+
+The tracking URI is, in order: ``mlflow.tracking_uri`` from the config, the
+``MLFLOW_TRACKING_URI`` environment variable, or the embedded SQLite store
+``<root>/mlflow.db`` with artifacts under ``<root>/mlartifacts``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any, Iterator, Optional
+
+from jobs.config import QarmConfig
+
+log = logging.getLogger(__name__)
+
+
+def tracking_uri(cfg: QarmConfig) -> str:
+    if cfg.mlflow.tracking_uri:
+        return cfg.mlflow.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{cfg.root / 'mlflow.db'}"
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+class Tracker:
+    """Thin wrapper so stages never import mlflow directly, and a disabled config costs nothing."""
+
+    def __init__(self, cfg: QarmConfig):
+        self.cfg = cfg
+        self.enabled = cfg.mlflow.enabled
+        self._mlflow = None
+        if self.enabled:
+            import mlflow
+
+            # MLflow logs its SQLite schema migrations at INFO on first use: keep them out.
+            logging.getLogger("alembic").setLevel(logging.WARNING)
+            cfg.root.mkdir(parents=True, exist_ok=True)
+            mlflow.set_tracking_uri(tracking_uri(cfg))
+            exp = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
+            if exp is None:
+                artifact_location = None
+                if tracking_uri(cfg).startswith("sqlite:///"):
+                    artifact_location = (cfg.root / "mlartifacts").as_uri()
+                mlflow.create_experiment(cfg.mlflow.experiment,
+                                         artifact_location=artifact_location)
+            mlflow.set_experiment(cfg.mlflow.experiment)
+            self._mlflow = mlflow
+
+    @contextlib.contextmanager
+    def run(self, name: str, *, nested: bool = False, tags: Optional[dict] = None
+            ) -> Iterator[Optional[str]]:
+        if not self.enabled:
+            yield None
+            return
+        with self._mlflow.start_run(run_name=name, nested=nested, tags=tags or {}) as r:
+            yield r.info.run_id
+
+    def params(self, params: dict) -> None:
+        if self.enabled:
+            flat = {k: ("" if v is None else str(v))[:6000] for k, v in flatten(params).items()}
+            self._mlflow.log_params(flat)
+
+    def metrics(self, metrics: dict[str, float]) -> None:
+        if self.enabled:
+            clean = {k.replace("@", "_at_"): float(v) for k, v in flatten(metrics).items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if clean:
+                self._mlflow.log_metrics(clean)
+
+    def tags(self, tags: dict[str, str]) -> None:
+        if self.enabled:
+            self._mlflow.set_tags({k: str(v)[:5000] for k, v in tags.items()})
+
+    def artifact_text(self, text: str, name: str) -> None:
+        if self.enabled:
+            self._mlflow.log_text(text, name)

@@ -1,0 +1,344 @@
+"""The synthetic multi-modal world: generated data with a known latent structure (DESIGN.md §7).
+
+Items
+    Each item has a behavioural **topic** t. Content reveals it only partly: the main object's
+    *shape* is the topic's shape with probability ``shape_fidelity`` (else a random shape), the
+    video's *motion* is the topic's motion with probability ``motion_fidelity``. The object's
+    *colour* and the *background* are drawn uniformly and independently of the topic: they are
+    the nuisance that dominates pixels and CV labels (tags name every shape, the colour and the
+    background). Each item has a rendered PNG image (main object plus 0-2 smaller distractor
+    objects, so the tag set is a real multi-label target), a short video (PNG frames, the object
+    moving), a title, a caption-like text ("a red circle moves left over grass": action = motion,
+    entity = object, scene = background) and tags.
+
+Users
+    ``pref[u] ~ Dirichlet(0.3)`` over topics (one to three favourite topics), a bias
+    ``b_u ~ N(0, user_bias_std)`` and an activity level ``~ LogNormal(0, 0.5)`` that scales their
+    number of impressions.
+
+Click model (the ground truth)
+    An impression of item i to user u at time ts happens only if the item exists
+    (``created_ts <= ts``); which existing item is shown is uniform. It is clicked with
+    ``p = sigmoid(base_logit + affinity * pref[u, topic(i)] + b_i + b_u)``, ``b_i ~ N(0,
+    item_bias_std)``. Every impression is an event with ``label`` 0/1; ``truth_events`` keeps p.
+
+Time
+    Events fall uniformly in ``[start, start + days)``. The training cut-off is at
+    ``train_share`` of the period; ``cold_share`` of the items are created after it (cold start),
+    the others before it.
+
+Everything is a deterministic function of ``seed`` and the sizes (rendering draws from a
+per-item generator, so chunking does not change the output).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import logging
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+from feature_store.schemas import TS
+from jobs.config import WorldConfig
+
+log = logging.getLogger(__name__)
+
+SHAPES = ["circle", "square", "triangle", "cross", "diamond", "ring", "bar", "star"]
+MOTIONS = ["left", "right", "up", "down", "down_right", "up_left", "up_right", "down_left"]
+MOTION_VEC = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1),
+              "down_right": (1, 1), "up_left": (-1, -1), "up_right": (1, -1),
+              "down_left": (-1, 1)}
+COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 80, 230),
+           "yellow": (240, 220, 40), "purple": (150, 50, 200), "orange": (250, 140, 20),
+           "white": (245, 245, 245), "black": (15, 15, 15)}
+COLOUR_NAMES = list(COLOURS)
+BACKGROUNDS = ["grass", "sky", "sand", "night", "snow", "brick"]
+TITLE_WORDS = ["tale", "story", "clip", "moment", "scene", "show", "take", "daily", "vlog", "mix"]
+
+START = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+
+
+def topic_shape(topic: int) -> int:
+    return topic % len(SHAPES)
+
+
+def topic_motion(topic: int) -> int:
+    return (3 * topic + 1) % len(MOTIONS)
+
+
+RAW_ITEMS_SCHEMA = pa.schema([
+    ("item_id", pa.string()), ("title", pa.string()), ("text", pa.string()),
+    ("tags", pa.list_(pa.string())), ("image", pa.binary()), ("video", pa.list_(pa.binary())),
+    ("created_at", TS),
+])
+RAW_EVENTS_SCHEMA = pa.schema([
+    ("user_id", pa.string()), ("item_id", pa.string()), ("ts", TS), ("label", pa.int8()),
+])
+TRUTH_ITEMS_SCHEMA = pa.schema([
+    ("item_id", pa.string()), ("topic", pa.int32()), ("shape", pa.string()),
+    ("motion", pa.string()), ("colour", pa.string()), ("background", pa.string()),
+    ("bias", pa.float32()), ("created_at", TS), ("cold", pa.bool_()),
+])
+TRUTH_USERS_SCHEMA = pa.schema([
+    ("user_id", pa.string()), ("pref", pa.list_(pa.float32())), ("bias", pa.float32()),
+    ("activity", pa.float32()),
+])
+TRUTH_EVENTS_SCHEMA = pa.schema([
+    ("user_id", pa.string()), ("item_id", pa.string()), ("ts", TS), ("p_click", pa.float32()),
+])
+
+
+@dataclass
+class WorldLatents:
+    """The latent structure, drawn up front (cheap even at 1M items / 10M events)."""
+
+    topic: np.ndarray        # (n_items,) int
+    shape: np.ndarray        # (n_items,) index into SHAPES
+    motion: np.ndarray       # (n_items,) index into MOTIONS
+    colour: np.ndarray       # (n_items,) index into COLOUR_NAMES
+    background: np.ndarray   # (n_items,) index into BACKGROUNDS
+    item_bias: np.ndarray    # (n_items,) float
+    created_ms: np.ndarray   # (n_items,) int64 epoch ms
+    cold: np.ndarray         # (n_items,) bool
+    pref: np.ndarray         # (n_users, n_topics) float
+    user_bias: np.ndarray    # (n_users,) float
+    activity: np.ndarray     # (n_users,) float
+    cutoff_ms: int
+    end_ms: int
+
+
+def item_key(i: int | np.ndarray):
+    return np.char.add("i", np.asarray(i).astype(str)) if isinstance(i, np.ndarray) else f"i{i}"
+
+
+def user_key(u: int | np.ndarray):
+    return np.char.add("u", np.asarray(u).astype(str)) if isinstance(u, np.ndarray) else f"u{u}"
+
+
+def draw_latents(cfg: WorldConfig) -> WorldLatents:
+    rng = np.random.default_rng([cfg.seed, 1])
+    n, k = cfg.n_items, cfg.n_topics
+    topic = rng.integers(0, k, n)
+    shape = np.where(rng.random(n) < cfg.shape_fidelity, topic % len(SHAPES),
+                     rng.integers(0, len(SHAPES), n))
+    motion = np.where(rng.random(n) < cfg.motion_fidelity, (3 * topic + 1) % len(MOTIONS),
+                      rng.integers(0, len(MOTIONS), n))
+    colour = rng.integers(0, len(COLOURS), n)
+    background = rng.integers(0, len(BACKGROUNDS), n)
+    item_bias = rng.normal(0, cfg.item_bias_std, n)
+    start_ms = int(START.timestamp() * 1000)
+    day = 86_400_000
+    end_ms = start_ms + cfg.days * day
+    cutoff_ms = start_ms + int(cfg.train_share * cfg.days * day)
+    cold = rng.random(n) < cfg.cold_share
+    # Warm items exist from before the period up to a little before the cut-off.
+    warm_created = rng.integers(start_ms - 10 * day, start_ms + (cutoff_ms - start_ms) // 2, n)
+    cold_created = rng.integers(cutoff_ms, end_ms - day // 2, n)
+    created_ms = np.where(cold, cold_created, warm_created).astype(np.int64)
+    pref = rng.dirichlet(np.full(k, 0.3), cfg.n_users)
+    user_bias = rng.normal(0, cfg.user_bias_std, cfg.n_users)
+    activity = rng.lognormal(0.0, 0.5, cfg.n_users)
+    return WorldLatents(topic, shape, motion, colour, background, item_bias, created_ms, cold,
+                        pref, user_bias, activity, cutoff_ms, end_ms)
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def _bg(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
+    """A textured background: most of the pixels, independent of the topic."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    noise = rng.normal(0, 10, (size, size, 1))
+    if kind == "grass":
+        base = np.array([60, 150, 50]) + np.stack([0 * xx, 25 * ((xx % 4) < 2), 0 * xx], -1)
+    elif kind == "sky":
+        base = np.array([110, 170, 240]) + np.stack([yy, yy, 0 * yy], -1) * (60 / size)
+    elif kind == "sand":
+        base = np.array([220, 200, 140]) + noise * 2
+    elif kind == "night":
+        base = np.array([20, 20, 50]) + 200 * (rng.random((size, size, 1)) < 0.03)
+    elif kind == "snow":
+        base = np.array([235, 240, 250]) + noise
+    else:  # brick
+        mortar = ((yy % 6) == 0) | (((xx + 3 * ((yy // 6) % 2)) % 8) == 0)
+        base = np.where(mortar[..., None], [200, 200, 190], [170, 70, 50])
+    arr = np.clip(base + noise, 0, 255).astype(np.uint8)
+    return Image.fromarray(arr, "RGB")
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
+                colour: tuple[int, int, int]) -> None:
+    box = [cx - r, cy - r, cx + r, cy + r]
+    if shape == "circle":
+        draw.ellipse(box, fill=colour)
+    elif shape == "square":
+        draw.rectangle([cx - 0.8 * r, cy - 0.8 * r, cx + 0.8 * r, cy + 0.8 * r], fill=colour)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=colour)
+    elif shape == "cross":
+        w = max(r / 3, 1)
+        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=colour)
+        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=colour)
+    elif shape == "diamond":
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=colour)
+    elif shape == "ring":
+        draw.ellipse(box, outline=colour, width=max(int(r / 3), 1))
+    elif shape == "bar":
+        draw.rectangle([cx - r, cy - r / 3, cx + r, cy + r / 3], fill=colour)
+    else:  # star
+        pts = []
+        for j in range(10):
+            ang = np.pi / 2 + j * np.pi / 5
+            rr = r if j % 2 == 0 else r * 0.45
+            pts.append((cx + rr * np.cos(ang), cy - rr * np.sin(ang)))
+        draw.polygon(pts, fill=colour)
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False, compress_level=1)
+    return buf.getvalue()
+
+
+def render_item(cfg: WorldConfig, i: int, lat: WorldLatents) -> tuple[bytes, list[bytes], list[str]]:
+    """Render item ``i``: (PNG image, PNG video frames, tags)."""
+    rng = np.random.default_rng([cfg.seed, 2, i])
+    s = cfg.image_size
+    shape, colour_name = SHAPES[lat.shape[i]], COLOUR_NAMES[lat.colour[i]]
+    background = BACKGROUNDS[lat.background[i]]
+    img = _bg(background, s, rng)
+    draw = ImageDraw.Draw(img)
+    shapes_present = {shape}
+    for _ in range(rng.integers(0, 3)):  # smaller distractors, random shape and colour
+        dshape = SHAPES[rng.integers(len(SHAPES))]
+        dcol = COLOUR_NAMES[rng.integers(len(COLOURS))]
+        _draw_shape(draw, dshape, rng.uniform(0.15, 0.85) * s, rng.uniform(0.15, 0.85) * s,
+                    s * rng.uniform(0.07, 0.12), COLOURS[dcol])
+        shapes_present.add(dshape)
+    _draw_shape(draw, shape, rng.uniform(0.35, 0.65) * s, rng.uniform(0.35, 0.65) * s,
+                s * rng.uniform(0.2, 0.3), COLOURS[colour_name])
+    tags = sorted(shapes_present) + [colour_name, background]
+
+    frames: list[bytes] = []
+    if cfg.video_frames > 0:
+        v = cfg.video_size
+        bg = _bg(background, v, rng)
+        dx, dy = MOTION_VEC[MOTIONS[lat.motion[i]]]
+        r = v * 0.18
+        step = (v - 2 * r) / max(cfg.video_frames, 2) * 0.9
+        x0 = v / 2 - dx * step * (cfg.video_frames - 1) / 2
+        y0 = v / 2 - dy * step * (cfg.video_frames - 1) / 2
+        for f in range(cfg.video_frames):
+            frame = bg.copy()
+            _draw_shape(ImageDraw.Draw(frame), shape, x0 + dx * step * f, y0 + dy * step * f, r,
+                        COLOURS[colour_name])
+            frames.append(_png(frame))
+    return _png(img), frames, tags
+
+
+def _text(cfg: WorldConfig, i: int, lat: WorldLatents) -> tuple[str, str]:
+    rng = np.random.default_rng([cfg.seed, 3, i])
+    colour, bg = COLOUR_NAMES[lat.colour[i]], BACKGROUNDS[lat.background[i]]
+    shape, motion = SHAPES[lat.shape[i]], MOTIONS[lat.motion[i]].replace("_", " ")
+    title = f"{colour.title()} {bg} {TITLE_WORDS[rng.integers(len(TITLE_WORDS))]} {i}"
+    text = f"a {colour} {shape} moves {motion} over {bg}"
+    return title, text
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def item_chunks(cfg: WorldConfig, lat: WorldLatents, progress: bool = True) -> Iterator[pa.Table]:
+    """Raw item tables (the generic input format, images inline), ``chunk_items`` rows each."""
+    n = cfg.n_items
+    bar = tqdm(total=n, desc="world: render items", unit="item", disable=not progress)
+    for start in range(0, n, cfg.chunk_items):
+        idx = range(start, min(n, start + cfg.chunk_items))
+        titles, texts, tags, images, videos = [], [], [], [], []
+        for i in idx:
+            img, frames, tg = render_item(cfg, i, lat)
+            t, x = _text(cfg, i, lat)
+            titles.append(t), texts.append(x), tags.append(tg), images.append(img)
+            videos.append(frames if frames else None)
+        ids = np.arange(idx.start, idx.stop)
+        yield pa.Table.from_arrays([
+            pa.array(item_key(ids)), pa.array(titles), pa.array(texts),
+            pa.array(tags, pa.list_(pa.string())), pa.array(images, pa.binary()),
+            pa.array(videos, pa.list_(pa.binary())),
+            pa.array(lat.created_ms[ids], pa.int64()).cast(TS),
+        ], schema=RAW_ITEMS_SCHEMA)
+        bar.update(len(idx))
+    bar.close()
+
+
+def truth_items_table(lat: WorldLatents) -> pa.Table:
+    n = len(lat.topic)
+    return pa.Table.from_arrays([
+        pa.array(item_key(np.arange(n))), pa.array(lat.topic.astype(np.int32)),
+        pa.array(np.array(SHAPES)[lat.shape]), pa.array(np.array(MOTIONS)[lat.motion]),
+        pa.array(np.array(COLOUR_NAMES)[lat.colour]),
+        pa.array(np.array(BACKGROUNDS)[lat.background]),
+        pa.array(lat.item_bias.astype(np.float32)),
+        pa.array(lat.created_ms, pa.int64()).cast(TS), pa.array(lat.cold),
+    ], schema=TRUTH_ITEMS_SCHEMA)
+
+
+def truth_users_table(lat: WorldLatents) -> pa.Table:
+    n = len(lat.user_bias)
+    k = lat.pref.shape[1]
+    pref = pa.FixedSizeListArray.from_arrays(pa.array(lat.pref.astype(np.float32).ravel()), k)
+    return pa.Table.from_arrays([
+        pa.array(user_key(np.arange(n))), pref.cast(pa.list_(pa.float32())),
+        pa.array(lat.user_bias.astype(np.float32)), pa.array(lat.activity.astype(np.float32)),
+    ], schema=TRUTH_USERS_SCHEMA)
+
+
+def simulate_events(cfg: WorldConfig, lat: WorldLatents) -> tuple[pa.Table, pa.Table]:
+    """Impressions with click labels (raw events) and their true click probabilities."""
+    rng = np.random.default_rng([cfg.seed, 4])
+    n_users = cfg.n_users
+    counts = rng.poisson(cfg.impressions_per_user * lat.activity)
+    users = np.repeat(np.arange(n_users), counts)
+    m = len(users)
+    start_ms = int(START.timestamp() * 1000)
+    ts = rng.integers(start_ms, lat.end_ms, m)
+    # Items sorted by creation: the items that exist at time t are a prefix of this order.
+    order = np.argsort(lat.created_ms, kind="stable")
+    created_sorted = lat.created_ms[order]
+    n_avail = np.searchsorted(created_sorted, ts, side="right")
+    ok = n_avail > 0
+    users, ts, n_avail = users[ok], ts[ok], n_avail[ok]
+    items = order[(rng.random(len(ts)) * n_avail).astype(np.int64)]
+    logit = (cfg.base_logit + cfg.affinity * lat.pref[users, lat.topic[items]]
+             + lat.item_bias[items] + lat.user_bias[users])
+    p = 1.0 / (1.0 + np.exp(-logit))
+    label = (rng.random(len(p)) < p).astype(np.int8)
+    srt = np.lexsort((ts, users))
+    users, items, ts, p, label = users[srt], items[srt], ts[srt], p[srt], label[srt]
+    # Two impressions of one item to one user in the same millisecond would be a duplicate key.
+    dup = np.zeros(len(ts), bool)
+    dup[1:] = (users[1:] == users[:-1]) & (items[1:] == items[:-1]) & (ts[1:] == ts[:-1])
+    keep = ~dup
+    users, items, ts, p, label = users[keep], items[keep], ts[keep], p[keep], label[keep]
+    u_col, i_col = pa.array(user_key(users)), pa.array(item_key(items))
+    t_col = pa.array(ts, pa.int64()).cast(TS)
+    events = pa.Table.from_arrays([u_col, i_col, t_col, pa.array(label)], schema=RAW_EVENTS_SCHEMA)
+    truth = pa.Table.from_arrays([u_col, i_col, t_col, pa.array(p.astype(np.float32))],
+                                 schema=TRUTH_EVENTS_SCHEMA)
+    return events, truth
+
+
+def world_summary(cfg: WorldConfig, lat: WorldLatents, events: pa.Table) -> dict:
+    labels = events.column("label").to_numpy()
+    return {
+        "items": cfg.n_items, "users": cfg.n_users, "events": events.num_rows,
+        "ctr": float(labels.mean()) if len(labels) else 0.0,
+        "cold_items": int(lat.cold.sum()),
+        "train_cutoff": dt.datetime.fromtimestamp(lat.cutoff_ms / 1000, dt.timezone.utc).isoformat(),
+    }
