@@ -321,7 +321,9 @@ def classify_events(events: DataFrame, mode: str, source: SourceConfig,
         (F.col("_item_ok").isNull(), ITEM_QUARANTINED, F.col("item_ext")),
     )
     df = (df.withColumn("_reason", reason).withColumn("_detail", detail)
-          .withColumn("label", label.cast("byte")).drop("_known", "_item_ok"))
+          # Only valid rows get a label; NaN or 2.0 must not reach the (ANSI, failing) cast.
+          .withColumn("label", F.when(F.col("_reason").isNull(), label.try_cast("byte")))
+          .drop("_known", "_item_ok"))
     rank = F.when(F.col("_reason").isNull(), F.row_number().over(
         Window.partitionBy("user_ext", "item_ext", "ts", F.col("_reason").isNull())
         .orderBy(F.col("label").desc(), F.col("weight").desc_nulls_last())))
@@ -350,7 +352,7 @@ def quarantine_rows(classified: DataFrame, table: str) -> DataFrame:
     return (classified.where(F.col("_reason").isNotNull())
             .select(F.lit(table).alias("source_table"), F.col("_reason").alias("reason"),
                     F.col("_detail").alias("detail"),
-                    F.to_json(F.struct(*shown)).alias("row")))
+                    F.to_json(F.struct(*shown), {"ignoreNullFields": "false"}).alias("row")))
 
 
 def assign_dense_ids(spark: SparkSession, external_ids: DataFrame,

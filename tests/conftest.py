@@ -1,0 +1,52 @@
+"""Shared fixtures: one real local Spark session per test session (it takes ~10 s to start)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def tiny_world_overrides(root: Path) -> list[str]:
+    """A synthetic world small enough for a test run of the DAG in seconds."""
+    return [f"paths.root={root}", "world.n_items=120", "world.n_users=40",
+            "world.impressions_per_user=30", "world.video_frames=3", "world.image_size=24",
+            "world.video_size=16", "spark.shuffle_partitions=2", "ingest.image_partitions=2",
+            "mlflow.enabled=true"]
+
+
+@pytest.fixture(scope="session")
+def spark_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("spark")
+
+
+@pytest.fixture(scope="session")
+def spark(spark_root):
+    from jobs.config import load_config
+    from pipelines.spark import get_spark
+
+    cfg = load_config(None, [f"paths.root={spark_root}", "spark.shuffle_partitions=2",
+                             "spark.master=local[2]"])
+    session = get_spark(cfg)
+    yield session
+    session.stop()
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.exists():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _no_network_env(monkeypatch):
+    # Nothing may reach a model hub from a test.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield

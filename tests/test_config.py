@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import pytest
+
+from jobs.config import ConfigError, load_config
+
+
+def test_defaults_load_without_a_file():
+    cfg = load_config(None)
+    assert cfg.source.kind == "synthetic"
+    assert cfg.spark.master == "local[*]"
+
+
+def test_unknown_key_names_the_key_and_suggests(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("spark:\n  mastr: local[2]\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'spark.mastr' \(did you mean 'spark.master'"):
+        load_config(p)
+
+
+def test_wrong_type_names_the_key(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("world:\n  n_items: lots\n")
+    with pytest.raises(ConfigError, match="world.n_items must be an integer"):
+        load_config(p)
+
+
+def test_literal_choice_is_checked():
+    with pytest.raises(ConfigError, match="source.kind must be one of"):
+        load_config(None, ["source.kind=csv"])
+
+
+def test_set_overrides_parse_yaml_values():
+    cfg = load_config(None, ["world.n_items=77", "world.train_share=0.5", "mlflow.enabled=false",
+                             "spark.conf={spark.executor.cores: 2}"])
+    assert cfg.world.n_items == 77 and isinstance(cfg.world.n_items, int)
+    assert cfg.world.train_share == 0.5
+    assert cfg.mlflow.enabled is False
+    assert cfg.spark.conf == {"spark.executor.cores": "2"}
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["world.n_items"])
+
+
+def test_section_hash_changes_only_with_its_sections():
+    a = load_config(None)
+    b = load_config(None, ["world.seed=5"])
+    assert a.section_hash("ingest") == b.section_hash("ingest")
+    assert a.section_hash("world") != b.section_hash("world")
