@@ -130,12 +130,11 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             print(f"{'ds':<11} {'stage':<10} {'status':<8} {'finished (UTC)':<20} outputs")
             import datetime as dt
-            import json
 
             for r in rows:
                 fin = dt.datetime.fromtimestamp(r["finished"], dt.timezone.utc).strftime(
                     "%Y-%m-%d %H:%M:%S") if r["finished"] else "-"
-                outs = ", ".join(json.loads(r["outputs"] or "{}").values()) or (r["error"] or "")
+                outs = ", ".join(r["outputs"].values()) or (r["error"] or "")
                 print(f"{r['ds']:<11} {r['stage']:<10} {r['status']:<8} {fin:<20} {outs}")
             print(f"\nstore: {dag.store.root}")
             return 0

@@ -284,6 +284,8 @@ class Dag:
         """Latest state of every stage per ds (newest ds first)."""
         latest: dict[tuple[str, str], dict] = {}
         for r in self.state.rows(ds):
+            for k in ("inputs", "outputs", "metrics"):
+                r[k] = json.loads(r[k]) if r[k] else {}
             latest[(r["ds"], r["stage"])] = r
         order = {s.name: i for i, s in enumerate(REGISTRY.values())}
         return sorted(latest.values(), key=lambda r: (r["ds"], -order.get(r["stage"], 99)),
