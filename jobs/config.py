@@ -28,6 +28,9 @@ class ConfigError(ValueError):
 class PathsConfig:
     #: Everything the embedded mode writes: snapshots, MLflow store, Spark warehouse, logs.
     root: str = ".qarm"
+    #: Where snapshots live; default ``<root>/store``. May be a URI that both pyarrow and Spark
+    #: read (``hdfs://...``, ``s3://...``); run state, logs and the embedded MLflow stay in root.
+    store: Optional[str] = None
 
 
 @dataclass
@@ -137,6 +140,10 @@ class QarmConfig:
     @property
     def root(self) -> Path:
         return Path(self.paths.root).resolve()
+
+    @property
+    def store_uri(self) -> str:
+        return self.paths.store or str(self.root / "store")
 
 
 # --------------------------------------------------------------------------- loading

@@ -178,7 +178,7 @@ class Dag:
 
         self.cfg = cfg
         self.root = cfg.root
-        self.store = SnapshotStore(str(self.root / "store"))
+        self.store = SnapshotStore(cfg.store_uri)
         self.state = RunState(self.root / "state.db")
 
     def stages(self) -> list[Stage]:

@@ -145,3 +145,34 @@ def test_png_poster_named_jpg_decodes(shared_data):
     data = (shared_data / "ml-posters" / "3575.jpg").read_bytes()
     assert data[:4] == b"\x89PNG"
     assert check_image(data, 10_000_000, 8) == (None, None)
+
+
+def test_single_process_ingest_agrees_with_spark_on_a_corrupted_world(spark, tmp_path):
+    import importlib.util
+
+    from pipelines import synthetic as syn
+    from pipelines.ingest_local import ingest_local
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_ingest", Path(__file__).resolve().parents[1] / "bench" / "ingest_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = load_config(None, ["world.n_items=150", "world.n_users=30",
+                             "world.impressions_per_user=40", "world.video_frames=2"])
+    lat = syn.draw_latents(cfg.world)
+    events, _ = syn.simulate_events(cfg.world, lat)
+    events = bench.corrupt_events(events, 0.05)
+    items = pa.concat_tables([bench.corrupt_items(c, 0.05, k) for k, c in
+                              enumerate(syn.item_chunks(cfg.world, lat, progress=False))])
+    local = ingest_local(items, events, cfg.source, cfg.ingest)
+    store = SnapshotStore(str(tmp_path / "s"))
+    res = run_ingest(spark, store, spark.createDataFrame(items.to_pandas()),
+                     spark.createDataFrame(events.to_pandas()), cfg.source,
+                     IngestConfig(image_partitions=2), parents=[], config_hash="x")
+    assert local.counts == res.counts
+    assert local.quarantine_reasons == res.quarantine_reasons
+    assert {"events.unknown_item", "events.invalid_label", "events.duplicate_key",
+            "items.undecodable_image"} <= set(res.quarantine_reasons)
+    spark_items = store.read_arrow("items").sort_by("item_id")
+    assert spark_items.column("title").to_pylist() == \
+        local.items.sort_by("item_id").column("title").to_pylist()
