@@ -151,6 +151,10 @@ def _same_type(a: pa.DataType, b: pa.DataType) -> bool:
     # Parquet round trips turn list item names into "element" and large types may appear.
     if pa.types.is_fixed_size_list(a) and pa.types.is_fixed_size_list(b):
         return a.list_size == b.list_size and _same_type(a.value_type, b.value_type)
+    if pa.types.is_fixed_size_list(b) and pa.types.is_list(a):
+        # Parquet written by Spark has no fixed-size lists; lengths are checked by the writer
+        # and by the cast on read.
+        return _same_type(a.value_type, b.value_type)
     if pa.types.is_list(a) and pa.types.is_list(b):
         return _same_type(a.value_type, b.value_type)
     if pa.types.is_timestamp(a) and pa.types.is_timestamp(b):

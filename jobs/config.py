@@ -19,6 +19,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from mm_encoder.item_encoder import ItemEncoderConfig
+
 
 class ConfigError(ValueError):
     """The configuration has an unknown key, a value of the wrong type, or a bad override."""
@@ -120,6 +122,14 @@ class IngestConfig:
 
 
 @dataclass
+class EmbedConfig:
+    #: Spark partitions of the items table during inference.
+    partitions: int = 4
+    #: torch threads in each Spark task (tasks x threads should not exceed the cores).
+    threads_per_task: int = 1
+
+
+@dataclass
 class QarmConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
@@ -127,6 +137,8 @@ class QarmConfig:
     world: WorldConfig = field(default_factory=WorldConfig)
     source: SourceConfig = field(default_factory=SourceConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
+    encoder: ItemEncoderConfig = field(default_factory=ItemEncoderConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

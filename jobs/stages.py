@@ -90,3 +90,53 @@ def ingest_stage(ctx: StageContext) -> StageResult:
             f"{k}={v}" for k, v in sorted(res.quarantine_reasons.items())))
     lines.append(f"label mode: {res.label_mode}")
     return StageResult(res.manifests, metrics, "\n".join(lines))
+
+
+@stage("embed", inputs=["items"], outputs=["item_embeddings", "embed_quarantine"],
+       config=["encoder", "embed"],
+       help="encode every item with the content towers + fusion (Spark batch inference)")
+def embed_stage(ctx: StageContext) -> StageResult:
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    from feature_store import schemas
+    from mm_encoder.item_encoder import ItemEncoder
+    from pipelines.embed import embed_items_spark
+    from pipelines.ingest import RowAccountingError, write_snapshot
+
+    cfg = ctx.cfg
+    encoder = ItemEncoder(cfg.encoder)
+    folder = encoder.save(str(cfg.root / "artifacts" / "encoders"))
+    ctx.tracker.artifact_dir(folder, "encoder")
+    spark = ctx.spark
+    items = ctx.store.read_spark(spark, "items", ctx.inputs["items"].snapshot_id)
+    out, stats = embed_items_spark(spark, items, encoder, batch_size=cfg.encoder.batch_size,
+                                   threads_per_task=cfg.embed.threads_per_task,
+                                   partitions=cfg.embed.partitions)
+    out = out.persist(StorageLevel.MEMORY_AND_DISK)
+    n_in = ctx.inputs["items"].row_count
+    common = dict(parents=ctx.parents, config_hash=ctx.config_hash)
+    emb = write_snapshot(
+        ctx.store, "item_embeddings",
+        out.where(F.col("_reason").isNull()).select("item_id", "embedding", "encoder_version"),
+        schemas.item_embeddings_schema(cfg.encoder.dim),
+        extra={"dim": cfg.encoder.dim, "encoder_version": encoder.version,
+               "encoder_artifact": folder}, **common)
+    bad = out.where(F.col("_reason").isNotNull()).select(
+        F.lit("items").alias("source_table"), F.col("_reason").alias("reason"),
+        F.col("_detail").alias("detail"),
+        F.to_json(F.struct("item_id")).alias("row"))
+    q = write_snapshot(ctx.store, "embed_quarantine", bad.coalesce(1),
+                       schemas.quarantine_schema(), **common)
+    st = stats()
+    out.unpersist()
+    if n_in != emb.row_count + q.row_count:
+        raise RowAccountingError(f"embed: {n_in} items in != {emb.row_count} embedded + "
+                                 f"{q.row_count} quarantined")
+    metrics = {"items_in": n_in, "embedded": emb.row_count, "quarantined": q.row_count,
+               "encoder_loads": st.loads, "worker_peak_rss_mb": st.peak_rss_mb}
+    report = (f"embedded {emb.row_count} of {n_in} items (quarantined {q.row_count}) with "
+              f"encoder {encoder.version} (D={cfg.encoder.dim}, text={cfg.encoder.text_tower}, "
+              f"image={cfg.encoder.image_tower}); encoder loaded {st.loads}x across Python "
+              f"workers; artifact {folder}")
+    return StageResult({"item_embeddings": emb, "embed_quarantine": q}, metrics, report)

@@ -85,6 +85,10 @@ class Tracker:
         if self.enabled:
             self._mlflow.set_tags({k: str(v)[:5000] for k, v in tags.items()})
 
+    def artifact_dir(self, folder: str, name: str) -> None:
+        if self.enabled:
+            self._mlflow.log_artifacts(folder, name)
+
     def artifact_text(self, text: str, name: str) -> None:
         if self.enabled:
             self._mlflow.log_text(text, name)

@@ -433,15 +433,15 @@ def run_ingest(spark: SparkSession, store: SnapshotStore, raw_items: DataFrame,
 
     manifests = {}
     common = dict(parents=parents, config_hash=config_hash)
-    manifests["items"] = _write(store, "items", items_out, schemas.items_schema(),
+    manifests["items"] = write_snapshot(store, "items", items_out, schemas.items_schema(),
                                 extra={"rows_in": n_items_in}, **common)
-    manifests["events"] = _write(store, "events", events_out, schemas.events_schema(),
+    manifests["events"] = write_snapshot(store, "events", events_out, schemas.events_schema(),
                                  extra={"rows_in": n_events_in, "label_mode": mode}, **common)
-    manifests["quarantine"] = _write(store, "quarantine", quarantine.coalesce(1),
+    manifests["quarantine"] = write_snapshot(store, "quarantine", quarantine.coalesce(1),
                                      schemas.quarantine_schema(), **common)
-    manifests["item_id_map"] = _write(store, "item_id_map", item_map.coalesce(1),
+    manifests["item_id_map"] = write_snapshot(store, "item_id_map", item_map.coalesce(1),
                                       schemas.id_map_schema(), **common)
-    manifests["user_id_map"] = _write(store, "user_id_map", user_map.coalesce(1),
+    manifests["user_id_map"] = write_snapshot(store, "user_id_map", user_map.coalesce(1),
                                       schemas.id_map_schema(), **common)
 
     reasons = {f"{r['source_table']}.{r['reason']}": r["count"] for r in
@@ -470,7 +470,7 @@ def _latest_df(spark, store: SnapshotStore, table: str) -> Optional[DataFrame]:
         return None
 
 
-def _write(store: SnapshotStore, table: str, df: DataFrame, schema: pa.Schema, *,
+def write_snapshot(store: SnapshotStore, table: str, df: DataFrame, schema: pa.Schema, *,
            parents, config_hash, extra=None) -> Manifest:
     with store.writer(table, schema=schema, parents=parents, config_hash=config_hash,
                       extra=extra or {}) as w:

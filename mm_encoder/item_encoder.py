@@ -1,0 +1,258 @@
+"""The item encoder: frozen tower features → fusion → projection to the item embedding (D),
+L2-normalised.
+
+Modalities are ``text`` (always: title, text and tags), ``image`` and ``video`` (frames through
+the image tower: the mean frame feature and the last-minus-first difference). A missing modality
+is *absent*, not zeros pretending to be data: the fusion averages only the modalities an item has
+(a presence mask), each with its own projection and a learned modality embedding.
+
+At initialisation the fusion's residual MLP is zero, so the embedding is a seeded random
+projection of the (normalised) tower features: it preserves the towers' own similarity structure,
+i.e. the CV/NLP view of the item — the "unmatched" starting point that alignment then trains.
+
+The encoder's config and fusion weights are one versioned artifact (:meth:`ItemEncoder.save`);
+the version is a hash of both, so equal content means equal version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+MODALITIES = ("text", "image", "video")
+
+
+@dataclass
+class ItemEncoderConfig:
+    #: Item embedding size D.
+    dim: int = 64
+    #: ``minilm`` (packaged all-MiniLM-L6-v2), ``clip``, or a local transformers model directory.
+    text_tower: str = "minilm"
+    #: ``mobilenet_v2`` (packaged ImageNet weights), ``cat``, ``clip``, or ``none``.
+    image_tower: str = "mobilenet_v2"
+    #: Encode video frames with the image tower (ignored when there is no image tower).
+    video: bool = True
+    #: Side length images and frames are resized to before the image tower.
+    image_size: int = 96
+    clip_path: Optional[str] = None
+    cat_checkpoint: Optional[str] = None
+    cat_variant: str = "micro"
+    text_max_length: int = 64
+    #: Items per forward pass.
+    batch_size: int = 64
+    seed: int = 0
+
+
+def item_text(title: str, text: Optional[str], tags: Optional[Sequence[str]]) -> str:
+    parts = [title or ""]
+    if text:
+        parts.append(text)
+    if tags is not None and len(tags):
+        parts.append("tags: " + ", ".join(tags))
+    return ". ".join(parts)
+
+
+class Towers:
+    """The configured frozen towers, built once (they hold the pretrained weights)."""
+
+    def __init__(self, cfg: ItemEncoderConfig):
+        from mm_encoder import towers as T
+
+        self.cfg = cfg
+        clip = T.CLIPTowers(cfg.clip_path) if "clip" in (cfg.text_tower, cfg.image_tower) else None
+        if cfg.text_tower == "clip":
+            self.text = T.CLIPTextTower(clip)
+        else:
+            path = None if cfg.text_tower == "minilm" else cfg.text_tower
+            self.text = T.TextTower(path, max_length=cfg.text_max_length)
+        if cfg.image_tower == "none":
+            self.image = None
+        elif cfg.image_tower == "mobilenet_v2":
+            self.image = T.MobileNetV2Tower(image_size=cfg.image_size)
+        elif cfg.image_tower == "cat":
+            self.image = T.CATTower(cfg.cat_checkpoint, cfg.cat_variant, cfg.image_size)
+        elif cfg.image_tower == "clip":
+            self.image = T.CLIPImageTower(clip)
+        else:
+            raise ValueError(f"encoder.image_tower must be mobilenet_v2, cat, clip or none, got "
+                             f"{cfg.image_tower!r}")
+
+    def dims(self) -> dict[str, int]:
+        d = {"text": self.text.dim}
+        if self.image is not None:
+            d["image"] = self.image.dim
+            if self.cfg.video:
+                d["video"] = 2 * self.image.dim
+        return d
+
+
+@dataclass
+class TowerFeatures:
+    """Per-modality features (B, d_m) and presence masks (B,) for one batch of items."""
+
+    features: dict[str, torch.Tensor]
+    masks: dict[str, torch.Tensor]
+
+
+class FusionHead(nn.Module):
+    """Masked mean of per-modality projections, a residual MLP, L2 normalisation."""
+
+    def __init__(self, dims: dict[str, int], out_dim: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.dims = dict(dims)
+        self.norm = nn.ModuleDict({m: nn.LayerNorm(d, elementwise_affine=False)
+                                   for m, d in dims.items()})
+        self.proj = nn.ModuleDict({m: nn.Linear(d, out_dim, bias=False) for m, d in dims.items()})
+        for m, d in dims.items():
+            with torch.no_grad():
+                self.proj[m].weight.copy_(torch.randn(out_dim, d, generator=g) / d ** 0.5)
+        self.modality = nn.ParameterDict({m: nn.Parameter(torch.zeros(out_dim)) for m in dims})
+        self.mlp = nn.Sequential(nn.Linear(out_dim, out_dim), nn.GELU(),
+                                 nn.Linear(out_dim, out_dim))
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, f: TowerFeatures) -> torch.Tensor:
+        """→ (B, D), unit norm."""
+        total, count = 0.0, 0.0
+        for m in self.dims:
+            mask = f.masks[m].to(torch.float32).unsqueeze(-1)          # (B, 1)
+            h = self.proj[m](self.norm[m](f.features[m])) + self.modality[m]
+            total = total + mask * h
+            count = count + mask
+        z = total / torch.clamp(count, min=1.0)
+        return nn.functional.normalize(z + self.mlp(z), dim=-1)
+
+
+class MediaError(ValueError):
+    """An item's image or video cannot be decoded."""
+
+
+class ItemEncoder:
+    """Towers + fusion head. ``encode`` maps item rows to unit-norm (B, D) float32 embeddings."""
+
+    def __init__(self, cfg: ItemEncoderConfig, fusion_state: Optional[dict] = None,
+                 towers: Optional[Towers] = None):
+        self.cfg = cfg
+        self.towers = towers or Towers(cfg)
+        self.fusion = FusionHead(self.towers.dims(), cfg.dim, cfg.seed)
+        if fusion_state is not None:
+            self.fusion.load_state_dict(fusion_state)
+        self.fusion.eval()
+
+    # ------------------------------------------------------------------ features
+    def decode_media(self, row: dict) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+        """Decode one item's image and video frames; raises :class:`MediaError`."""
+        from mm_encoder.towers import decode_rgb
+
+        if self.towers.image is None:
+            return None, None
+        size = getattr(self.towers.image, "image_size", self.cfg.image_size)
+        try:
+            img = decode_rgb(row["image"], size) if row.get("image") else None
+            vid = None
+            frames = row.get("video")
+            if self.cfg.video and frames is not None and len(frames):
+                vid = np.stack([decode_rgb(f, size) for f in frames])
+        except (OSError, ValueError, SyntaxError) as e:
+            raise MediaError(f"{type(e).__name__}: {str(e)[:200]}") from None
+        return img, vid
+
+    @torch.no_grad()
+    def tower_features(self, rows: Sequence[dict],
+                       media: Optional[Sequence[tuple]] = None) -> TowerFeatures:
+        from mm_encoder.towers import to_tensor
+
+        n = len(rows)
+        texts = [item_text(r["title"], r.get("text"), r.get("tags")) for r in rows]
+        feats = {"text": self.towers.text(texts).float()}
+        masks = {"text": torch.ones(n, dtype=torch.bool)}
+        image = self.towers.image
+        if image is not None:
+            media = media if media is not None else [self.decode_media(r) for r in rows]
+            dim = image.dim
+            img_feat = torch.zeros(n, dim)
+            have = [i for i, (im, _) in enumerate(media) if im is not None]
+            if have and hasattr(image, "forward_tensor"):
+                img_feat[have] = image.forward_tensor(to_tensor([media[i][0] for i in have]))
+            elif have:  # CLIP takes encoded bytes through its own processor
+                img_feat[have] = image([rows[i]["image"] for i in have])
+            feats["image"] = img_feat
+            masks["image"] = torch.zeros(n, dtype=torch.bool)
+            masks["image"][have] = True
+            if self.cfg.video:
+                vid_feat = torch.zeros(n, 2 * dim)
+                vids = [i for i, (_, v) in enumerate(media) if v is not None]
+                if vids and hasattr(image, "forward_tensor"):
+                    lengths = [len(media[i][1]) for i in vids]
+                    frames = to_tensor([f for i in vids for f in media[i][1]])
+                    per_frame = image.forward_tensor(frames).split(lengths)
+                    vid_feat[vids] = torch.stack(
+                        [torch.cat([f.mean(0), f[-1] - f[0]]) for f in per_frame])
+                else:
+                    vids = []
+                feats["video"] = vid_feat
+                masks["video"] = torch.zeros(n, dtype=torch.bool)
+                masks["video"][vids] = True
+        return TowerFeatures(feats, masks)
+
+    @torch.no_grad()
+    def encode(self, rows: Sequence[dict], media: Optional[Sequence[tuple]] = None) -> np.ndarray:
+        """Item rows (dicts with title, text, tags, image, video) → (B, D) float32, unit norm."""
+        if not rows:
+            return np.zeros((0, self.cfg.dim), np.float32)
+        return self.fusion(self.tower_features(rows, media)).numpy().astype(np.float32)
+
+    # ------------------------------------------------------------------ artifact
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        torch.save({"config": dataclasses.asdict(self.cfg), "fusion": self.fusion.state_dict()},
+                   buf)
+        return buf.getvalue()
+
+    @property
+    def version(self) -> str:
+        h = hashlib.sha256(json.dumps(dataclasses.asdict(self.cfg), sort_keys=True).encode())
+        for k, v in sorted(self.fusion.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().numpy().tobytes())
+        return "enc-" + h.hexdigest()[:12]
+
+    @classmethod
+    def from_bytes(cls, data: bytes, towers: Optional[Towers] = None) -> "ItemEncoder":
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return cls(ItemEncoderConfig(**obj["config"]), obj["fusion"], towers)
+
+    def save(self, root: str) -> str:
+        """Write the artifact to ``<root>/<version>/encoder.pt`` (once; versions never change)
+        and return its folder."""
+        folder = os.path.join(root, self.version)
+        path = os.path.join(folder, "encoder.pt")
+        if not os.path.exists(path):
+            os.makedirs(folder, exist_ok=True)
+            tmp = f"{path}.tmp-{os.getpid()}"
+            with open(tmp, "wb") as f:
+                f.write(self.to_bytes())
+            os.replace(tmp, path)
+            with open(os.path.join(folder, "config.json"), "w") as f:
+                json.dump({"version": self.version, "config": dataclasses.asdict(self.cfg),
+                           "dims": self.towers.dims()}, f, indent=2)
+        return folder
+
+    @classmethod
+    def load(cls, folder: str, towers: Optional[Towers] = None) -> "ItemEncoder":
+        with open(os.path.join(folder, "encoder.pt"), "rb") as f:
+            return cls.from_bytes(f.read(), towers)
