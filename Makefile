@@ -44,7 +44,8 @@ test-all: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup
-	$(PY) bench/ingest_throughput.py
+	$(PY) bench/ingest_throughput.py --events 1000000 --items 5000
+	$(PY) bench/embed_throughput.py --items 1500
 
 clean:
 	rm -rf .qarm spark-warehouse
