@@ -122,6 +122,9 @@ class FusionHead(nn.Module):
         self.modality = nn.ParameterDict({m: nn.Parameter(torch.zeros(out_dim)) for m in dims})
         self.mlp = nn.Sequential(nn.Linear(out_dim, out_dim), nn.GELU(),
                                  nn.Linear(out_dim, out_dim))
+        with torch.no_grad():  # seeded, so equal configs give equal artifacts (and versions)
+            self.mlp[0].weight.copy_(torch.randn(out_dim, out_dim, generator=g) / out_dim ** 0.5)
+        nn.init.zeros_(self.mlp[0].bias)
         nn.init.zeros_(self.mlp[2].weight)
         nn.init.zeros_(self.mlp[2].bias)
 

@@ -116,6 +116,13 @@ def test_missing_modality_is_absent_not_zero(encoder):
     torch.testing.assert_close(base.norm(dim=-1), torch.ones(3))
 
 
+def test_same_config_same_version(encoder):
+    again = ItemEncoder(ItemEncoderConfig(dim=16, image_size=32), towers=encoder.towers)
+    assert again.version == encoder.version
+    other = ItemEncoder(ItemEncoderConfig(dim=16, image_size=32, seed=1), towers=encoder.towers)
+    assert other.version != encoder.version
+
+
 def test_artifact_round_trip_keeps_version_and_output(encoder, tmp_path):
     img = _png(_bg("sky", 32, np.random.default_rng(2)))
     rows = [_item("one", img), _item("two")]
