@@ -29,9 +29,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipelines.ingest import SchemaError
     from pipelines.sources import SourceError
     from pipelines.spark import SparkUnavailable
+    from quantizer.codebook import CodebookExists, CodebookNotFound
+    from mm_encoder.towers import ModelNotFound
 
     return (ConfigError, DagError, SchemaError, SchemaMismatch, SnapshotNotFound, SourceError,
-            SparkUnavailable)
+            SparkUnavailable, CodebookExists, CodebookNotFound, ModelNotFound)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -71,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(s.name, help=s.help, description=f"{s.help}. Same as "
                             f"`qarm run --only {s.name}`.")
         _common(sp)
+        if s.name == "quantize":
+            sp.add_argument("--assign-only", action="store_true",
+                            help="do not fit: code the items with an existing codebook "
+                                 "(needs --codebook)")
+            sp.add_argument("--codebook", metavar="VERSION",
+                            help="the codebook version to assign with (see <root>/artifacts/"
+                                 "codebooks/); same as --set quantize.codebook=VERSION")
 
     p = sub.add_parser("status", help="which stages of which run are done, with their outputs")
     p.add_argument("--config", "-c", metavar="FILE")
@@ -115,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     errors = _user_errors()
     try:
+        if getattr(args, "assign_only", False) and not args.codebook:
+            raise ConfigError("--assign-only needs --codebook VERSION (an existing codebook)")
+        if getattr(args, "codebook", None):
+            args.overrides.append(f"quantize.codebook={args.codebook}")
         cfg = load_config(args.config, args.overrides)
         setup_logging(cfg, args.verbose)
         if args.command == "config":

@@ -20,6 +20,8 @@ from typing import Any, Literal, Optional
 import yaml
 
 from mm_encoder.item_encoder import ItemEncoderConfig
+from quantizer.rq import RQConfig
+from quantizer.vq import VQConfig
 
 
 class ConfigError(ValueError):
@@ -130,6 +132,20 @@ class EmbedConfig:
 
 
 @dataclass
+class QuantizeConfig:
+    rq: RQConfig = field(default_factory=RQConfig)
+    vq: VQConfig = field(default_factory=VQConfig)
+    #: Embeddings the codebooks are fitted on (a seeded Spark sample when there are more).
+    fit_sample: int = 200_000
+    #: Assign with this existing codebook version instead of fitting (cold-start items).
+    codebook: Optional[str] = None
+    partitions: int = 4
+    threads_per_task: int = 1
+    #: Items whose exact-search VQ code is compared with the index's (the overlap metric).
+    overlap_sample: int = 1000
+
+
+@dataclass
 class QarmConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
@@ -139,6 +155,7 @@ class QarmConfig:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     encoder: ItemEncoderConfig = field(default_factory=ItemEncoderConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

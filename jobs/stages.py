@@ -140,3 +140,60 @@ def embed_stage(ctx: StageContext) -> StageResult:
               f"image={cfg.encoder.image_tower}); encoder loaded {st.loads}x across Python "
               f"workers; artifact {folder}")
     return StageResult({"item_embeddings": emb, "embed_quarantine": q}, metrics, report)
+
+
+@stage("quantize", inputs=["item_embeddings"], outputs=["item_codes"], config=["quantize"],
+       help="fit VQ/RQ codebooks on the embeddings and assign codes to every item (Spark)")
+def quantize_stage(ctx: StageContext) -> StageResult:
+    import numpy as np
+
+    from feature_store import schemas
+    from pipelines.ingest import RowAccountingError, write_snapshot
+    from pipelines.quantize import assign_codes_spark, sample_embeddings
+    from quantizer.codebook import Codebook
+    from quantizer.metrics import codebook_metrics, flat_metrics, format_table
+    from quantizer.rq import ResidualKMeans
+    from quantizer.vq import NeighbourCodes, exact_overlap
+
+    q = ctx.cfg.quantize
+    root = str(ctx.cfg.root / "artifacts" / "codebooks")
+    spark = ctx.spark
+    src = ctx.inputs["item_embeddings"]
+    emb = ctx.store.read_spark(spark, "item_embeddings", src.snapshot_id)
+    ids, vecs = sample_embeddings(emb, src.row_count, q.fit_sample, q.rq.seed)
+    if q.codebook:
+        cb = Codebook.load(root, q.codebook)
+        fitted = False
+    else:
+        rq = ResidualKMeans(q.rq).fit(vecs)
+        vq = NeighbourCodes(q.vq).fit(ids, vecs)
+        cb = Codebook(rq, vq, training_snapshot=src.ref)
+        cb.version = cb.content_version()
+        fitted = True
+    rq_codes, _ = cb.encode(ids, vecs)
+    pick = np.random.default_rng(0).choice(len(ids), min(len(ids), q.overlap_sample),
+                                           replace=False)
+    metrics = codebook_metrics(cb.rq, vecs, rq_codes, exact_overlap(cb.vq, ids[pick],
+                                                                    vecs[pick]))
+    if fitted:
+        cb.metrics = metrics
+        try:
+            folder = cb.save(root)
+        except FileExistsError:   # the same content was fitted before: reuse that version
+            folder = f"{root}/{cb.version}"
+        ctx.tracker.artifact_dir(folder, "codebook")
+    codes = assign_codes_spark(spark, emb, cb, partitions=q.partitions,
+                               threads_per_task=q.threads_per_task)
+    levels = cb.rq.centroids.shape[0]
+    out = write_snapshot(ctx.store, "item_codes", codes, schemas.item_codes_schema(levels),
+                         parents=ctx.parents, config_hash=ctx.config_hash,
+                         extra={"codebook_version": cb.version, "fitted": fitted})
+    if out.row_count != src.row_count:
+        raise RowAccountingError(f"quantize: {src.row_count} embeddings in != {out.row_count} "
+                                 f"coded")
+    report = (f"codebook {cb.version} ({'fitted on ' + str(len(ids)) + ' embeddings' if fitted else 'existing, assign-only'}; "
+              f"RQ {levels} x {cb.rq.cfg.codes}, {cb.rq.fit_record.get('method', '')}; "
+              f"VQ k={cb.vq.cfg.k} over a pool of {len(cb.vq.pool_ids)} items, index "
+              f"{cb.vq.cfg.index}); {out.row_count} items coded\n" + format_table(metrics))
+    return StageResult({"item_codes": out}, {**flat_metrics(metrics), "coded": out.row_count,
+                                             "fitted": int(fitted)}, report)

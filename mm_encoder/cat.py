@@ -348,6 +348,12 @@ def load_cat_checkpoint(model: CAT, path: str, strict: bool = True) -> list[str]
     if "pos_embed" in sd and model.pos_embed is not None and sd["pos_embed"].dim() == 3:
         r = math.isqrt(sd["pos_embed"].shape[1])
         sd["pos_embed"] = sd["pos_embed"].reshape(1, r, r, -1)
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
+             if k in own and own[k].shape != v.shape]
+    if wrong:
+        raise KeyError(f"checkpoint {path} does not match this CAT: shapes differ for "
+                       f"{', '.join(wrong[:3])}")
     res = model.load_state_dict(sd, strict=False)
     if strict and (res.missing_keys or res.unexpected_keys):
         raise KeyError(f"checkpoint {path} does not match this CAT: missing "

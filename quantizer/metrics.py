@@ -1,0 +1,82 @@
+"""Codebook quality: utilization, perplexity, collisions, items per code, reconstruction error.
+
+Definitions (REFERENCE.md, ranking metrics / quantizer):
+utilization = share of a level's codes used; perplexity = exp(-sum p log p) of code frequencies;
+collision rate = 1 - unique codes / items; relative reconstruction error with l levels =
+sum ||x - x_hat_l||^2 / sum ||x||^2.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def level_stats(codes: np.ndarray, n_codes: int) -> list[dict]:
+    out = []
+    for level in range(codes.shape[1]):
+        counts = np.bincount(codes[:, level], minlength=n_codes)
+        p = counts[counts > 0] / len(codes)
+        out.append({"level": level + 1, "utilization": float((counts > 0).mean()),
+                    "perplexity": float(np.exp(-(p * np.log(p)).sum()))})
+    return out
+
+
+def prefix_stats(codes: np.ndarray) -> list[dict]:
+    """Collision rate and items per code for every prefix length (the last is the full code)."""
+    out = []
+    for length in range(1, codes.shape[1] + 1):
+        _, counts = np.unique(codes[:, :length], axis=0, return_counts=True)
+        out.append({"prefix": length, "unique": int(len(counts)),
+                    "collision_rate": float(1 - len(counts) / len(codes)),
+                    "items_per_code_mean": float(counts.mean()),
+                    "items_per_code_max": int(counts.max()),
+                    "share_sharing_code": float(counts[counts > 1].sum() / len(codes))})
+    return out
+
+
+def reconstruction_error(rq, x: np.ndarray, codes: np.ndarray) -> list[float]:
+    """Relative reconstruction error using the first 1..L levels."""
+    denom = float((x.astype(np.float64) ** 2).sum())
+    return [float(((x - rq.decode(codes, levels)) ** 2).sum() / denom)
+            for levels in range(1, codes.shape[1] + 1)]
+
+
+def codebook_metrics(rq, x: np.ndarray, codes: np.ndarray, vq_overlap: float | None) -> dict:
+    return {
+        "levels": level_stats(codes, rq.cfg.codes),
+        "prefixes": prefix_stats(codes),
+        "reconstruction_error": reconstruction_error(rq, x, codes),
+        "vq_exact_overlap": vq_overlap,
+        "items": int(len(codes)),
+    }
+
+
+def format_table(m: dict) -> str:
+    lines = ["level  utilization  perplexity  rel.recon.err(<=level)"]
+    for lv, err in zip(m["levels"], m["reconstruction_error"]):
+        lines.append(f"{lv['level']:>5}  {lv['utilization']:>11.3f}  {lv['perplexity']:>10.1f}  "
+                     f"{err:>22.4f}")
+    lines.append("prefix  unique  collision  items/code(mean,max)  share sharing a code")
+    for p in m["prefixes"]:
+        lines.append(f"{p['prefix']:>6}  {p['unique']:>6}  {p['collision_rate']:>9.3f}  "
+                     f"{p['items_per_code_mean']:>10.2f}, {p['items_per_code_max']:<8}  "
+                     f"{p['share_sharing_code']:>10.3f}")
+    if m.get("vq_exact_overlap") is not None:
+        lines.append(f"VQ overlap with exact search: {m['vq_exact_overlap']:.3f}")
+    return "\n".join(lines)
+
+
+def flat_metrics(m: dict) -> dict[str, float]:
+    """Metrics as flat name → number (for MLflow)."""
+    out = {}
+    for lv in m["levels"]:
+        out[f"level{lv['level']}.utilization"] = lv["utilization"]
+        out[f"level{lv['level']}.perplexity"] = lv["perplexity"]
+    for p in m["prefixes"]:
+        out[f"prefix{p['prefix']}.collision_rate"] = p["collision_rate"]
+        out[f"prefix{p['prefix']}.items_per_code_max"] = p["items_per_code_max"]
+    for i, e in enumerate(m["reconstruction_error"]):
+        out[f"recon_error.levels{i + 1}"] = e
+    if m.get("vq_exact_overlap") is not None:
+        out["vq_exact_overlap"] = m["vq_exact_overlap"]
+    return out
