@@ -1,0 +1,151 @@
+"""RQ codes are greedy residual k-means, VQ codes exclude the item, codebooks are immutable."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from quantizer.codebook import Codebook, CodebookExists, CodebookNotFound
+from quantizer.kmeans import KMeansSettings, train_kmeans
+from quantizer.metrics import codebook_metrics, prefix_stats
+from quantizer.rq import RQConfig, ResidualKMeans, unpack_codes
+from quantizer.vq import NeighbourCodes, VQConfig, exact_overlap
+
+
+def _data(n=3000, d=16, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((20, d)) * 3
+    return (centers[rng.integers(0, 20, n)] + rng.standard_normal((n, d))).astype(np.float32)
+
+
+def _greedy_by_hand(x, centroids):
+    residual = x.astype(np.float64).copy()
+    codes = []
+    for cl in centroids:
+        d2 = ((residual[:, None, :] - cl[None, :, :].astype(np.float64)) ** 2).sum(-1)
+        c = d2.argmin(1)
+        codes.append(c)
+        residual -= cl[c]
+    return np.stack(codes, 1)
+
+
+@pytest.mark.parametrize("codes", [16, 100, 512])  # power of two, not, and > 8 bits
+def test_greedy_encoding_is_nearest_centroid_per_level_on_the_residual(codes):
+    x = _data(n=4000 if codes == 512 else 2000)
+    rq = ResidualKMeans(RQConfig(levels=3, codes=codes, niter=5)).fit(x)
+    got = rq.encode(x[:300])
+    assert got.dtype == np.int32 and got.shape == (300, 3)
+    assert got.max() < codes
+    np.testing.assert_array_equal(got, _greedy_by_hand(x[:300], rq.centroids))
+
+
+def test_reconstruction_error_does_not_increase_with_levels():
+    x = _data()
+    rq = ResidualKMeans(RQConfig(levels=4, codes=32, niter=10)).fit(x)
+    m = codebook_metrics(rq, x, rq.encode(x), None)
+    err = m["reconstruction_error"]
+    assert all(b <= a + 1e-9 for a, b in zip(err, err[1:])), err
+    assert err[-1] < 0.5 * err[0]
+
+
+def test_faiss_backend_and_faiss_rq_are_greedy_too():
+    x = _data(n=2000)
+    rq = ResidualKMeans(RQConfig(levels=2, codes=32, niter=5, backend="faiss")).fit(x)
+    np.testing.assert_array_equal(rq.encode(x[:200]), _greedy_by_hand(x[:200], rq.centroids))
+    rq2 = ResidualKMeans(RQConfig(levels=2, codes=32, niter=5, backend="faiss_rq")).fit(x)
+    assert rq2.centroids.shape == (2, 32, 16)
+    np.testing.assert_array_equal(rq2.encode(x[:200]), _greedy_by_hand(x[:200], rq2.centroids))
+    with pytest.raises(ValueError, match="power-of-two"):
+        ResidualKMeans(RQConfig(codes=100, backend="faiss_rq")).fit(x)
+
+
+@pytest.mark.parametrize("nbits", [6, 8, 9, 10])
+def test_faiss_packed_codes_unpack_correctly(nbits):
+    import faiss
+
+    x = _data(n=max(3000, 2 * 2 ** nbits), d=8)
+    levels = 3
+    rq = faiss.ResidualQuantizer(8, levels, nbits)
+    rq.train_type = faiss.ResidualQuantizer.Train_default
+    rq.max_beam_size = 1
+    rq.cp.niter = 2
+    rq.train(x)
+    packed = rq.compute_codes(x[:100])
+    assert packed.shape[1] == (levels * nbits + 7) // 8
+    codes = unpack_codes(packed, levels, nbits)
+    assert codes.max() < 2 ** nbits
+    books = faiss.vector_to_array(rq.codebooks).reshape(levels, 2 ** nbits, 8)
+    ours = sum(books[lv][codes[:, lv]] for lv in range(levels))
+    np.testing.assert_allclose(ours, rq.decode(packed), rtol=1e-5, atol=1e-5)
+
+
+def test_vq_code_never_contains_the_item_itself():
+    x = _data(n=500)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)  # embeddings are unit norm (metric ip)
+    x[1] = x[0]  # an exact duplicate: still not "itself"
+    ids = np.arange(1000, 1500)
+    vq = NeighbourCodes(VQConfig(k=10)).fit(ids, x)
+    codes = vq.encode(ids, x)
+    assert codes.shape == (500, 10) and (codes >= 0).all()
+    assert not (vq.pool_ids[codes] == ids[:, None]).any()
+    assert 1 in codes[0]  # the duplicate is a neighbour, by position
+    # An item outside the pool keeps all k nearest.
+    cold = vq.encode(np.array([99999]), x[:1])
+    assert cold[0, 0] in (0, 1)
+    assert exact_overlap(vq, ids[:50], x[:50]) == 1.0
+
+
+def test_approximate_index_overlap_is_measured():
+    x = _data(n=4000, d=16)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    vq = NeighbourCodes(VQConfig(k=10, index="IVF64,Flat", nprobe=2)).fit(np.arange(4000), x)
+    ov = exact_overlap(vq, np.arange(200), x[:200])
+    assert 0.3 < ov <= 1.0
+
+
+def test_balanced_kmeans_evens_cluster_sizes():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.standard_normal((1800, 4)), rng.standard_normal((200, 4)) + 8])
+    x = x.astype(np.float32)
+    plain, _ = train_kmeans(x, KMeansSettings(k=8, niter=10))
+    bal, rec = train_kmeans(x, KMeansSettings(k=8, niter=10, balanced=True))
+    assert rec["balanced"] and rec["train_points"] == 2000
+
+    def biggest(c):
+        return np.bincount(((x[:, None] - c[None]) ** 2).sum(-1).argmin(1), minlength=8).max()
+
+    assert biggest(bal) <= biggest(plain)
+
+
+def _codebook(seed=0):
+    x = _data(n=800, seed=seed)
+    rq = ResidualKMeans(RQConfig(levels=2, codes=16, niter=5)).fit(x)
+    vq = NeighbourCodes(VQConfig(k=5)).fit(np.arange(800), x)
+    return Codebook(rq, vq, training_snapshot="item_embeddings@x"), x
+
+
+def test_codebook_round_trip_and_versions_are_immutable(tmp_path):
+    cb, x = _codebook()
+    folder = cb.save(str(tmp_path))
+    assert folder.endswith(cb.version) and cb.version.startswith("cb-")
+    loaded = Codebook.load(str(tmp_path), cb.version)
+    for a, b in zip(cb.encode(np.arange(50), x[:50]), loaded.encode(np.arange(50), x[:50])):
+        np.testing.assert_array_equal(a, b)
+    assert loaded.training_snapshot == "item_embeddings@x"
+
+    named = cb.save(str(tmp_path / "named"), version="v1")
+    before = open(f"{named}/codebook.npz", "rb").read()
+    other, _ = _codebook(seed=1)
+    with pytest.raises(CodebookExists, match="immutable"):
+        other.save(str(tmp_path / "named"), version="v1")
+    assert open(f"{named}/codebook.npz", "rb").read() == before
+    with pytest.raises(CodebookNotFound, match="available: v1"):
+        Codebook.load(str(tmp_path / "named"), "v2")
+
+
+def test_prefix_stats_count_collisions():
+    codes = np.array([[0, 0], [0, 0], [0, 1], [1, 2]], np.int32)
+    full = prefix_stats(codes)[-1]
+    assert full["unique"] == 3 and full["collision_rate"] == pytest.approx(0.25)
+    assert full["items_per_code_max"] == 2 and full["share_sharing_code"] == 0.5
+    assert prefix_stats(codes)[0]["unique"] == 2
