@@ -31,11 +31,11 @@ class KMeansSettings:
     #: Balanced training assignment (Sinkhorn-equalised cluster sizes); encoding stays greedy.
     balanced: bool = False
     #: Rows per GEMM chunk in the assignment step.
-    chunk: int = 65536
+    chunk: int = 4096
 
 
 def nearest(x: torch.Tensor, c: torch.Tensor, c_sq: torch.Tensor | None = None,
-            chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+            chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Index and squared distance of each row of ``x`` (n, d)'s nearest centroid in ``c`` (k, d)."""
     c_sq = (c * c).sum(1) if c_sq is None else c_sq
     idx = torch.empty(len(x), dtype=torch.int64)

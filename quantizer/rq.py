@@ -95,7 +95,7 @@ class ResidualKMeans:
         self._faiss = rq
         return self
 
-    def encode(self, x: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    def encode(self, x: np.ndarray, chunk: int = 4096) -> np.ndarray:
         """Greedy codes (n, levels) int32: the nearest centroid of the residual at each level."""
         if self.centroids is None:
             raise RuntimeError("fit the codebooks (or load a codebook) before encoding")

@@ -1,0 +1,171 @@
+"""RQ codebook fitting and code assignment. Prints JSON.
+
+    .venv/bin/python bench/rq_fit.py                 # 1M x 128 L=3 K=256 and 1M x 256 L=6 K=256
+
+For each shape: the fit's wall time and peak memory; the k-means assignment step's achieved
+GFLOP/s (2 * n * d * K per pass) as a fraction of this machine's sgemm GFLOP/s measured on the
+same shapes in the same run (the roofline; target >= 0.5), for our torch backend and for faiss'
+own search. Then code assignment (RQ + VQ) throughput: Spark vs one process, same items.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((1000, d)).astype(np.float32) * 2
+    x = centers[rng.integers(0, 1000, n)]
+    x += rng.standard_normal((n, d), dtype=np.float32)
+    return x
+
+
+def gflops(n, d, k, seconds):
+    return 2.0 * n * d * k / seconds / 1e9
+
+
+def best_of(fn, repeats=3):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def roofline(x: torch.Tensor, c: torch.Tensor, chunk: int) -> tuple[float, dict]:
+    """Seconds of the bare GEMMs of one assignment pass (same chunking), with the fastest sgemm
+    this machine has: torch's (MKL) and numpy's (OpenBLAS) are both measured."""
+    xn, cn = x.numpy(), np.ascontiguousarray(c.numpy().T)
+
+    def run_torch():
+        for s in range(0, len(x), chunk):
+            torch.mm(x[s:s + chunk], c.T)
+
+    def run_numpy():
+        for s in range(0, len(xn), chunk):
+            xn[s:s + chunk] @ cn
+
+    times = {"torch": best_of(run_torch), "numpy": best_of(run_numpy)}
+    return min(times.values()), times
+
+
+def fit_case(n, d, levels, k, chunk):
+    from quantizer.kmeans import nearest
+    from quantizer.rq import RQConfig, ResidualKMeans
+
+    x = clustered(n, d)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    rq = ResidualKMeans(RQConfig(levels=levels, codes=k, niter=20)).fit(x)
+    fit_s = time.perf_counter() - t0
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    xt, ct = torch.from_numpy(x), torch.from_numpy(rq.centroids[0])
+    assign_s = best_of(lambda: nearest(xt, ct, chunk=chunk))
+    gemm_s, gemm_times = roofline(xt, ct, chunk)
+
+    import faiss
+
+    index = faiss.IndexFlatL2(d)
+    index.add(rq.centroids[0])
+    sub = x[: n // 4]
+    faiss_s = best_of(lambda: index.search(sub, 1), repeats=1) * 4
+    del rss0
+    return {
+        "n": n, "d": d, "levels": levels, "codes": k,
+        "fit_seconds": round(fit_s, 2), "peak_rss_mb": round(peak_mb),
+        "fit_record": rq.fit_record["levels"][0],
+        "assign_pass_seconds": round(assign_s, 3),
+        "assign_gflops": round(gflops(n, d, k, assign_s), 1),
+        "sgemm_gflops_same_shapes": round(gflops(n, d, k, gemm_s), 1),
+        "sgemm_gflops_by_library": {lib: round(gflops(n, d, k, t), 1)
+                                    for lib, t in gemm_times.items()},
+        "assign_fraction_of_roofline": round(gemm_s / assign_s, 3),
+        "faiss_search_gflops": round(gflops(n, d, k, faiss_s), 1),
+        "faiss_fraction_of_roofline": round(gemm_s / faiss_s, 3),
+        "target_fraction": 0.5,
+    }
+
+
+def assign_case(n, d, pool, k_vq):
+    from jobs.config import load_config
+    from pipelines.quantize import assign_batches, assign_codes_spark
+    from pipelines.spark import get_spark
+    from quantizer.codebook import Codebook
+    from quantizer.rq import RQConfig, ResidualKMeans
+    from quantizer.vq import NeighbourCodes, VQConfig
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    x = clustered(n, d, seed=1)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = np.arange(n, dtype=np.int64)
+    rq = ResidualKMeans(RQConfig(levels=3, codes=256, niter=10)).fit(x[:100_000])
+    vq = NeighbourCodes(VQConfig(k=k_vq, pool_size=pool)).fit(ids, x)
+    cb = Codebook(rq, vq)
+    cb.version = cb.content_version()
+    table = pa.table({"item_id": ids, "embedding": pa.FixedSizeListArray.from_arrays(
+        pa.array(x.ravel()), d).cast(pa.list_(pa.float32()))})
+    cores = os.cpu_count() or 2
+
+    import faiss
+
+    torch.set_num_threads(cores)
+    faiss.omp_set_num_threads(cores)
+    t0 = time.perf_counter()
+    rows = sum(b.num_rows for b in assign_batches(iter(table.to_batches(max_chunksize=8192)), cb))
+    local_s = time.perf_counter() - t0
+
+    tmp = Path(tempfile.mkdtemp(prefix="qarm-bench-rq-"))
+    pq.write_table(table, tmp / "emb.parquet")
+    cfg = load_config(None, [f"paths.root={tmp}", f"spark.master=local[{cores}]"])
+    spark = get_spark(cfg)
+    df = spark.read.parquet(str(tmp / "emb.parquet"))
+    df.count()
+    t0 = time.perf_counter()
+    assign_codes_spark(spark, df, cb, partitions=cores, threads_per_task=1).write.mode(
+        "overwrite").parquet(str(tmp / "codes.parquet"))
+    spark_s = time.perf_counter() - t0
+    spark.stop()
+    return {"items": n, "d": d, "vq_pool": pool, "vq_k": k_vq, "rq": "3 x 256",
+            "single_process_items_per_s": round(rows / local_s),
+            "spark_items_per_s": round(n / spark_s),
+            "ratio_spark_over_single_process": round(local_s / spark_s, 3)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--assign-items", type=int, default=200_000)
+    ap.add_argument("--chunk", type=int, default=4096)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    result = {"benchmark": "rq_fit", "cores": os.cpu_count(), "torch_threads":
+              torch.get_num_threads(), "cases": [
+                  fit_case(args.n, 128, 3, 256, args.chunk),
+                  fit_case(args.n, 256, 6, 256, args.chunk)],
+              "assignment": assign_case(args.assign_items, 64, 20_000, 25)}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
