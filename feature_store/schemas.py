@@ -65,6 +65,17 @@ def item_embeddings_schema(dim: int) -> pa.Schema:
     )
 
 
+def item_features_schema() -> pa.Schema:
+    """Frozen tower features per item (modalities concatenated, see the manifest's ``dims``)."""
+    return pa.schema(
+        [
+            pa.field("item_id", pa.int64(), nullable=False),
+            pa.field("features", pa.list_(pa.float32()), nullable=False),
+            pa.field("present", pa.list_(pa.bool_()), nullable=False),
+        ]
+    )
+
+
 def item_codes_schema(levels: int) -> pa.Schema:
     return pa.schema(
         [

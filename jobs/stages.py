@@ -92,7 +92,7 @@ def ingest_stage(ctx: StageContext) -> StageResult:
     return StageResult(res.manifests, metrics, "\n".join(lines))
 
 
-@stage("embed", inputs=["items"], outputs=["item_embeddings", "embed_quarantine"],
+@stage("embed", inputs=["items"], outputs=["item_embeddings", "item_features", "embed_quarantine"],
        config=["encoder", "embed"],
        help="encode every item with the content towers + fusion (Spark batch inference)")
 def embed_stage(ctx: StageContext) -> StageResult:
@@ -122,6 +122,11 @@ def embed_stage(ctx: StageContext) -> StageResult:
         schemas.item_embeddings_schema(cfg.encoder.dim),
         extra={"dim": cfg.encoder.dim, "encoder_version": encoder.version,
                "encoder_artifact": folder}, **common)
+    feats = write_snapshot(
+        ctx.store, "item_features",
+        out.where(F.col("_reason").isNull()).select("item_id", "features", "present"),
+        schemas.item_features_schema(),
+        extra={"dims": encoder.towers.dims(), "encoder_version": encoder.version}, **common)
     bad = out.where(F.col("_reason").isNotNull()).select(
         F.lit("items").alias("source_table"), F.col("_reason").alias("reason"),
         F.col("_detail").alias("detail"),
@@ -139,7 +144,8 @@ def embed_stage(ctx: StageContext) -> StageResult:
               f"encoder {encoder.version} (D={cfg.encoder.dim}, text={cfg.encoder.text_tower}, "
               f"image={cfg.encoder.image_tower}); encoder loaded {st.loads}x across Python "
               f"workers; artifact {folder}")
-    return StageResult({"item_embeddings": emb, "embed_quarantine": q}, metrics, report)
+    return StageResult({"item_embeddings": emb, "item_features": feats, "embed_quarantine": q},
+                       metrics, report)
 
 
 @stage("quantize", inputs=["item_embeddings"], outputs=["item_codes"], config=["quantize"],

@@ -106,6 +106,23 @@ class TowerFeatures:
     masks: dict[str, torch.Tensor]
 
 
+def pack_features(f: TowerFeatures, dims: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """TowerFeatures → (B, sum of dims) float32 concatenated in ``dims`` order, (B, M) bool."""
+    feats = np.concatenate([f.features[m].numpy() for m in dims], axis=1).astype(np.float32)
+    present = np.stack([f.masks[m].numpy() for m in dims], axis=1)
+    return feats, present
+
+
+def unpack_features(feats: np.ndarray, present: np.ndarray, dims: dict[str, int]) -> TowerFeatures:
+    """Inverse of :func:`pack_features`."""
+    out, masks, start = {}, {}, 0
+    for j, (m, d) in enumerate(dims.items()):
+        out[m] = torch.from_numpy(np.ascontiguousarray(feats[:, start:start + d]))
+        masks[m] = torch.from_numpy(np.ascontiguousarray(present[:, j]))
+        start += d
+    return TowerFeatures(out, masks)
+
+
 class FusionHead(nn.Module):
     """Masked mean of per-modality projections, a residual MLP, L2 normalisation."""
 
@@ -215,9 +232,16 @@ class ItemEncoder:
     @torch.no_grad()
     def encode(self, rows: Sequence[dict], media: Optional[Sequence[tuple]] = None) -> np.ndarray:
         """Item rows (dicts with title, text, tags, image, video) → (B, D) float32, unit norm."""
+        return self.encode_with_features(rows, media)[0]
+
+    @torch.no_grad()
+    def encode_with_features(self, rows: Sequence[dict], media: Optional[Sequence[tuple]] = None
+                             ) -> tuple[np.ndarray, Optional[TowerFeatures]]:
+        """Embeddings and the tower features they came from (kept for alignment training)."""
         if not rows:
-            return np.zeros((0, self.cfg.dim), np.float32)
-        return self.fusion(self.tower_features(rows, media)).numpy().astype(np.float32)
+            return np.zeros((0, self.cfg.dim), np.float32), None
+        f = self.tower_features(rows, media)
+        return self.fusion(f).numpy().astype(np.float32), f
 
     # ------------------------------------------------------------------ artifact
     def to_bytes(self) -> bytes:

@@ -27,6 +27,9 @@ INPUT_COLUMNS = ["item_id", "title", "text", "tags", "image", "video"]
 OUT_SCHEMA = pa.schema([
     ("item_id", pa.int64()), ("embedding", pa.list_(pa.float32())),
     ("encoder_version", pa.string()), ("_reason", pa.string()), ("_detail", pa.string()),
+    # The frozen tower features (concatenated per modality) and which modalities are present:
+    # alignment trains the fusion on these instead of running the towers again.
+    ("features", pa.list_(pa.float32())), ("present", pa.list_(pa.bool_())),
 ])
 
 # One encoder per Python worker process, keyed by version.
@@ -47,8 +50,9 @@ def cached_encoder(version: str, artifact: bytes, threads: int) -> tuple[ItemEnc
     return enc, True
 
 
-def encode_batch(encoder: ItemEncoder, rows: list[dict]) -> tuple[list, list, list]:
-    """Encode rows; returns (embeddings or None, reasons, details) per row."""
+def encode_batch(encoder: ItemEncoder, rows: list[dict]) -> tuple[list, list, list, list, list]:
+    """Encode rows; returns (embeddings, reasons, details, features, present) per row, with None
+    for the rows whose media failed to decode."""
     media, ok_rows, ok_idx = [], [], []
     reasons: list[Optional[str]] = [None] * len(rows)
     details: list[Optional[str]] = [None] * len(rows)
@@ -60,11 +64,16 @@ def encode_batch(encoder: ItemEncoder, rows: list[dict]) -> tuple[list, list, li
         except MediaError as e:
             reasons[i], details[i] = Reason.UNDECODABLE_IMAGE, str(e)
     out: list = [None] * len(rows)
+    feats: list = [None] * len(rows)
+    present: list = [None] * len(rows)
     if ok_rows:
-        emb = encoder.encode(ok_rows, media)
+        from mm_encoder.item_encoder import pack_features
+
+        emb, f = encoder.encode_with_features(ok_rows, media)
+        fv, pv = pack_features(f, encoder.towers.dims())
         for j, i in enumerate(ok_idx):
-            out[i] = emb[j]
-    return out, reasons, details
+            out[i], feats[i], present[i] = emb[j], fv[j], pv[j]
+    return out, reasons, details, feats, present
 
 
 def embed_arrow_batches(batches: Iterator[pa.RecordBatch], encoder: ItemEncoder, version: str,
@@ -74,12 +83,13 @@ def embed_arrow_batches(batches: Iterator[pa.RecordBatch], encoder: ItemEncoder,
     pending: list[dict] = []
 
     def flush(rows):
-        embs, reasons, details = encode_batch(encoder, rows)
+        embs, reasons, details, feats, present = encode_batch(encoder, rows)
         return pa.RecordBatch.from_arrays([
             pa.array([r["item_id"] for r in rows], pa.int64()),
             pa.array(embs, pa.list_(pa.float32())),
             pa.array([version] * len(rows), pa.string()),
             pa.array(reasons, pa.string()), pa.array(details, pa.string()),
+            pa.array(feats, pa.list_(pa.float32())), pa.array(present, pa.list_(pa.bool_())),
         ], schema=OUT_SCHEMA)
 
     for batch in batches:

@@ -1,0 +1,193 @@
+"""The pairs stage (Spark): behaviour pairs that alignment trains on.
+
+All three miners read positive events (``label = 1``) of the training period only and never
+collect to the driver.
+
+**Swing** (item-item). With ``U_i`` the users who clicked item i, ``I_u`` the items user u
+clicked and the per-user weight ``w_u = 1 / sqrt(|I_u|)``::
+
+    swing(i, j) = sum over unordered user pairs {u, v} in U_i ∩ U_j of
+                  w_u * w_v / (alpha + |I_u ∩ I_v|)
+
+Two users who share few items are strong evidence that i and j belong together; two heavy users
+who share everything are weak evidence. Computed as: per item, the pairs of its users; per user
+pair, their shared items; every item pair in that shared set receives the pair's contribution.
+
+**ItemCF** (item-item): co-occurrence normalised by popularity (cosine),
+``|U_i ∩ U_j| / sqrt(|U_i| * |U_j|)``.
+
+Both are symmetric, keep pairs with ``support`` (co-clicking users for ItemCF, user pairs for
+Swing) of at least ``min_support`` and the ``top_n`` best neighbours per item, optionally dividing
+by ``popularity(dst) ** popularity_penalty``.
+
+**U2I triggers**: for each positive target of a user, the most similar (cosine of raw item
+embeddings) of that user's previous ``u2i_window`` positives, strictly earlier in time. A user
+with one positive yields no pair.
+
+Scaling: users' histories longer than ``max_user_items`` are sampled down to that many (seeded),
+items with more than ``max_item_users`` users keep a seeded sample of them for the Swing user-pair
+join (the quadratic part), and a user pair's shared items are capped at ``max_common_items``
+before item pairs are exploded. These caps only bind on heavy users and popular items; they also
+damp popular-item noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pyspark.sql import DataFrame, Window
+from pyspark.sql import functions as F
+
+
+@dataclass
+class PairsConfig:
+    sources: list[str] = field(default_factory=lambda: ["swing", "itemcf", "u2i"])
+    swing_alpha: float = 1.0
+    top_n: int = 20
+    min_support: int = 2
+    popularity_penalty: float = 0.0
+    max_user_items: int = 200
+    max_item_users: int = 500
+    max_common_items: int = 50
+    u2i_window: int = 50
+    seed: int = 0
+
+
+def positives(events: DataFrame, train_end) -> DataFrame:
+    """Distinct (user_id, item_id, ts) positives before ``train_end`` (a timestamp literal)."""
+    return (events.where((F.col("label") == 1) & (F.col("ts") < F.lit(train_end)))
+            .select("user_id", "item_id", "ts"))
+
+
+def user_items(pos: DataFrame, cfg: PairsConfig) -> DataFrame:
+    """Distinct (user_id, item_id), each user's history sampled down to ``max_user_items``."""
+    ui = pos.select("user_id", "item_id").distinct()
+    w = Window.partitionBy("user_id").orderBy(F.xxhash64("item_id", F.lit(cfg.seed)))
+    return ui.withColumn("_r", F.row_number().over(w)).where(
+        F.col("_r") <= cfg.max_user_items).drop("_r")
+
+
+def _top_n(pairs: DataFrame, cfg: PairsConfig, source: str) -> DataFrame:
+    w = Window.partitionBy("src").orderBy(F.col("score").desc(), F.col("dst"))
+    return (pairs.where(F.col("support") >= cfg.min_support)
+            .withColumn("_r", F.row_number().over(w)).where(F.col("_r") <= cfg.top_n)
+            .select("src", "dst", F.col("score").cast("float").alias("score"),
+                    F.lit(source).alias("source")))
+
+
+def _penalise(pairs: DataFrame, ui: DataFrame, cfg: PairsConfig) -> DataFrame:
+    if cfg.popularity_penalty <= 0:
+        return pairs
+    pop = ui.groupBy("item_id").agg(F.count("*").alias("_pop"))
+    return (pairs.join(pop.withColumnRenamed("item_id", "dst"), "dst")
+            .withColumn("score", F.col("score") / F.pow(F.col("_pop"), cfg.popularity_penalty))
+            .drop("_pop"))
+
+
+def swing_scores(ui: DataFrame, cfg: PairsConfig) -> DataFrame:
+    """All Swing scores (src, dst, score, support) before top-N; symmetric."""
+    weight = ui.groupBy("user_id").agg((1.0 / F.sqrt(F.count("*"))).alias("w"))
+    w_item = Window.partitionBy("item_id").orderBy(F.xxhash64("user_id", F.lit(cfg.seed)))
+    capped = ui.withColumn("_r", F.row_number().over(w_item)).where(
+        F.col("_r") <= cfg.max_item_users).drop("_r")
+    a, b = capped.alias("a"), capped.alias("b")
+    user_pairs = (a.join(b, (F.col("a.item_id") == F.col("b.item_id"))
+                         & (F.col("a.user_id") < F.col("b.user_id")))
+                  .select(F.col("a.user_id").alias("u"), F.col("b.user_id").alias("v"),
+                          F.col("a.item_id").alias("item_id")))
+    shared = (user_pairs.groupBy("u", "v")
+              .agg(F.count("*").alias("n_common"),
+                   F.slice(F.array_sort(F.collect_list("item_id")), 1,
+                           cfg.max_common_items).alias("items"))
+              .where(F.col("n_common") >= 2))
+    shared = (shared.join(weight.withColumnRenamed("user_id", "u").withColumnRenamed("w", "wu"),
+                          "u")
+              .join(weight.withColumnRenamed("user_id", "v").withColumnRenamed("w", "wv"), "v")
+              .withColumn("c", F.col("wu") * F.col("wv") / (cfg.swing_alpha + F.col("n_common"))))
+    pairs = (shared.select("c", F.explode("items").alias("src"), "items")
+             .select("c", "src", F.explode("items").alias("dst"))
+             .where(F.col("src") != F.col("dst")))
+    return pairs.groupBy("src", "dst").agg(F.sum("c").alias("score"),
+                                           F.count("*").alias("support"))
+
+
+def mine_swing_pairs(ui: DataFrame, cfg: PairsConfig) -> DataFrame:
+    return _top_n(_penalise(swing_scores(ui, cfg), ui, cfg), cfg, "swing")
+
+
+def itemcf_scores(ui: DataFrame, cfg: PairsConfig) -> DataFrame:
+    """Cosine co-occurrence (src, dst, score, support) before top-N; symmetric."""
+    pop = ui.groupBy("item_id").agg(F.count("*").alias("pop"))
+    a, b = ui.alias("a"), ui.alias("b")
+    co = (a.join(b, (F.col("a.user_id") == F.col("b.user_id"))
+                 & (F.col("a.item_id") != F.col("b.item_id")))
+          .groupBy(F.col("a.item_id").alias("src"), F.col("b.item_id").alias("dst"))
+          .agg(F.count("*").alias("support")))
+    return (co.join(pop.withColumnRenamed("item_id", "src").withColumnRenamed("pop", "ps"), "src")
+            .join(pop.withColumnRenamed("item_id", "dst").withColumnRenamed("pop", "pd"), "dst")
+            .select("src", "dst", "support",
+                    (F.col("support") / F.sqrt(F.col("ps") * F.col("pd"))).alias("score")))
+
+
+def mine_itemcf_pairs(ui: DataFrame, cfg: PairsConfig) -> DataFrame:
+    return _top_n(_penalise(itemcf_scores(ui, cfg), ui, cfg), cfg, "itemcf")
+
+
+def _dot(a, b):
+    return F.aggregate(F.zip_with(a, b, lambda x, y: x * y), F.lit(0.0).cast("double"),
+                       lambda acc, x: acc + x)
+
+
+def mine_u2i_pairs(pos: DataFrame, embeddings: DataFrame, cfg: PairsConfig) -> DataFrame:
+    """(src = trigger, dst = target, score = cosine, source = u2i), one row per distinct pair
+    (the best cosine over the users who produced it)."""
+    w = Window.partitionBy("user_id").orderBy("ts", "item_id")
+    ranked = pos.withColumn("r", F.row_number().over(w))
+    t, g = ranked.alias("t"), ranked.alias("g")
+    cand = t.join(g, (F.col("t.user_id") == F.col("g.user_id"))
+                  & (F.col("g.r") < F.col("t.r")) & (F.col("g.r") >= F.col("t.r") - cfg.u2i_window)
+                  & (F.col("g.ts") < F.col("t.ts")) & (F.col("g.item_id") != F.col("t.item_id")))
+    cand = cand.select(F.col("t.user_id").alias("user_id"), F.col("t.r").alias("r"),
+                       F.col("t.item_id").alias("dst"), F.col("g.item_id").alias("src"))
+    e = embeddings.select("item_id", "embedding")
+    cand = (cand.join(e.withColumnRenamed("item_id", "src").withColumnRenamed("embedding", "es"),
+                      "src")
+            .join(e.withColumnRenamed("item_id", "dst").withColumnRenamed("embedding", "ed"),
+                  "dst")
+            .withColumn("score", _dot(F.col("es"), F.col("ed"))))
+    best = Window.partitionBy("user_id", "r").orderBy(F.col("score").desc(), F.col("src"))
+    triggers = cand.withColumn("_b", F.row_number().over(best)).where(F.col("_b") == 1)
+    return (triggers.groupBy("src", "dst").agg(F.max("score").cast("float").alias("score"))
+            .select("src", "dst", "score", F.lit("u2i").alias("source")))
+
+
+def mine_pairs(events: DataFrame, embeddings: DataFrame, train_end, cfg: PairsConfig
+               ) -> DataFrame:
+    """All configured pair sources, as ``item_pairs`` rows."""
+    pos = positives(events, train_end)
+    ui = user_items(pos, cfg)
+    parts = []
+    for source in cfg.sources:
+        if source == "swing":
+            parts.append(mine_swing_pairs(ui, cfg))
+        elif source == "itemcf":
+            parts.append(mine_itemcf_pairs(ui, cfg))
+        elif source == "u2i":
+            parts.append(mine_u2i_pairs(pos, embeddings, cfg))
+        else:
+            raise ValueError(f"pairs.sources: unknown source {source!r}; use swing, itemcf, u2i")
+    out = parts[0]
+    for p in parts[1:]:
+        out = out.unionByName(p)
+    return out
+
+
+def next_positive_pairs(events: DataFrame, start, end=None) -> DataFrame:
+    """Held-out behaviour: (src, dst) = each user's consecutive positives in [start, end)."""
+    pos = events.where((F.col("label") == 1) & (F.col("ts") >= F.lit(start)))
+    if end is not None:
+        pos = pos.where(F.col("ts") < F.lit(end))
+    w = Window.partitionBy("user_id").orderBy("ts", "item_id")
+    return (pos.withColumn("src", F.lag("item_id").over(w))
+            .where(F.col("src").isNotNull() & (F.col("src") != F.col("item_id")))
+            .select("src", F.col("item_id").alias("dst"), "user_id"))

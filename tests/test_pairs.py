@@ -1,0 +1,93 @@
+"""Swing, ItemCF and U2I triggers on literal event tables, checked against hand-computed values."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+
+import pytest
+
+from pipelines.pairs import (PairsConfig, itemcf_scores, mine_pairs, mine_u2i_pairs, positives,
+                             swing_scores, user_items, next_positive_pairs)
+
+T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+END = dt.datetime(2026, 2, 1, tzinfo=dt.timezone.utc)
+A, B, C, D = 1, 2, 3, 4
+
+
+def _events(spark, rows):
+    return spark.createDataFrame(
+        [(u, i, T0 + dt.timedelta(minutes=m), lab) for u, i, m, lab in rows],
+        "user_id long, item_id long, ts timestamp, label byte")
+
+
+@pytest.fixture
+def literal(spark):
+    # u1 clicks A, B, C; u2 clicks A, B; u3 clicks B, C; u4 saw D but did not click;
+    # a click after the training end must be ignored.
+    return _events(spark, [(1, A, 0, 1), (1, B, 1, 1), (1, C, 2, 1), (2, A, 0, 1), (2, B, 5, 1),
+                           (3, B, 0, 1), (3, C, 3, 1), (4, D, 0, 0),
+                           (2, C, 60 * 24 * 40, 1)])
+
+
+def _as_dict(df):
+    return {(r["src"], r["dst"]): (r["score"], r["support"]) for r in df.collect()}
+
+
+def test_swing_equals_hand_computed_values(literal):
+    cfg = PairsConfig(swing_alpha=1.0, min_support=1)
+    got = _as_dict(swing_scores(user_items(positives(literal, END), cfg), cfg))
+    # (A, B): users u1 (3 items) and u2 (2 items) share {A, B}: w1 w2 / (alpha + 2)
+    ab = (1 / math.sqrt(3)) * (1 / math.sqrt(2)) / (1 + 2)
+    # (B, C): users u1 and u3 (2 items) share {B, C}
+    bc = (1 / math.sqrt(3)) * (1 / math.sqrt(2)) / (1 + 2)
+    assert set(got) == {(A, B), (B, A), (B, C), (C, B)}  # (A, C) has one common user only
+    assert got[(A, B)][0] == pytest.approx(ab) and got[(B, C)][0] == pytest.approx(bc)
+    assert got[(A, B)] == got[(B, A)]  # symmetric
+
+
+def test_itemcf_equals_hand_computed_values(literal):
+    cfg = PairsConfig(min_support=1)
+    got = _as_dict(itemcf_scores(user_items(positives(literal, END), cfg), cfg))
+    # popularity A=2, B=3, C=2 (the late click and the non-click do not count)
+    assert got[(A, B)] == (pytest.approx(2 / math.sqrt(6)), 2)
+    assert got[(B, C)] == (pytest.approx(2 / math.sqrt(6)), 2)
+    assert got[(A, C)] == (pytest.approx(1 / math.sqrt(4)), 1)
+    assert all(got[(s, d)] == got[(d, s)] for s, d in got)
+    assert D not in {k for pair in got for k in pair}
+
+
+def test_min_support_and_top_n(literal):
+    cfg = PairsConfig(sources=["itemcf"], min_support=2, top_n=1)
+    rows = mine_pairs(literal, None, END, cfg).collect()
+    assert {(r["src"], r["dst"]) for r in rows} <= {(A, B), (B, A), (B, C), (C, B)}
+    assert len([r for r in rows if r["src"] == B]) == 1
+
+
+def test_u2i_trigger_is_the_most_similar_earlier_positive(spark):
+    ev = _events(spark, [(1, A, 0, 1), (1, B, 1, 1), (1, C, 2, 1), (1, D, 3, 1),
+                         (2, A, 0, 1),                      # one event: no pair
+                         (3, B, 5, 1), (3, C, 5, 1)])       # same time: neither is earlier
+    emb = spark.createDataFrame([(A, [1.0, 0.0]), (B, [0.0, 1.0]), (C, [0.8, 0.6]),
+                                 (D, [0.0, 1.0])], "item_id long, embedding array<float>")
+    got = {(r["src"], r["dst"]): r["score"] for r in
+           mine_u2i_pairs(positives(ev, END), emb, PairsConfig()).collect()}
+    # B's only earlier positive is A; C is nearer to A (0.8) than to B (0.6); D's best is B (1.0).
+    assert set(got) == {(A, B), (A, C), (B, D)}
+    assert got[(A, C)] == pytest.approx(0.8) and got[(B, D)] == pytest.approx(1.0)
+    # Never a future trigger: no pair ends at A (the first event) or starts at D (the last).
+    assert all(dst != A for _, dst in got) and all(src != D for src, _ in got)
+
+
+def test_u2i_window_limits_how_far_back(spark):
+    ev = _events(spark, [(1, A, 0, 1), (1, B, 1, 1), (1, C, 2, 1)])
+    emb = spark.createDataFrame([(A, [1.0, 0.0]), (B, [0.0, 1.0]), (C, [1.0, 0.0])],
+                                "item_id long, embedding array<float>")
+    got = {(r["src"], r["dst"]) for r in
+           mine_u2i_pairs(positives(ev, END), emb, PairsConfig(u2i_window=1)).collect()}
+    assert got == {(A, B), (B, C)}  # C cannot reach back to A with a window of 1
+
+
+def test_next_positive_pairs_are_in_order_and_in_period(literal):
+    got = {(r["src"], r["dst"]) for r in next_positive_pairs(literal, T0).collect()}
+    assert got == {(A, B), (B, C)}
