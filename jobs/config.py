@@ -20,6 +20,8 @@ from typing import Any, Literal, Optional
 import yaml
 
 from mm_encoder.item_encoder import ItemEncoderConfig
+from mm_encoder.align import AlignConfig
+from pipelines.pairs import PairsConfig
 from quantizer.rq import RQConfig
 from quantizer.vq import VQConfig
 
@@ -132,6 +134,16 @@ class EmbedConfig:
 
 
 @dataclass
+class SplitConfig:
+    """The training / evaluation time split shared by pairs, alignment and the ranker."""
+
+    #: Explicit training end (ISO-8601, UTC); events at or after it are evaluation.
+    train_end: Optional[str] = None
+    #: Otherwise: this share of the events' time range is training.
+    train_share: float = 0.8
+
+
+@dataclass
 class QuantizeConfig:
     rq: RQConfig = field(default_factory=RQConfig)
     vq: VQConfig = field(default_factory=VQConfig)
@@ -139,6 +151,9 @@ class QuantizeConfig:
     fit_sample: int = 200_000
     #: Assign with this existing codebook version instead of fitting (cold-start items).
     codebook: Optional[str] = None
+    #: Also fit codes on the raw (unaligned) embeddings: the ``codes_raw`` ablation arm and the
+    #: aligned-vs-raw comparison in the report.
+    raw_arm: bool = True
     partitions: int = 4
     threads_per_task: int = 1
     #: Items whose exact-search VQ code is compared with the index's (the overlap metric).
@@ -155,6 +170,9 @@ class QarmConfig:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     encoder: ItemEncoderConfig = field(default_factory=ItemEncoderConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
 
     def to_dict(self) -> dict:

@@ -56,6 +56,19 @@ class StageContext:
     inputs: dict[str, Manifest]
     tracker: Tracker
     config_hash: str
+    dag: Optional["Dag"] = None
+
+    def upstream(self, table: str) -> Optional[Manifest]:
+        """A table produced earlier for this ``ds`` that the stage does not declare as an input
+        (evaluation reads, e.g. the synthetic ground truth); None when it was not produced."""
+        if self.dag is None:
+            return None
+        try:
+            return self.dag.resolve_inputs(
+                dataclasses.replace(REGISTRY[self.dag.producer(table).name], inputs=(table,)),
+                self.ds)[table]
+        except DagError:
+            return None
 
     @cached_property
     def spark(self):
@@ -243,6 +256,7 @@ class Dag:
         key = self.input_key(s, inputs)
         prev = self.state.last_success(ds, s.name)
         if (not force and prev is not None and prev["input_key"] == key
+                and set(s.outputs) <= set(prev["outputs"])
                 and all(self.store.exists(ref) for ref in prev["outputs"].values())):
             log.info("stage %s: inputs and config unchanged, outputs present: skipped", s.name)
             with tracker.run(s.name, nested=True, tags={"qarm.stage": s.name,
@@ -251,7 +265,8 @@ class Dag:
             return StageOutcome(s.name, "skipped", prev["outputs"], 0.0)
         started = time.time()
         ctx = StageContext(self.cfg, self.store, ds, inputs, tracker,
-                           self.cfg.section_hash(*s.config_sections) if s.config_sections else "")
+                           self.cfg.section_hash(*s.config_sections) if s.config_sections else "",
+                           self)
         with tracker.run(s.name, nested=True, tags={"qarm.stage": s.name}) as run_id:
             section = self.cfg.to_dict()
             tracker.params({sec: section[sec] for sec in s.config_sections})

@@ -148,6 +148,119 @@ def embed_stage(ctx: StageContext) -> StageResult:
                        metrics, report)
 
 
+def train_end(cfg: QarmConfig, events_df):
+    """The training / evaluation boundary (a UTC datetime) from ``split``."""
+    import datetime as dt
+
+    from pyspark.sql import functions as F
+
+    if cfg.split.train_end:
+        t = dt.datetime.fromisoformat(cfg.split.train_end.replace("Z", "+00:00"))
+        return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+    row = events_df.agg(F.min("ts").alias("lo"), F.max("ts").alias("hi")).first()
+    lo, hi = row["lo"], row["hi"]
+    lo = lo if lo.tzinfo else lo.replace(tzinfo=dt.timezone.utc)
+    hi = hi if hi.tzinfo else hi.replace(tzinfo=dt.timezone.utc)
+    return lo + (hi - lo) * cfg.split.train_share
+
+
+@stage("pairs", inputs=["events", "item_embeddings"], outputs=["item_pairs"],
+       config=["pairs", "split"],
+       help="mine behaviour pairs from the training period: Swing, ItemCF, U2I triggers (Spark)")
+def pairs_stage(ctx: StageContext) -> StageResult:
+    from pyspark.sql import functions as F
+
+    from feature_store import schemas
+    from pipelines.ingest import write_snapshot
+    from pipelines.pairs import mine_pairs
+
+    spark = ctx.spark
+    events = ctx.store.read_spark(spark, "events", ctx.inputs["events"].snapshot_id)
+    emb = ctx.store.read_spark(spark, "item_embeddings",
+                               ctx.inputs["item_embeddings"].snapshot_id)
+    end = train_end(ctx.cfg, events)
+    pairs = mine_pairs(events, emb, end, ctx.cfg.pairs)
+    out = write_snapshot(ctx.store, "item_pairs", pairs, schemas.item_pairs_schema(),
+                         parents=ctx.parents, config_hash=ctx.config_hash,
+                         extra={"train_end": end.isoformat()})
+    by_source = {r["source"]: (r["n"], r["mean"]) for r in
+                 ctx.store.read_spark(spark, "item_pairs", out.snapshot_id)
+                 .groupBy("source").agg(F.count("*").alias("n"), F.avg("score").alias("mean"))
+                 .collect()}
+    lines = [f"training period ends {end.isoformat()}", "source   pairs   mean score"]
+    lines += [f"{s:<7} {n:>6}   {m:.4f}" for s, (n, m) in sorted(by_source.items())]
+    metrics = {f"pairs.{s}": n for s, (n, _) in by_source.items()}
+    return StageResult({"item_pairs": out}, metrics, "\n".join(lines))
+
+
+@stage("align", inputs=["item_pairs", "item_features", "item_embeddings", "events"],
+       outputs=["aligned_item_embeddings"], config=["align", "split", "encoder"],
+       help="train the fusion on behaviour pairs, re-embed every item, evaluate raw vs aligned")
+def align_stage(ctx: StageContext) -> StageResult:
+    import numpy as np
+
+    from feature_store import schemas
+    from mm_encoder.align import train_alignment
+    from mm_encoder.item_encoder import ItemEncoder, unpack_features
+    from pipelines.embed import reembed_features_spark
+    from pipelines.ingest import RowAccountingError, write_snapshot
+
+    cfg, store, spark = ctx.cfg, ctx.store, ctx.spark
+    raw_m = ctx.inputs["item_embeddings"]
+    encoder = ItemEncoder.load(raw_m.extra["encoder_artifact"])
+    feats_t = store.read_arrow("item_features", ctx.inputs["item_features"].snapshot_id)
+    ids = feats_t.column("item_id").to_numpy()
+    n = len(ids)
+    feats = feats_t.column("features").combine_chunks().flatten().to_numpy(
+        zero_copy_only=False).reshape(n, -1).astype(np.float32)
+    present = np.asarray(feats_t.column("present").combine_chunks().flatten().to_numpy(
+        zero_copy_only=False), dtype=bool).reshape(n, -1)
+    features = unpack_features(feats, present, encoder.towers.dims())
+    row = {int(i): k for k, i in enumerate(ids)}
+    pairs = store.read_arrow("item_pairs", ctx.inputs["item_pairs"].snapshot_id).to_pandas()
+    pairs = pairs[pairs.source.isin(cfg.align.sources)]
+    pairs = pairs[pairs.src.isin(row) & pairs.dst.isin(row)]
+    src = pairs.src.map(row).to_numpy()
+    dst = pairs.dst.map(row).to_numpy()
+    fusion, history = train_alignment(encoder.fusion, features, src, dst, cfg.align)
+    aligned = ItemEncoder(encoder.cfg, fusion.state_dict(), towers=encoder.towers)
+    folder = aligned.save(str(cfg.root / "artifacts" / "encoders"))
+    ctx.tracker.artifact_dir(folder, "aligned_encoder")
+    for h in history:
+        ctx.tracker.metrics({"align.contrastive": h["contrastive"],
+                             "align.content": h["content"]})
+    ctx.tracker.register_torch_model(
+        fusion, "aligned_fusion", "qarm-item-encoder",
+        tags={"encoder_version": aligned.version, "raw_encoder_version": encoder.version,
+              "pairs_snapshot": ctx.inputs["item_pairs"].ref})
+
+    out_df = reembed_features_spark(spark, store.read_spark(
+        spark, "item_features", ctx.inputs["item_features"].snapshot_id), aligned,
+        partitions=cfg.embed.partitions, threads_per_task=cfg.embed.threads_per_task)
+    out = write_snapshot(store, "aligned_item_embeddings", out_df,
+                         schemas.item_embeddings_schema(cfg.encoder.dim),
+                         parents=ctx.parents, config_hash=ctx.config_hash,
+                         extra={"dim": cfg.encoder.dim, "encoder_version": aligned.version,
+                                "encoder_artifact": folder,
+                                "raw_encoder_version": encoder.version,
+                                "pairs_snapshot": ctx.inputs["item_pairs"].ref})
+    if out.row_count != n:
+        raise RowAccountingError(f"align: {n} items with features != {out.row_count} embedded")
+
+    from jobs.evaluate_alignment import evaluate_alignment
+
+    events = store.read_spark(spark, "events", ctx.inputs["events"].snapshot_id)
+    end = train_end(cfg, events)
+    table, metrics = evaluate_alignment(ctx, events, end, raw_m, out)
+    metrics.update({"align.pairs": int(len(src)),
+                    "align.final_contrastive": history[-1]["contrastive"]})
+    report = (f"aligned encoder {aligned.version} trained on {len(src)} pairs "
+              f"({', '.join(cfg.align.sources)}; loss {cfg.align.loss}, "
+              f"{cfg.align.epochs} epochs: contrastive {history[0]['contrastive']:.3f} -> "
+              f"{history[-1]['contrastive']:.3f}); {out.row_count} items re-embedded\n" + table)
+    return StageResult({"aligned_item_embeddings": out}, metrics, report)
+
+
 @stage("quantize", inputs=["item_embeddings"], outputs=["item_codes"], config=["quantize"],
        help="fit VQ/RQ codebooks on the embeddings and assign codes to every item (Spark)")
 def quantize_stage(ctx: StageContext) -> StageResult:

@@ -89,6 +89,21 @@ class Tracker:
         if self.enabled:
             self._mlflow.log_artifacts(folder, name)
 
+    def register_torch_model(self, model, name: str, registered_name: str,
+                             tags: Optional[dict] = None) -> Optional[str]:
+        """Log a torch module and register it in the MLflow model registry; returns the
+        registered version (None when tracking is off)."""
+        if not self.enabled:
+            return None
+        info = self._mlflow.pytorch.log_model(model, name=name, serialization_format="pickle",
+                                              registered_model_name=registered_name)
+        version = getattr(info, "registered_model_version", None)
+        if version is not None and tags:
+            client = self._mlflow.MlflowClient()
+            for k, v in tags.items():
+                client.set_model_version_tag(registered_name, str(version), k, str(v))
+        return None if version is None else str(version)
+
     def artifact_text(self, text: str, name: str) -> None:
         if self.enabled:
             self._mlflow.log_text(text, name)

@@ -144,3 +144,55 @@ def embed_items_spark(spark, items_df, encoder: ItemEncoder, *, batch_size: int,
     df = items_df.select(*INPUT_COLUMNS).repartition(partitions)
     out = df.mapInArrow(task, arrow_schema_to_spark(OUT_SCHEMA))
     return out, lambda: EmbedStats(loads.value, rows_seen.value, peak.value)
+
+
+# ----------------------------------------------------------------------------- re-embedding
+
+_FUSIONS: dict[str, object] = {}
+
+
+def reembed_features_spark(spark, features_df, encoder: ItemEncoder, *, partitions: int,
+                           threads_per_task: int = 1):
+    """Embed items from their stored tower features with ``encoder``'s fusion head (the towers
+    are frozen, so only the fusion runs): the alignment stage's re-embedding of every item.
+    Returns a DataFrame (item_id, embedding, encoder_version)."""
+    import io
+
+    import torch
+
+    from mm_encoder.item_encoder import FusionHead, unpack_features
+    from pipelines.spark import arrow_schema_to_spark
+
+    dims = encoder.towers.dims()
+    buf = io.BytesIO()
+    torch.save(encoder.fusion.state_dict(), buf)
+    state = spark.sparkContext.broadcast(buf.getvalue())
+    version, out_dim = encoder.version, encoder.cfg.dim
+    schema = pa.schema([("item_id", pa.int64()), ("embedding", pa.list_(pa.float32())),
+                        ("encoder_version", pa.string())])
+
+    def task(batches):
+        fusion = _FUSIONS.get(version)
+        if fusion is None:
+            torch.set_num_threads(threads_per_task)
+            fusion = FusionHead(dims, out_dim)
+            fusion.load_state_dict(torch.load(io.BytesIO(state.value), weights_only=True))
+            _FUSIONS.clear()
+            _FUSIONS[version] = fusion.eval()
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            n = batch.num_rows
+            feats = batch.column("features").flatten().to_numpy(zero_copy_only=False).reshape(n, -1)
+            present = np.asarray(batch.column("present").flatten().to_numpy(
+                zero_copy_only=False), dtype=bool).reshape(n, -1)
+            with torch.no_grad():
+                z = fusion(unpack_features(feats.astype(np.float32), present, dims)).numpy()
+            yield pa.RecordBatch.from_arrays([
+                batch.column("item_id"),
+                pa.FixedSizeListArray.from_arrays(pa.array(z.ravel(), pa.float32()), out_dim)
+                .cast(pa.list_(pa.float32())),
+                pa.array([version] * n, pa.string())], schema=schema)
+
+    df = features_df.select("item_id", "features", "present").repartition(partitions)
+    return df.mapInArrow(task, arrow_schema_to_spark(schema))

@@ -1,0 +1,98 @@
+"""Alignment: train the item encoder's fusion/projection so that items people engage with
+together are near each other (curing representation unmatching).
+
+Training reads the frozen tower features of every item (kept by the embed stage), so the towers
+are not run again. Each step takes a batch of behaviour pairs (src, dst) and minimises an
+in-batch contrastive loss between their embeddings (InfoNCE, or DSL), plus a content term that
+keeps every aligned embedding near the item's raw (pre-alignment) embedding, so content
+understanding is not forgotten: ``loss = contrastive + content_weight * mean(1 - cos(z, z_raw))``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mm_encoder.item_encoder import FusionHead, TowerFeatures
+from mm_encoder.losses import dual_softmax_loss, info_nce
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AlignConfig:
+    #: ``infonce`` or ``dsl``.
+    loss: str = "infonce"
+    temperature: float = 0.07
+    #: DSL prior temperature on the (already 1/temperature-scaled) logits.
+    dsl_temperature: float = 1000.0
+    #: Weight of the term keeping aligned embeddings near the raw ones.
+    content_weight: float = 0.1
+    epochs: int = 8
+    batch_size: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    #: Pair sources to train on (of those the pairs stage mined).
+    sources: list[str] = field(default_factory=lambda: ["swing", "itemcf", "u2i"])
+    seed: int = 0
+
+
+def _subset(f: TowerFeatures, idx: torch.Tensor) -> TowerFeatures:
+    return TowerFeatures({m: v[idx] for m, v in f.features.items()},
+                         {m: v[idx] for m, v in f.masks.items()})
+
+
+def train_alignment(fusion: FusionHead, features: TowerFeatures, src: np.ndarray,
+                    dst: np.ndarray, cfg: AlignConfig, progress: bool = True
+                    ) -> tuple[FusionHead, list[dict]]:
+    """Train a copy of ``fusion`` on pairs of row indices into ``features``.
+
+    Returns the trained copy and the per-epoch history (loss parts)."""
+    if len(src) == 0:
+        raise ValueError("no behaviour pairs to align on: check the pairs stage's output")
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    raw = fusion.eval()
+    with torch.no_grad():
+        z_raw = raw(features)                                         # (N, D), the anchor
+    model = copy.deepcopy(fusion).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    src_t, dst_t = torch.from_numpy(src.astype(np.int64)), torch.from_numpy(dst.astype(np.int64))
+    n = len(src)
+    steps = max(1, n // cfg.batch_size)
+    history = []
+    bar = tqdm(total=cfg.epochs * steps, desc="align", unit="step", disable=not progress)
+    for epoch in range(cfg.epochs):
+        order = torch.from_numpy(rng.permutation(n))
+        sums = {"contrastive": 0.0, "content": 0.0}
+        for s in range(steps):
+            b = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+            i, j = src_t[b], dst_t[b]
+            zi, zj = model(_subset(features, i)), model(_subset(features, j))
+            logits = zi @ zj.T / cfg.temperature
+            # Two pairs in one batch may share an item: its other pair is not a negative.
+            same = (i[:, None] == i[None, :]) | (j[:, None] == j[None, :])
+            logits = logits.masked_fill(same & ~torch.eye(len(b), dtype=torch.bool), -1e4)
+            if cfg.loss == "dsl":
+                contrastive = dual_softmax_loss(logits, cfg.dsl_temperature)
+            elif cfg.loss == "infonce":
+                contrastive = info_nce(logits)
+            else:
+                raise ValueError(f"align.loss must be infonce or dsl, got {cfg.loss!r}")
+            content = (2 - (zi * z_raw[i]).sum(1).mean() - (zj * z_raw[j]).sum(1).mean()) / 2
+            loss = contrastive + cfg.content_weight * content
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sums["contrastive"] += contrastive.item()
+            sums["content"] += content.item()
+            bar.update(1)
+        history.append({"epoch": epoch + 1, **{k: v / steps for k, v in sums.items()}})
+        bar.set_postfix(loss=f"{history[-1]['contrastive']:.3f}")
+    bar.close()
+    return model.eval(), history
