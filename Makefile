@@ -46,6 +46,7 @@ test-all: setup
 bench: setup
 	$(PY) bench/ingest_throughput.py --events 1000000 --items 5000
 	$(PY) bench/embed_throughput.py --items 1500
+	$(PY) bench/rq_fit.py
 
 clean:
 	rm -rf .qarm spark-warehouse

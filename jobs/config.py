@@ -67,10 +67,10 @@ class WorldConfig:
 
     seed: int = 0
     n_items: int = 1500
-    n_users: int = 300
+    n_users: int = 500
     n_topics: int = 8
     #: Impressions per user over the whole period (mean; activity varies per user).
-    impressions_per_user: int = 120
+    impressions_per_user: int = 150
     days: int = 30
     #: Share of the period before the training cut-off; items created after it are cold.
     train_share: float = 0.8
@@ -86,8 +86,10 @@ class WorldConfig:
     motion_fidelity: float = 0.7
     #: Click model: logit = base + affinity * pref[u, topic] + item/user bias (documented in
     #: ``pipelines/synthetic.py``).
-    base_logit: float = -2.2
-    affinity: float = 3.0
+    base_logit: float = -3.0
+    affinity: float = 6.0
+    #: Dirichlet concentration of users' topic preferences (smaller: fewer favourite topics).
+    pref_concentration: float = 0.2
     item_bias_std: float = 0.5
     user_bias_std: float = 0.3
     chunk_items: int = 5000

@@ -12,7 +12,7 @@ Items
     entity = object, scene = background) and tags.
 
 Users
-    ``pref[u] ~ Dirichlet(0.3)`` over topics (one to three favourite topics), a bias
+    ``pref[u] ~ Dirichlet(pref_concentration = 0.2)`` over topics (one or two favourites), a bias
     ``b_u ~ N(0, user_bias_std)`` and an activity level ``~ LogNormal(0, 0.5)`` that scales their
     number of impressions.
 
@@ -141,7 +141,7 @@ def draw_latents(cfg: WorldConfig) -> WorldLatents:
     warm_created = rng.integers(start_ms - 10 * day, start_ms + (cutoff_ms - start_ms) // 2, n)
     cold_created = rng.integers(cutoff_ms, end_ms - day // 2, n)
     created_ms = np.where(cold, cold_created, warm_created).astype(np.int64)
-    pref = rng.dirichlet(np.full(k, 0.3), cfg.n_users)
+    pref = rng.dirichlet(np.full(k, cfg.pref_concentration), cfg.n_users)
     user_bias = rng.normal(0, cfg.user_bias_std, cfg.n_users)
     activity = rng.lognormal(0.0, 0.5, cfg.n_users)
     return WorldLatents(topic, shape, motion, colour, background, item_bias, created_ms, cold,
