@@ -261,27 +261,27 @@ def align_stage(ctx: StageContext) -> StageResult:
     return StageResult({"aligned_item_embeddings": out}, metrics, report)
 
 
-@stage("quantize", inputs=["item_embeddings"], outputs=["item_codes"], config=["quantize"],
-       help="fit VQ/RQ codebooks on the embeddings and assign codes to every item (Spark)")
-def quantize_stage(ctx: StageContext) -> StageResult:
+def _quantize(ctx: StageContext, src, out_table: str, codebook_version=None):
+    """Fit (or load) a codebook on the embeddings snapshot ``src`` and code every item in Spark.
+
+    Returns (output manifest, codebook, metrics dict, fitted?, fit sample size)."""
     import numpy as np
 
     from feature_store import schemas
     from pipelines.ingest import RowAccountingError, write_snapshot
     from pipelines.quantize import assign_codes_spark, sample_embeddings
     from quantizer.codebook import Codebook
-    from quantizer.metrics import codebook_metrics, flat_metrics, format_table
+    from quantizer.metrics import codebook_metrics
     from quantizer.rq import ResidualKMeans
     from quantizer.vq import NeighbourCodes, exact_overlap
 
     q = ctx.cfg.quantize
     root = str(ctx.cfg.root / "artifacts" / "codebooks")
     spark = ctx.spark
-    src = ctx.inputs["item_embeddings"]
-    emb = ctx.store.read_spark(spark, "item_embeddings", src.snapshot_id)
+    emb = ctx.store.read_spark(spark, src.table, src.snapshot_id)
     ids, vecs = sample_embeddings(emb, src.row_count, q.fit_sample, q.rq.seed)
-    if q.codebook:
-        cb = Codebook.load(root, q.codebook)
+    if codebook_version:
+        cb = Codebook.load(root, codebook_version)
         fitted = False
     else:
         rq = ResidualKMeans(q.rq).fit(vecs)
@@ -292,27 +292,100 @@ def quantize_stage(ctx: StageContext) -> StageResult:
     rq_codes, _ = cb.encode(ids, vecs)
     pick = np.random.default_rng(0).choice(len(ids), min(len(ids), q.overlap_sample),
                                            replace=False)
-    metrics = codebook_metrics(cb.rq, vecs, rq_codes, exact_overlap(cb.vq, ids[pick],
-                                                                    vecs[pick]))
+    metrics = codebook_metrics(cb.rq, vecs, rq_codes,
+                               exact_overlap(cb.vq, ids[pick], vecs[pick]))
     if fitted:
         cb.metrics = metrics
         try:
             folder = cb.save(root)
-        except FileExistsError:   # the same content was fitted before: reuse that version
+        except FileExistsError:   # the same content was fitted before: that version is it
             folder = f"{root}/{cb.version}"
-        ctx.tracker.artifact_dir(folder, "codebook")
+        ctx.tracker.artifact_dir(folder, f"codebook_{out_table}")
     codes = assign_codes_spark(spark, emb, cb, partitions=q.partitions,
                                threads_per_task=q.threads_per_task)
     levels = cb.rq.centroids.shape[0]
-    out = write_snapshot(ctx.store, "item_codes", codes, schemas.item_codes_schema(levels),
+    out = write_snapshot(ctx.store, out_table, codes, schemas.item_codes_schema(levels),
                          parents=ctx.parents, config_hash=ctx.config_hash,
-                         extra={"codebook_version": cb.version, "fitted": fitted})
+                         extra={"codebook_version": cb.version, "fitted": fitted,
+                                "embeddings": src.ref})
     if out.row_count != src.row_count:
-        raise RowAccountingError(f"quantize: {src.row_count} embeddings in != {out.row_count} "
-                                 f"coded")
-    report = (f"codebook {cb.version} ({'fitted on ' + str(len(ids)) + ' embeddings' if fitted else 'existing, assign-only'}; "
-              f"RQ {levels} x {cb.rq.cfg.codes}, {cb.rq.fit_record.get('method', '')}; "
-              f"VQ k={cb.vq.cfg.k} over a pool of {len(cb.vq.pool_ids)} items, index "
-              f"{cb.vq.cfg.index}); {out.row_count} items coded\n" + format_table(metrics))
+        raise RowAccountingError(f"{out_table}: {src.row_count} embeddings in != "
+                                 f"{out.row_count} coded")
+    return out, cb, metrics, fitted, len(ids)
+
+
+def _codebook_report(out, cb, metrics, fitted, n_fit) -> str:
+    from quantizer.metrics import format_table
+
+    levels = cb.rq.centroids.shape[0]
+    how = f"fitted on {n_fit} embeddings" if fitted else "existing, assign-only"
+    return (f"codebook {cb.version} ({how}; RQ {levels} x {cb.rq.cfg.codes}, "
+            f"{cb.rq.fit_record.get('method', '')}; VQ k={cb.vq.cfg.k} over a pool of "
+            f"{len(cb.vq.pool_ids)} items, index {cb.vq.cfg.index}); {out.row_count} items "
+            f"coded\n" + format_table(metrics))
+
+
+@stage("quantize", inputs=["aligned_item_embeddings"], outputs=["item_codes"],
+       config=["quantize"],
+       help="fit VQ/RQ codebooks on the aligned embeddings and code every item (Spark)")
+def quantize_stage(ctx: StageContext) -> StageResult:
+    from quantizer.metrics import flat_metrics
+
+    out, cb, metrics, fitted, n_fit = _quantize(ctx, ctx.inputs["aligned_item_embeddings"],
+                                                "item_codes", ctx.cfg.quantize.codebook)
     return StageResult({"item_codes": out}, {**flat_metrics(metrics), "coded": out.row_count,
-                                             "fitted": int(fitted)}, report)
+                                             "fitted": int(fitted)},
+                       _codebook_report(out, cb, metrics, fitted, n_fit))
+
+
+@stage("quantize_raw", inputs=["item_embeddings", "item_codes", "events"],
+       outputs=["item_codes_raw"], config=["quantize", "split"],
+       applies=lambda cfg: cfg.quantize.raw_arm,
+       help="codes from the raw (unaligned) embeddings: the codes_raw arm, and how much "
+            "held-out behaviour aligned vs raw codes share")
+def quantize_raw_stage(ctx: StageContext) -> StageResult:
+    from quantizer.metrics import flat_metrics
+
+    out, cb, metrics, fitted, n_fit = _quantize(ctx, ctx.inputs["item_embeddings"],
+                                                "item_codes_raw")
+    table, shared = _behaviour_sharing(ctx, ctx.inputs["item_codes"], out)
+    report = _codebook_report(out, cb, metrics, fitted, n_fit) + "\n" + table
+    return StageResult({"item_codes_raw": out},
+                       {**flat_metrics(metrics), **shared, "coded": out.row_count}, report)
+
+
+def _behaviour_sharing(ctx: StageContext, aligned_m, raw_m) -> tuple[str, dict]:
+    """Share of held-out next-click pairs (evaluation period) whose two items share the RQ
+    prefix of length 1 and 2, with aligned vs raw codes; and the same for random pairs."""
+    import numpy as np
+
+    from pipelines.pairs import next_positive_pairs
+
+    spark = ctx.spark
+    events = ctx.store.read_spark(spark, "events", ctx.inputs["events"].snapshot_id)
+    end = train_end(ctx.cfg, events)
+    pairs = next_positive_pairs(events, end).select("src", "dst").toPandas()
+    rng = np.random.default_rng(0)
+    lines = ["held-out next-click pairs sharing an RQ prefix   aligned     raw   (random pairs: "
+             "aligned, raw)"]
+    metrics = {}
+    codes = {}
+    for name, m in (("aligned", aligned_m), ("raw", raw_m)):
+        t = ctx.store.read_arrow(m.table, m.snapshot_id)
+        ids = t.column("item_id").to_numpy()
+        rq = np.stack(t.column("rq").to_numpy(zero_copy_only=False))
+        codes[name] = (dict(zip(ids.tolist(), range(len(ids)))), rq)
+    for prefix in (1, 2):
+        vals = {}
+        for name, (pos, rq) in codes.items():
+            keep = pairs[pairs.src.isin(pos) & pairs.dst.isin(pos)]
+            a, b = rq[keep.src.map(pos).to_numpy()], rq[keep.dst.map(pos).to_numpy()]
+            share = float((a[:, :prefix] == b[:, :prefix]).all(1).mean()) if len(keep) else 0.0
+            ra, rb = rng.integers(0, len(rq), (2, max(len(keep), 1000)))
+            base = float((rq[ra, :prefix] == rq[rb, :prefix]).all(1).mean())
+            vals[name] = (share, base)
+            metrics[f"heldout_share_prefix{prefix}.{name}"] = share
+            metrics[f"random_share_prefix{prefix}.{name}"] = base
+        lines.append(f"  prefix length {prefix} ({len(pairs)} pairs){'':<17}{vals['aligned'][0]:>7.4f} "
+                     f"{vals['raw'][0]:>7.4f}   ({vals['aligned'][1]:.4f}, {vals['raw'][1]:.4f})")
+    return "\n".join(lines), metrics
