@@ -1,49 +1,12 @@
-"""The Spark embed stage: one embedding per item, model loaded once per worker, bad media quarantined."""
+"""Spark batch inference: bad media is quarantined, and Spark equals one process."""
 
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
 
-from feature_store.snapshots import SnapshotStore
-from jobs.cli import main
-from jobs.config import load_config
 from mm_encoder.item_encoder import ItemEncoder, ItemEncoderConfig
 from pipelines.embed import embed_arrow_batches, embed_items_spark
-from tests.conftest import tiny_world_overrides
-
-
-def _args(root, *extra):
-    out = []
-    for o in tiny_world_overrides(root) + ["encoder.image_size=32", "encoder.dim=16",
-                                           "embed.partitions=6"]:
-        out += ["--set", o]
-    return [*out, "--ds", "2026-01-31", "--no-progress", *extra]
-
-
-def test_embed_stage_writes_one_unit_embedding_per_item(spark, tmp_path, capsys):
-    root = tmp_path / "q"
-    assert main(["run", *_args(root, "--until", "embed")]) == 0
-    out = capsys.readouterr().out
-    assert "embedded 120 of 120 items" in out
-    store = SnapshotStore(str(root / "store"))
-    m = store.get("item_embeddings")
-    emb = store.read_arrow("item_embeddings")
-    assert emb.schema.field("embedding").type == pa.list_(pa.float32(), 16)
-    assert emb.num_rows == store.get("items").row_count == 120
-    assert len(set(emb.column("item_id").to_pylist())) == 120
-    vecs = np.stack(emb.column("embedding").to_numpy(zero_copy_only=False))
-    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, rtol=1e-5)
-    assert set(emb.column("encoder_version").to_pylist()) == {m.extra["encoder_version"]}
-
-    from jobs.dag import Dag
-
-    cfg = load_config(None, tiny_world_overrides(root))
-    rec = Dag(cfg).state.last_success("2026-01-31", "embed")
-    # Loaded once per Python worker process (2 cores), not once per partition (6) or batch.
-    assert 1 <= rec["metrics"]["encoder_loads"] < 6
-    assert main(["run", *_args(root, "--until", "embed")]) == 0
-    assert "embed      skipped" in capsys.readouterr().out
 
 
 def test_undecodable_media_is_quarantined_not_fatal(spark):

@@ -1,0 +1,130 @@
+"""The DAG end to end on a tiny synthetic world: world → ingest → embed → pairs → align →
+quantize → quantize_raw, then assign-only coding with the fitted codebook."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from feature_store.snapshots import SnapshotStore
+from jobs.cli import main
+from jobs.config import load_config
+from jobs.dag import Dag
+from tests.conftest import tiny_world_overrides
+
+DS = "2026-01-31"
+EXTRA = ["world.n_users=80", "world.impressions_per_user=60", "encoder.image_size=32",
+         "encoder.dim=16", "embed.partitions=6", "pairs.min_support=1", "align.epochs=2",
+         "quantize.rq.codes=8", "quantize.rq.levels=2", "quantize.vq.k=5",
+         "quantize.partitions=3"]
+
+
+def _args(root, *extra):
+    out = []
+    for o in tiny_world_overrides(root) + EXTRA:
+        out += ["--set", o]
+    return [*out, "--ds", DS, "--no-progress", *extra]
+
+
+@pytest.fixture(scope="module")
+def run(spark, tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e") / "q"
+    import io
+    from contextlib import redirect_stdout
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert main(["run", *_args(root)]) == 0
+    cfg = load_config(None, tiny_world_overrides(root) + EXTRA)
+    return root, SnapshotStore(str(root / "store")), Dag(cfg), buf.getvalue()
+
+
+def test_every_stage_ran_and_printed_its_report(run):
+    _, _, dag, out = run
+    for stage in ("world", "ingest", "embed", "pairs", "align", "quantize", "quantize_raw"):
+        assert dag.state.last_success(DS, stage) is not None, stage
+    for needle in ("rows_in", "embedded 120 of 120", "source   pairs", "aligned encoder",
+                   "10-NN purity", "utilization", "sharing an RQ prefix"):
+        assert needle in out, needle
+
+
+def test_embed_writes_one_unit_embedding_per_item_loading_the_model_once_per_worker(run):
+    _, store, dag, _ = run
+    emb = store.read_arrow("item_embeddings")
+    assert emb.schema.field("embedding").type == pa.list_(pa.float32(), 16)
+    assert emb.num_rows == store.get("items").row_count == 120
+    assert len(set(emb.column("item_id").to_pylist())) == 120
+    vecs = np.stack(emb.column("embedding").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, rtol=1e-5)
+    assert set(emb.column("encoder_version").to_pylist()) == {
+        store.get("item_embeddings").extra["encoder_version"]}
+    # Loaded once per Python worker process (2 cores), not once per partition (6) or batch.
+    assert 1 <= dag.state.last_success(DS, "embed")["metrics"]["encoder_loads"] < 6
+    assert store.get("item_features").row_count == 120
+
+
+def test_pairs_and_aligned_embeddings(run):
+    _, store, _, _ = run
+    pairs = store.read_arrow("item_pairs").to_pandas()
+    assert set(pairs.source) <= {"swing", "itemcf", "u2i"} and len(pairs) > 0
+    assert (pairs.src != pairs.dst).all()
+    aligned = store.get("aligned_item_embeddings")
+    raw = store.get("item_embeddings")
+    assert aligned.row_count == 120
+    assert aligned.extra["encoder_version"] != raw.extra["encoder_version"]
+    assert aligned.extra["pairs_snapshot"] == store.get("item_pairs").ref
+
+
+def test_aligned_encoder_is_registered_with_its_pair_snapshot(run):
+    root, store, _, _ = run
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    versions = client.search_model_versions("name='qarm-item-encoder'")
+    assert versions
+    tags = versions[0].tags
+    assert tags["pairs_snapshot"] == store.get("item_pairs").ref
+    assert tags["encoder_version"] == store.get("aligned_item_embeddings").extra[
+        "encoder_version"]
+
+
+def _codes(store, table, snapshot_id=None):
+    t = store.read_arrow(table, snapshot_id).sort_by("item_id")
+    return (t.column("item_id").to_numpy(),
+            np.stack(t.column("rq").to_numpy(zero_copy_only=False)),
+            np.stack(t.column("vq").to_numpy(zero_copy_only=False)),
+            set(t.column("codebook_version").to_pylist()))
+
+
+def test_codes_for_every_item_and_assign_only_gives_the_same_codes(run, capsys):
+    root, store, _, _ = run
+    fitted = store.get("item_codes")
+    version = fitted.extra["codebook_version"]
+    ids, rq, vq, versions = _codes(store, "item_codes", fitted.snapshot_id)
+    assert len(ids) == 120 and versions == {version}
+    assert rq.shape == (120, 2) and rq.max() < 8 and vq.shape == (120, 5) and (vq >= 0).all()
+    raw = store.get("item_codes_raw")
+    assert raw.extra["codebook_version"] != version
+
+    assert main(["quantize", *_args(root, "--assign-only", "--codebook", version)]) == 0
+    assert "existing, assign-only" in capsys.readouterr().out
+    again = store.get("item_codes")
+    assert again.snapshot_id != fitted.snapshot_id and again.extra["fitted"] is False
+    ids2, rq2, vq2, versions2 = _codes(store, "item_codes", again.snapshot_id)
+    np.testing.assert_array_equal(ids, ids2)
+    np.testing.assert_array_equal(rq, rq2)
+    np.testing.assert_array_equal(vq, vq2)
+    assert versions2 == {version}
+
+    assert main(["quantize", *_args(root, "--codebook", "cb-nope")]) == 2
+    assert "no codebook cb-nope" in capsys.readouterr().err
+    assert main(["quantize", *_args(root, "--assign-only")]) == 2
+    assert "needs --codebook" in capsys.readouterr().err
+
+
+def test_rerun_skips_everything(run, capsys):
+    root, _, _, _ = run
+    assert main(["run", *_args(root, "--until", "align")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("skipped") == 5 and " done " not in out
