@@ -31,9 +31,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipelines.spark import SparkUnavailable
     from quantizer.codebook import CodebookExists, CodebookNotFound
     from mm_encoder.towers import ModelNotFound
+    from quantizer.kmeans import TooFewPoints
 
     return (ConfigError, DagError, SchemaError, SchemaMismatch, SnapshotNotFound, SourceError,
-            SparkUnavailable, CodebookExists, CodebookNotFound, ModelNotFound)
+            SparkUnavailable, CodebookExists, CodebookNotFound, ModelNotFound, TooFewPoints)
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -301,6 +301,18 @@ def truth_users_table(lat: WorldLatents) -> pa.Table:
 
 def simulate_events(cfg: WorldConfig, lat: WorldLatents) -> tuple[pa.Table, pa.Table]:
     """Impressions with click labels (raw events) and their true click probabilities."""
+    users, items, ts, p, label = simulate_event_arrays(cfg, lat)
+    u_col, i_col = pa.array(user_key(users)), pa.array(item_key(items))
+    t_col = pa.array(ts, pa.int64()).cast(TS)
+    events = pa.Table.from_arrays([u_col, i_col, t_col, pa.array(label)], schema=RAW_EVENTS_SCHEMA)
+    truth = pa.Table.from_arrays([u_col, i_col, t_col, pa.array(p.astype(np.float32))],
+                                 schema=TRUTH_EVENTS_SCHEMA)
+    return events, truth
+
+
+def simulate_event_arrays(cfg: WorldConfig, lat: WorldLatents):
+    """The click model as arrays: (user index, item index, ts epoch ms, p_click, label int8),
+    sorted by user then time."""
     rng = np.random.default_rng([cfg.seed, 4])
     n_users = cfg.n_users
     counts = rng.poisson(cfg.impressions_per_user * lat.activity)
@@ -325,13 +337,7 @@ def simulate_events(cfg: WorldConfig, lat: WorldLatents) -> tuple[pa.Table, pa.T
     dup = np.zeros(len(ts), bool)
     dup[1:] = (users[1:] == users[:-1]) & (items[1:] == items[:-1]) & (ts[1:] == ts[:-1])
     keep = ~dup
-    users, items, ts, p, label = users[keep], items[keep], ts[keep], p[keep], label[keep]
-    u_col, i_col = pa.array(user_key(users)), pa.array(item_key(items))
-    t_col = pa.array(ts, pa.int64()).cast(TS)
-    events = pa.Table.from_arrays([u_col, i_col, t_col, pa.array(label)], schema=RAW_EVENTS_SCHEMA)
-    truth = pa.Table.from_arrays([u_col, i_col, t_col, pa.array(p.astype(np.float32))],
-                                 schema=TRUTH_EVENTS_SCHEMA)
-    return events, truth
+    return users[keep], items[keep], ts[keep], p[keep], label[keep]
 
 
 def world_summary(cfg: WorldConfig, lat: WorldLatents, events: pa.Table) -> dict:

@@ -19,6 +19,10 @@ import torch
 log = logging.getLogger(__name__)
 
 
+class TooFewPoints(ValueError):
+    """k-means was asked for more centroids than there are points."""
+
+
 @dataclass
 class KMeansSettings:
     k: int
@@ -64,7 +68,8 @@ def train_kmeans(x: np.ndarray, s: KMeansSettings) -> tuple[np.ndarray, dict]:
     """Fit ``s.k`` centroids to ``x`` (n, d) float32. Returns (centroids (k, d), record)."""
     n, d = x.shape
     if n < s.k:
-        raise ValueError(f"k-means needs at least k={s.k} points, got {n}")
+        raise TooFewPoints(f"k-means with k={s.k} centroids needs at least {s.k} points, got {n}: "
+                           f"use fewer codes (quantize.rq.codes) for so few items")
     rng = np.random.default_rng(s.seed)
     cap = s.max_points_per_centroid * s.k
     sample = x if n <= cap else x[np.sort(rng.choice(n, cap, replace=False))]

@@ -13,7 +13,8 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 def tiny_world_overrides(root: Path) -> list[str]:
     """A synthetic world small enough for a test run of the DAG in seconds."""
-    return [f"paths.root={root}", "world.n_items=120", "world.n_users=40",
+    return [f"paths.root={root}", f"mlflow.tracking_uri=sqlite:///{root}/mlflow.db",
+            "world.n_items=120", "world.n_users=40",
             "world.impressions_per_user=30", "world.video_frames=3", "world.image_size=24",
             "world.video_size=16", "spark.shuffle_partitions=2", "ingest.image_partitions=2",
             "mlflow.enabled=true"]
@@ -50,3 +51,5 @@ def _no_network_env(monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     yield
+    # mlflow.set_tracking_uri() exports the variable itself; do not let it leak to other tests.
+    os.environ.pop("MLFLOW_TRACKING_URI", None)

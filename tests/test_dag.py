@@ -11,10 +11,12 @@ from jobs.dag import Dag
 from tests.conftest import tiny_world_overrides
 
 
-def _args(root, *extra):
+def _args(root, *extra, until="ingest"):
     out = []
     for o in tiny_world_overrides(root):
         out += ["--set", o]
+    if until and "--until" not in extra:
+        extra = (*extra, "--until", until)  # the DAG's mechanics; later stages elsewhere
     return [*out, "--ds", "2026-01-31", "--no-progress", *extra]
 
 
@@ -79,7 +81,7 @@ def test_rerun_skips_force_reruns_and_config_change_reruns_only_downstream(spark
 
 
 def test_only_needs_upstream_and_says_so(spark, tmp_path, capsys):
-    assert main(["ingest", *_args(tmp_path / "q")]) == 2
+    assert main(["ingest", *_args(tmp_path / "q", until=None)]) == 2
     err = capsys.readouterr().err
     assert "needs 'raw_items' from stage 'world'" in err and "Traceback" not in err
 
