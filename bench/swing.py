@@ -133,9 +133,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=10_000_000)
-    ap.add_argument("--items", type=int, default=100_000)
+    ap.add_argument("--items", type=int, default=20_000)
     ap.add_argument("--local-sizes", type=int, nargs="+",
-                    default=[1_000_000, 2_000_000, 5_000_000, 10_000_000])
+                    default=[1_000_000, 2_000_000, 5_000_000, 10_000_000, 20_000_000])
     ap.add_argument("--local-mem-gb", type=float, default=12.0)
     ap.add_argument("--local-timeout", type=int, default=1200)
     ap.add_argument("--out")
@@ -145,7 +145,7 @@ def main() -> None:
     from jobs.config import load_config
     from pipelines.spark import get_spark
 
-    full = make_events(args.events, args.items)
+    full = make_events(max(args.events, max(args.local_sizes)), args.items)
     cfg = load_config(None, [f"paths.root={tmp}", "spark.shuffle_partitions=16",
                              "spark.driver_memory=8g"])
     spark = get_spark(cfg)
@@ -160,22 +160,28 @@ def main() -> None:
             break
     fitted = [r for r in local if r["fits"]]
     largest = fitted[-1]["events"] if fitted else None
+    common = [r for r in fitted if r["events"] <= args.events]
 
     at_largest = None
-    if largest is not None:
-        sub = full.iloc[:largest]
+    if common:
+        size = common[-1]["events"]
+        sub = full.iloc[:size]
         s, _ = spark_case(spark, sub, tmp)
-        local_scores = pd.read_parquet(tmp / f"local_{largest}.json.parquet")
+        local_scores = pd.read_parquet(tmp / f"local_{size}.json.parquet")
         spark_scores = pd.read_parquet(tmp / "swing_scores")
         merged = local_scores.merge(spark_scores, on=["src", "dst"], suffixes=("_l", "_s"))
         agree = (len(merged) == len(local_scores) == len(spark_scores)
                  and np.allclose(merged.score_l, merged.score_s, rtol=1e-5))
-        at_largest = {"events": largest, "spark_seconds": s["seconds"],
-                      "single_process_seconds": fitted[-1]["seconds"],
-                      "ratio_spark_over_single_process": round(fitted[-1]["seconds"]
+        at_largest = {"events": size, "spark_seconds": s["seconds"],
+                      "single_process_seconds": common[-1]["seconds"],
+                      "ratio_spark_over_single_process": round(common[-1]["seconds"]
                                                                / s["seconds"], 3),
                       "scores_agree": bool(agree)}
-    spark_full, _ = spark_case(spark, full, tmp)
+    if at_largest is not None and at_largest["events"] == min(args.events, len(full)):
+        spark_full = {"events": at_largest["events"], "seconds": at_largest["spark_seconds"],
+                      "pairs": spark.read.parquet(str(tmp / "swing_scores")).count()}
+    else:
+        spark_full, _ = spark_case(spark, full.iloc[:args.events], tmp)
     result = {
         "benchmark": "swing", "cores": os.cpu_count(), "items": args.items,
         "positives_share": round(float(full.label.mean()), 4),
