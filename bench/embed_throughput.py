@@ -11,7 +11,6 @@ Spark overhead of at most 15%: ``ratio_spark_over_single_process >= 0.85``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import sys
@@ -20,6 +19,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _report import emit  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
@@ -109,10 +111,7 @@ def main() -> None:
         "single_process_peak_rss_mb": round(local_peak),
         "embeddings_match": bool(same),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit(result, args.out)
     spark.stop()
 
 

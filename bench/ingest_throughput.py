@@ -10,7 +10,6 @@ must agree on every count; the ratio is Spark throughput / single-process throug
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import resource
@@ -20,6 +19,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _report import emit  # noqa: E402
 
 from feature_store.snapshots import SnapshotStore  # noqa: E402
 from jobs.config import load_config  # noqa: E402
@@ -126,10 +128,7 @@ def main() -> None:
         "counts_agree": agree, "counts": res_spark.counts,
         "quarantine_reasons": res_spark.quarantine_reasons,
     }
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit(out, args.out)
     spark.stop()
     if not agree:
         print(f"counts differ: local {res_local.counts} spark {res_spark.counts}", file=sys.stderr)

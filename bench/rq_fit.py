@@ -11,7 +11,6 @@ own search. Then code assignment (RQ + VQ) throughput: Spark vs one process, sam
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import sys
@@ -20,6 +19,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _report import emit  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -161,10 +163,7 @@ def main() -> None:
                   fit_case(args.n, 128, 3, 256, args.chunk),
                   fit_case(args.n, 256, 6, 256, args.chunk)],
               "assignment": assign_case(args.assign_items, 64, 20_000, 25)}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

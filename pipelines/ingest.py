@@ -37,7 +37,7 @@ from pyspark.sql import types as T
 from feature_store import schemas
 from feature_store.snapshots import Manifest, SnapshotNotFound, SnapshotStore
 from jobs.config import IngestConfig, SourceConfig
-from pipelines.media import Reason, resolve_path, validate_media
+from pipelines.media import Reason, validate_media
 
 log = logging.getLogger(__name__)
 

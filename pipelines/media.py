@@ -10,7 +10,6 @@ frames, or a multi-frame file (GIF, APNG, multi-page TIFF) that is split into PN
 from __future__ import annotations
 
 import io
-import os
 from typing import Optional
 
 from PIL import Image, ImageSequence, UnidentifiedImageError
@@ -121,10 +120,3 @@ def validate_media(image: Optional[bytes], image_path: Optional[str], video: Opt
                 return None, None, reason, detail
     return image, video, None, None
 
-
-def resolve_path(path: Optional[str], base: Optional[str]) -> Optional[str]:
-    if not path:
-        return None
-    if base is None or "://" in path or os.path.isabs(path):
-        return path
-    return os.path.join(base, path)

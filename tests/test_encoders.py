@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mm_encoder.item_encoder import ItemEncoder, ItemEncoderConfig, Towers
+from mm_encoder.item_encoder import ItemEncoder, ItemEncoderConfig
 from mm_encoder.towers import (CLIPTowers, ModelNotFound, MobileNetV2Tower, TextTower,
                                minilm_dir)
 from pipelines.synthetic import _bg, _png
