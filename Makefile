@@ -47,6 +47,7 @@ bench: setup
 	$(PY) bench/ingest_throughput.py --events 1000000 --items 5000
 	$(PY) bench/embed_throughput.py --items 1500
 	$(PY) bench/rq_fit.py
+	$(PY) bench/swing.py
 
 clean:
 	rm -rf .qarm spark-warehouse
