@@ -18,7 +18,7 @@ SHELL := /bin/bash
 # once per package. Drop that noise, keep real warnings and errors.
 QUIET := 2>&1 | sed '/^WARNING: Location .* is ignored/d'
 
-.PHONY: setup demo test test-all bench clean lint
+.PHONY: setup demo test test-all bench clean
 
 setup: $(STAMP)
 
