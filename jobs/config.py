@@ -153,6 +153,9 @@ class QuantizeConfig:
     fit_sample: int = 200_000
     #: Assign with this existing codebook version instead of fitting (cold-start items).
     codebook: Optional[str] = None
+    #: Append a disambiguation level to the RQ code: the rank (0, 1, ...) of an item among the
+    #: items sharing its full code, by item id, so every item's code is unique (TIGER-style).
+    disambiguate: bool = False
     #: Also fit codes on the raw (unaligned) embeddings: the ``codes_raw`` ablation arm and the
     #: aligned-vs-raw comparison in the report.
     raw_arm: bool = True

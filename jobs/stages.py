@@ -304,10 +304,15 @@ def _quantize(ctx: StageContext, src, out_table: str, codebook_version=None):
     codes = assign_codes_spark(spark, emb, cb, partitions=q.partitions,
                                threads_per_task=q.threads_per_task)
     levels = cb.rq.centroids.shape[0]
+    if q.disambiguate:
+        from pipelines.quantize import disambiguate
+
+        codes = disambiguate(codes)
+        levels += 1
     out = write_snapshot(ctx.store, out_table, codes, schemas.item_codes_schema(levels),
                          parents=ctx.parents, config_hash=ctx.config_hash,
                          extra={"codebook_version": cb.version, "fitted": fitted,
-                                "embeddings": src.ref})
+                                "embeddings": src.ref, "disambiguated": q.disambiguate})
     if out.row_count != src.row_count:
         raise RowAccountingError(f"{out_table}: {src.row_count} embeddings in != "
                                  f"{out.row_count} coded")

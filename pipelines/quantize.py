@@ -90,3 +90,14 @@ def sample_embeddings(df, n_total: int, n_sample: int, seed: int) -> tuple[np.nd
     vecs = emb.flatten().to_numpy(zero_copy_only=False).reshape(len(ids), -1)
     order = np.argsort(ids, kind="stable")  # the fit must not depend on partition order
     return ids[order], np.ascontiguousarray(vecs[order], dtype=np.float32)
+
+
+def disambiguate(codes_df):
+    """Append to each ``rq`` code the item's rank among the items sharing that full code
+    (ordered by item id), making every code unique. Ranks are recomputed on each assignment."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    w = Window.partitionBy("rq").orderBy("item_id")
+    return codes_df.withColumn(
+        "rq", F.concat("rq", F.array((F.row_number().over(w) - 1).cast("int"))))

@@ -128,3 +128,22 @@ def test_rerun_skips_everything(run, capsys):
     assert main(["run", *_args(root, "--until", "align")]) == 0
     out = capsys.readouterr().out
     assert out.count("skipped") == 5 and " done " not in out
+
+
+def test_disambiguation_level_makes_every_code_unique(run, capsys):
+    root, store, _, _ = run
+    before = store.get("item_codes")
+    ids, rq, _, _ = _codes(store, "item_codes", before.snapshot_id)
+    assert main(["quantize", *_args(root, "--set", "quantize.disambiguate=true")]) == 0
+    capsys.readouterr()
+    after = store.get("item_codes")
+    assert after.extra["disambiguated"] is True
+    ids2, rq2, _, _ = _codes(store, "item_codes", after.snapshot_id)
+    np.testing.assert_array_equal(ids, ids2)
+    assert rq2.shape == (120, 3)
+    np.testing.assert_array_equal(rq2[:, :2], rq)          # the semantic levels are unchanged
+    assert len({tuple(r) for r in rq2}) == 120              # every full code is unique
+    # The extra level numbers the items of each shared code 0, 1, 2, ... in item-id order.
+    for code in {tuple(r) for r in rq}:
+        members = np.flatnonzero((rq == code).all(1))
+        assert rq2[members, 2].tolist() == list(range(len(members)))
