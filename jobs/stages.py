@@ -208,7 +208,8 @@ def align_stage(ctx: StageContext) -> StageResult:
     cfg, store, spark = ctx.cfg, ctx.store, ctx.spark
     raw_m = ctx.inputs["item_embeddings"]
     encoder = ItemEncoder.load(raw_m.extra["encoder_artifact"])
-    feats_t = store.read_arrow("item_features", ctx.inputs["item_features"].snapshot_id)
+    feats_t = store.read_arrow("item_features",
+                               ctx.inputs["item_features"].snapshot_id).sort_by("item_id")
     ids = feats_t.column("item_id").to_numpy()
     n = len(ids)
     feats = feats_t.column("features").combine_chunks().flatten().to_numpy(
@@ -220,6 +221,8 @@ def align_stage(ctx: StageContext) -> StageResult:
     pairs = store.read_arrow("item_pairs", ctx.inputs["item_pairs"].snapshot_id).to_pandas()
     pairs = pairs[pairs.source.isin(cfg.align.sources)]
     pairs = pairs[pairs.src.isin(row) & pairs.dst.isin(row)]
+    # Spark returns rows in no fixed order: sort so the seeded training sees the same batches.
+    pairs = pairs.sort_values(["source", "src", "dst"], kind="stable")
     src = pairs.src.map(row).to_numpy()
     dst = pairs.dst.map(row).to_numpy()
     fusion, history = train_alignment(encoder.fusion, features, src, dst, cfg.align)
