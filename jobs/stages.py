@@ -198,6 +198,7 @@ def pairs_stage(ctx: StageContext) -> StageResult:
        help="train the fusion on behaviour pairs, re-embed every item, evaluate raw vs aligned")
 def align_stage(ctx: StageContext) -> StageResult:
     import numpy as np
+    import pyarrow as pa
 
     from feature_store import schemas
     from mm_encoder.align import train_alignment
@@ -225,8 +226,29 @@ def align_stage(ctx: StageContext) -> StageResult:
     pairs = pairs.sort_values(["source", "src", "dst"], kind="stable")
     src = pairs.src.map(row).to_numpy()
     dst = pairs.dst.map(row).to_numpy()
-    fusion, history = train_alignment(encoder.fusion, features, src, dst, cfg.align)
-    aligned = ItemEncoder(encoder.cfg, fusion.state_dict(), towers=encoder.towers)
+    n_tune = cfg.align.tune_text_layers
+    texts = _item_texts(ctx, ids) if n_tune else None
+    fusion, history = train_alignment(encoder.fusion, features, src, dst, cfg.align,
+                                      text_tower=encoder.towers.text, texts=texts)
+    text_state = None
+    features_m = ctx.inputs["item_features"]
+    if n_tune:
+        text_state = encoder.towers.text.last_layers(n_tune)
+        # The text tower changed: recompute every item's text features before re-embedding.
+        feats = _replace_text_features(encoder, feats, texts)
+        features_m = store.write_table(
+            "aligned_item_features", pa.table({
+                "item_id": pa.array(ids, pa.int64()),
+                "features": pa.FixedSizeListArray.from_arrays(pa.array(feats.ravel()),
+                                                              feats.shape[1])
+                .cast(pa.list_(pa.float32())),
+                "present": pa.FixedSizeListArray.from_arrays(pa.array(present.ravel()),
+                                                             present.shape[1])
+                .cast(pa.list_(pa.bool_()))}),
+            schema=schemas.item_features_schema(), parents=ctx.parents,
+            config_hash=ctx.config_hash, extra={"dims": encoder.towers.dims()})
+    aligned = ItemEncoder(encoder.cfg, fusion.state_dict(), towers=encoder.towers,
+                          text_state=text_state)
     folder = aligned.save(str(cfg.root / "artifacts" / "encoders"))
     ctx.tracker.artifact_dir(folder, "aligned_encoder")
     for h in history:
@@ -238,7 +260,7 @@ def align_stage(ctx: StageContext) -> StageResult:
               "pairs_snapshot": ctx.inputs["item_pairs"].ref})
 
     out_df = reembed_features_spark(spark, store.read_spark(
-        spark, "item_features", ctx.inputs["item_features"].snapshot_id), aligned,
+        spark, features_m.table, features_m.snapshot_id), aligned,
         partitions=cfg.embed.partitions, threads_per_task=cfg.embed.threads_per_task)
     out = write_snapshot(store, "aligned_item_embeddings", out_df,
                          schemas.item_embeddings_schema(cfg.encoder.dim),
@@ -262,6 +284,28 @@ def align_stage(ctx: StageContext) -> StageResult:
               f"{cfg.align.epochs} epochs: contrastive {history[0]['contrastive']:.3f} -> "
               f"{history[-1]['contrastive']:.3f}); {out.row_count} items re-embedded\n" + table)
     return StageResult({"aligned_item_embeddings": out}, metrics, report)
+
+
+def _item_texts(ctx: StageContext, ids) -> list[str]:
+    """The encoder's text input for each item id, in ``ids`` order."""
+    from mm_encoder.item_encoder import item_text
+
+    m = ctx.upstream("items")
+    t = ctx.store.read_arrow("items", m.snapshot_id,
+                             columns=["item_id", "title", "text", "tags"]).to_pandas()
+    t = t.set_index("item_id").loc[ids]
+    return [item_text(a, b, c) for a, b, c in zip(t.title, t.text, t.tags)]
+
+
+def _replace_text_features(encoder, feats, texts, batch: int = 256):
+    """``feats`` with its text block recomputed by the (tuned) text tower."""
+    import numpy as np
+
+    dt = encoder.towers.dims()["text"]   # text is the first block of the packed features
+    out = feats.copy()
+    for s in range(0, len(texts), batch):
+        out[s:s + batch, :dt] = encoder.towers.text(texts[s:s + batch]).numpy()
+    return out.astype(np.float32)
 
 
 def _quantize(ctx: StageContext, src, out_table: str, codebook_version=None):

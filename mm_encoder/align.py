@@ -37,6 +37,11 @@ class AlignConfig:
     batch_size: int = 256
     lr: float = 2e-3
     weight_decay: float = 1e-4
+    #: Also fine-tune the last N transformer layers of the text tower (0: towers frozen). The
+    #: image/video towers stay frozen; their stored features are used.
+    tune_text_layers: int = 0
+    #: Learning rate of the tuned text layers.
+    text_lr: float = 2e-5
     #: Pair sources to train on (of those the pairs stage mined).
     sources: list[str] = field(default_factory=lambda: ["swing", "itemcf", "u2i"])
     seed: int = 0
@@ -48,11 +53,13 @@ def _subset(f: TowerFeatures, idx: torch.Tensor) -> TowerFeatures:
 
 
 def train_alignment(fusion: FusionHead, features: TowerFeatures, src: np.ndarray,
-                    dst: np.ndarray, cfg: AlignConfig, progress: bool = True
-                    ) -> tuple[FusionHead, list[dict]]:
+                    dst: np.ndarray, cfg: AlignConfig, progress: bool = True,
+                    text_tower=None, texts=None) -> tuple[FusionHead, list[dict]]:
     """Train a copy of ``fusion`` on pairs of row indices into ``features``.
 
-    Returns the trained copy and the per-epoch history (loss parts)."""
+    With ``cfg.tune_text_layers > 0``, ``text_tower`` (a TextTower, tuned in place) recomputes the
+    text features of each batch from ``texts`` (one string per feature row) with its last layers
+    trainable. Returns the trained fusion copy and the per-epoch history (loss parts)."""
     if len(src) == 0:
         raise ValueError("no behaviour pairs to align on: check the pairs stage's output")
     torch.manual_seed(cfg.seed)
@@ -61,7 +68,25 @@ def train_alignment(fusion: FusionHead, features: TowerFeatures, src: np.ndarray
     with torch.no_grad():
         z_raw = raw(features)                                         # (N, D), the anchor
     model = copy.deepcopy(fusion).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = [{"params": list(model.parameters()), "lr": cfg.lr}]
+    tune = cfg.tune_text_layers > 0
+    if tune:
+        if text_tower is None or texts is None:
+            raise ValueError("align.tune_text_layers needs the text tower and the item texts")
+        tuned = text_tower.last_layers(cfg.tune_text_layers)
+        for p in text_tower.model.parameters():
+            p.requires_grad_(False)
+        for p in tuned.values():
+            p.requires_grad_(True)
+        groups.append({"params": list(tuned.values()), "lr": cfg.text_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+
+    def batch_features(rows: torch.Tensor) -> TowerFeatures:
+        f = _subset(features, rows)
+        if tune:
+            f.features["text"] = text_tower.forward_grad([texts[k] for k in rows.tolist()])
+        return f
+
     src_t, dst_t = torch.from_numpy(src.astype(np.int64)), torch.from_numpy(dst.astype(np.int64))
     n = len(src)
     steps = max(1, n // cfg.batch_size)
@@ -73,7 +98,7 @@ def train_alignment(fusion: FusionHead, features: TowerFeatures, src: np.ndarray
         for s in range(steps):
             b = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
             i, j = src_t[b], dst_t[b]
-            zi, zj = model(_subset(features, i)), model(_subset(features, j))
+            zi, zj = model(batch_features(i)), model(batch_features(j))
             logits = zi @ zj.T / cfg.temperature
             # Two pairs in one batch may share an item: its other pair is not a negative.
             same = (i[:, None] == i[None, :]) | (j[:, None] == j[None, :])

@@ -165,13 +165,17 @@ class ItemEncoder:
     """Towers + fusion head. ``encode`` maps item rows to unit-norm (B, D) float32 embeddings."""
 
     def __init__(self, cfg: ItemEncoderConfig, fusion_state: Optional[dict] = None,
-                 towers: Optional[Towers] = None):
+                 towers: Optional[Towers] = None, text_state: Optional[dict] = None):
         self.cfg = cfg
         self.towers = towers or Towers(cfg)
         self.fusion = FusionHead(self.towers.dims(), cfg.dim, cfg.seed)
         if fusion_state is not None:
             self.fusion.load_state_dict(fusion_state)
         self.fusion.eval()
+        #: Fine-tuned text-tower parameters (alignment's optional last layers), by name.
+        self.text_state = {k: v.detach().clone() for k, v in (text_state or {}).items()}
+        if self.text_state:
+            self.towers.text.model.load_state_dict(self.text_state, strict=False)
 
     # ------------------------------------------------------------------ features
     def decode_media(self, row: dict) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
@@ -246,14 +250,14 @@ class ItemEncoder:
     # ------------------------------------------------------------------ artifact
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
-        torch.save({"config": dataclasses.asdict(self.cfg), "fusion": self.fusion.state_dict()},
-                   buf)
+        torch.save({"config": dataclasses.asdict(self.cfg), "fusion": self.fusion.state_dict(),
+                    "text_state": self.text_state}, buf)
         return buf.getvalue()
 
     @property
     def version(self) -> str:
         h = hashlib.sha256(json.dumps(dataclasses.asdict(self.cfg), sort_keys=True).encode())
-        for k, v in sorted(self.fusion.state_dict().items()):
+        for k, v in [*sorted(self.fusion.state_dict().items()), *sorted(self.text_state.items())]:
             h.update(k.encode())
             h.update(v.detach().cpu().numpy().tobytes())
         return "enc-" + h.hexdigest()[:12]
@@ -261,7 +265,8 @@ class ItemEncoder:
     @classmethod
     def from_bytes(cls, data: bytes, towers: Optional[Towers] = None) -> "ItemEncoder":
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        return cls(ItemEncoderConfig(**obj["config"]), obj["fusion"], towers)
+        return cls(ItemEncoderConfig(**obj["config"]), obj["fusion"], towers,
+                   obj.get("text_state"))
 
     def save(self, root: str) -> str:
         """Write the artifact to ``<root>/<version>/encoder.pt`` (once; versions never change)

@@ -86,12 +86,30 @@ class TextTower(nn.Module):
 
     @torch.no_grad()
     def forward(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.forward_grad(texts)
+
+    def forward_grad(self, texts: Sequence[str]) -> torch.Tensor:
+        """The same features with autograd on (for fine-tuning the last layers)."""
         enc = self.tokenizer(list(texts), padding=True, truncation=True,
                              max_length=self.max_length, return_tensors="pt")
         hidden = self.model(**enc).last_hidden_state                # (B, T, H)
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
         return nn.functional.normalize(pooled, dim=-1)
+
+
+    def last_layers(self, n: int) -> dict[str, nn.Parameter]:
+        """Parameters of the last ``n`` transformer layers, by state-dict name."""
+        layers = getattr(getattr(self.model, "encoder", None), "layer", None)
+        if layers is None:
+            raise ValueError(f"text tower {self.path} has no encoder.layer list: cannot fine-tune "
+                             f"its last layers (set align.tune_text_layers: 0)")
+        if not 0 < n <= len(layers):
+            raise ValueError(f"align.tune_text_layers must be 1..{len(layers)}, got {n}")
+        first = len(layers) - n
+        return {name: p for name, p in self.model.named_parameters()
+                if name.startswith("encoder.layer.")
+                and int(name.split(".")[2]) >= first}
 
 
 class MobileNetV2Tower(nn.Module):

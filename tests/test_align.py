@@ -73,3 +73,34 @@ def test_retrieval_metrics_by_hand():
     # 10 → 11 is rank 1 (hit), 10 → 13 is rank 3 (miss), 12 → 11 is rank 1 (hit)
     assert m["pairs"] == 3 and m["recall@2"] == 2 / 3
     assert np.isclose(m["ndcg@2"], (1.0 + 0 + 1.0) / 3)
+
+
+def test_tuning_the_text_towers_last_layer_trains_only_that_layer(tmp_path):
+    from mm_encoder.item_encoder import ItemEncoder, ItemEncoderConfig
+    from mm_encoder.towers import TextTower
+
+    tower = TextTower(max_length=16)
+    texts = [f"a {c} {s} moves {m}" for c in ("red", "blue") for s in ("circle", "square", "star")
+             for m in ("left", "right")]
+    n = len(texts)
+    feats = TowerFeatures({"text": tower(texts)}, {"text": torch.ones(n, dtype=torch.bool)})
+    before = {k: v.detach().clone() for k, v in tower.model.named_parameters()}
+    rng = np.random.default_rng(0)
+    src, dst = rng.integers(0, n, 40), rng.integers(0, n, 40)
+    fusion = FusionHead({"text": tower.dim}, 8, seed=0)
+    cfg = AlignConfig(epochs=1, batch_size=8, tune_text_layers=1, text_lr=1e-3)
+    head, _ = train_alignment(fusion, feats, src, dst, cfg, progress=False, text_tower=tower,
+                              texts=texts)
+    last = len(tower.model.encoder.layer) - 1
+    changed = {k for k, v in tower.model.named_parameters() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith(f"encoder.layer.{last}.") for k in changed)
+    # The tuned layer travels in the encoder artifact and changes its version.
+    state = tower.last_layers(1)
+    enc = ItemEncoder(ItemEncoderConfig(dim=8, image_tower="none"), head.state_dict(),
+                      text_state=state)
+    plain = ItemEncoder(ItemEncoderConfig(dim=8, image_tower="none"), head.state_dict())
+    assert enc.version != plain.version
+    again = ItemEncoder.from_bytes(enc.to_bytes())
+    rows = [{"title": t} for t in texts[:3]]
+    np.testing.assert_allclose(again.encode(rows), enc.encode(rows), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(plain.encode(rows), enc.encode(rows))

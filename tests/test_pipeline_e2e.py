@@ -147,3 +147,17 @@ def test_disambiguation_level_makes_every_code_unique(run, capsys):
     for code in {tuple(r) for r in rq}:
         members = np.flatnonzero((rq == code).all(1))
         assert rq2[members, 2].tolist() == list(range(len(members)))
+
+
+def test_align_can_fine_tune_the_text_towers_last_layer(run, capsys):
+    root, store, _, _ = run
+    assert main(["align", *_args(root, "--force", "--set", "align.tune_text_layers=1",
+                                 "--set", "align.epochs=1")]) == 0
+    capsys.readouterr()
+    feats = store.get("aligned_item_features")
+    aligned = store.get("aligned_item_embeddings")
+    assert feats.row_count == aligned.row_count == 120
+    from mm_encoder.item_encoder import ItemEncoder
+
+    enc = ItemEncoder.load(aligned.extra["encoder_artifact"])
+    assert enc.text_state and all(k.startswith("encoder.layer.5.") for k in enc.text_state)
