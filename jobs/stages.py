@@ -336,7 +336,7 @@ def _quantize(ctx: StageContext, src, out_table: str, codebook_version=None):
         cb = Codebook(rq, vq, training_snapshot=src.ref)
         cb.version = cb.content_version()
         fitted = True
-    rq_codes, _ = cb.encode(ids, vecs)
+    rq_codes = cb.rq.encode(vecs)  # the metrics need RQ codes only
     pick = np.random.default_rng(0).choice(len(ids), min(len(ids), q.overlap_sample),
                                            replace=False)
     metrics = codebook_metrics(cb.rq, vecs, rq_codes,

@@ -36,7 +36,7 @@ def cached_codebook(version: str, data: bytes, threads: int) -> Codebook:
     return cb
 
 
-def out_schema(levels: int) -> pa.Schema:
+def out_schema() -> pa.Schema:
     return pa.schema([("item_id", pa.int64()), ("rq", pa.list_(pa.int32())),
                       ("vq", pa.list_(pa.int32())), ("codebook_version", pa.string())])
 
@@ -44,7 +44,7 @@ def out_schema(levels: int) -> pa.Schema:
 def assign_batches(batches: Iterator[pa.RecordBatch], cb: Codebook) -> Iterator[pa.RecordBatch]:
     """Arrow batches of (item_id, embedding) → (item_id, rq, vq, codebook_version)."""
     levels = cb.rq.centroids.shape[0]
-    schema = out_schema(levels)
+    schema = out_schema()
     for batch in batches:
         if batch.num_rows == 0:
             continue
@@ -75,9 +75,8 @@ def assign_codes_spark(spark, embeddings_df, cb: Codebook, *, partitions: int,
     def task(batches):
         yield from assign_batches(batches, cached_codebook(version, data.value, threads_per_task))
 
-    levels = cb.rq.centroids.shape[0]
     df = embeddings_df.select("item_id", "embedding").repartition(partitions)
-    return df.mapInArrow(task, arrow_schema_to_spark(out_schema(levels)))
+    return df.mapInArrow(task, arrow_schema_to_spark(out_schema()))
 
 
 def sample_embeddings(df, n_total: int, n_sample: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
