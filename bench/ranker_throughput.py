@@ -1,0 +1,181 @@
+"""Ranker training throughput: TorchRec vs the same architecture in plain PyTorch. Prints JSON.
+
+    .venv/bin/python bench/ranker_throughput.py            # 60k examples, 50k items, codes arm
+
+One run, the same examples (random, in the examples schema, streamed from Parquet by the same
+batch builder) and the same model (recsys.model: target attention, prefix-matched history, DCN,
+MLP; only the embedding lookups differ):
+
+* ``torchrec_1rank``: DistributedModelParallel, table-wise sharded, fused row-wise Adagrad in the
+  backward, Adam on dense, TrainPipelineSparseDist; one rank using every core;
+* ``torchrec_2ranks``: the same on two gloo ranks, one thread each, planner given the real ids per
+  example (pooling factors);
+* ``plain_sparse_adam``: nn.Embedding/EmbeddingBag(sparse=True), SparseAdam + Adam;
+* ``plain_sparse_adagrad``: the same with sparse Adagrad;
+* ``plain_dense``: dense gradients, Adam on everything (what a user writes first).
+
+Ratios: torchrec_1rank / plain_sparse_adam (target >= 0.85), torchrec_1rank / plain_dense
+(target >= 2.5), torchrec_2ranks / torchrec_1rank (target >= 1.3). Each variant runs in its own
+process; examples/s excludes the first 5 (warm-up) steps; peak RSS per process. A torch.profiler
+table of TorchRec steps shows where the time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _report import emit  # noqa: E402
+
+
+def plain_worker(args) -> None:
+    """One plain-PyTorch variant in this process; prints a JSON line."""
+    import resource
+
+    import numpy as np
+    import torch
+
+    from recsys.config import ModelConfig
+    from recsys.data import ShardPlan, count_rows, train_batches
+    from recsys.model import PlainSparse, Ranker, build_ranker
+    from recsys.train import spec_from_dict
+
+    job = json.loads(Path(args.job).read_text())
+    torch.set_num_threads(args.threads)
+    spec = spec_from_dict(job["spec"])
+    cfg = ModelConfig(**job["model"])
+    torch.manual_seed(0)
+    ref = build_ranker(spec, cfg).state_dict()
+    model = Ranker(spec, cfg, PlainSparse(spec, sparse=args.variant != "plain_dense"))
+    model.load_state_dict({k.replace("sparse.ec.embeddings.", "sparse.emb.")
+                           .replace("sparse.ebc.embedding_bags.", "sparse.bags."): v
+                           for k, v in ref.items()})
+    emb = list(model.sparse.parameters())
+    dense = list(model.over.parameters())
+    if args.variant == "plain_sparse_adam":
+        opts = [torch.optim.SparseAdam(emb, lr=1e-3), torch.optim.Adam(dense, lr=2e-3)]
+    elif args.variant == "plain_sparse_adagrad":
+        opts = [torch.optim.Adagrad(emb, lr=0.05), torch.optim.Adam(dense, lr=2e-3)]
+    else:
+        opts = [torch.optim.Adam(emb + dense, lr=2e-3)]
+    files = job["train_files"]
+    plan = ShardPlan(count_rows(files), job["micro_batch"], 1)
+    steps = min(plan.steps_per_epoch, job["max_steps"] or plan.steps_per_epoch)
+    losses = []
+    t_warm = None
+    for i, b in enumerate(train_batches(files, spec, plan, 0, 1)):
+        if i == steps:
+            break
+        if i == 5:
+            t_warm = time.perf_counter()
+        loss, _ = model(b)
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        for o in opts:
+            o.step()
+        losses.append(float(loss))
+    dt = time.perf_counter() - t_warm
+    print(json.dumps({"examples_per_second": (steps - 5) * plan.global_batch / dt,
+                      "steps": steps, "final_loss": float(np.mean(losses[-10:])),
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--examples", type=int, default=60_000)
+    ap.add_argument("--items", type=int, default=50_000)
+    ap.add_argument("--users", type=int, default=10_000)
+    ap.add_argument("--levels", type=int, default=3)
+    ap.add_argument("--codes", type=int, default=256)
+    ap.add_argument("--history", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2,
+                    help="threads of the 1-process variants (the 2-rank run uses 1 per rank)")
+    ap.add_argument("--out", help="also write the JSON here")
+    ap.add_argument("--plain-worker", dest="variant", help=argparse.SUPPRESS)
+    ap.add_argument("--job", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.variant:
+        plain_worker(args)
+        return
+
+    from recsys.config import ModelConfig, TrainConfig
+    from recsys.features import build_spec
+    from recsys.runner import make_job
+    from recsys.testing import random_examples, write_examples
+    from recsys.train import launch
+
+    tmp = Path(tempfile.mkdtemp(prefix="qarm-bench-ranker-"))
+    t = random_examples(args.examples, n_items=args.items, n_users=args.users,
+                        levels=args.levels, codes=args.codes, vq_k=10, hist=args.history,
+                        seed=1)
+    files = write_examples(tmp / "train", t, files=4)
+    ev = write_examples(tmp / "eval", t.slice(0, args.batch), files=1)
+    mean_hist = float(sum(len(h) for h in t.column("hist_item_ids").to_pylist()) / t.num_rows)
+    spec = build_spec("codes", dim=16, history_len=args.history, levels=args.levels,
+                      codes_per_level=args.codes, n_items=args.items, n_users=args.users,
+                      mean_history=mean_hist, vq_k=10)
+    model = ModelConfig()
+    results: dict = {}
+
+    def torchrec(ranks: int, threads: int, profile: int = 0) -> dict:
+        cfg = TrainConfig(model=model, ranks=ranks, batch_size=args.batch, epochs=1,
+                          max_steps=args.steps, threads_per_rank=threads, register=False)
+        job = dataclasses.replace(make_job(spec, cfg, files, ev, tmp / f"tr{ranks}"),
+                                  profile_steps=profile)
+        r = launch(job, ranks, quiet=True)
+        out = {"examples_per_second": r["examples_per_second"], "steps": r["steps"],
+               "final_loss": sum(r["loss_curve"][-10:]) / 10,
+               "peak_rss_mb_per_rank": r["peak_rss_mb_per_rank"], "plan": r["plan"]}
+        prof = tmp / f"tr{ranks}" / "profile.txt"
+        if prof.exists():
+            out["profile_top"] = prof.read_text().splitlines()[:24]
+        return out
+
+    results["torchrec_1rank"] = torchrec(1, args.threads, profile=20)
+    results["torchrec_2ranks"] = torchrec(2, 1)
+    job_path = tmp / "tr1" / "job.json"
+    for variant in ("plain_sparse_adam", "plain_sparse_adagrad", "plain_dense"):
+        p = subprocess.run([sys.executable, __file__, "--plain-worker", variant, "--job",
+                            str(job_path), "--threads", str(args.threads)],
+                           capture_output=True, text=True, env={**os.environ,
+                                                                "OMP_NUM_THREADS":
+                                                                str(args.threads)})
+        if p.returncode:
+            raise SystemExit(f"{variant} failed:\n{p.stderr[-3000:]}")
+        results[variant] = json.loads(p.stdout.strip().splitlines()[-1])
+    tr1 = results["torchrec_1rank"]["examples_per_second"]
+    ratios = {
+        "torchrec_1rank_vs_plain_sparse_adam": tr1 / results["plain_sparse_adam"][
+            "examples_per_second"],
+        "torchrec_1rank_vs_plain_sparse_adagrad": tr1 / results["plain_sparse_adagrad"][
+            "examples_per_second"],
+        "torchrec_1rank_vs_plain_dense": tr1 / results["plain_dense"]["examples_per_second"],
+        "torchrec_2ranks_vs_1rank": results["torchrec_2ranks"]["examples_per_second"] / tr1,
+    }
+    targets = {"torchrec_1rank_vs_plain_sparse_adam": 0.85,
+               "torchrec_1rank_vs_plain_dense": 2.5, "torchrec_2ranks_vs_1rank": 1.3}
+    emit({"benchmark": "ranker_throughput", "cores": os.cpu_count(),
+          "shape": {"examples": args.examples, "items": args.items, "users": args.users,
+                    "levels": args.levels, "codes": args.codes, "history": args.history,
+                    "mean_history": mean_hist, "batch": args.batch, "steps": args.steps,
+                    "arm": "codes", "dim": 16},
+          "results": results, "ratios": ratios,
+          "targets_met": {k: ratios[k] >= v for k, v in targets.items()}}, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""The ranker: TorchRec embedding tables + target attention + prefix-matched history + DCN + MLP.
+
+Per example, an item (the target, or a history item) is represented by the concatenation of its
+part embeddings: item id and, for the code arms, its RQ code at each level (one table per level,
+shared by target and history). Then:
+
+* **target attention** (DIN-style): scaled dot product of the projected target with the projected
+  history items, masked to the real positions, softmax-weighted sum of the history;
+* **prefix-matched history**: the mean of the history items whose level-1 (and level-1..2) RQ
+  code equals the target's, two features (QARM's cross features); zero when none match;
+* user id embedding, the VQ code bag (mean of its code embeddings), log history length;
+* frozen arms (the cascade): the frozen content vector, normalised and projected, is one more
+  part of every item's representation: the target's comes with the example, the history items'
+  from ``frozen_table``, a non-trainable buffer of the content embeddings by item id;
+* DCN-v2 cross layers (low rank) over the concatenation, an MLP, one logit; BCE loss.
+
+The forward is torch.fx traceable (``TrainPipelineSparseDist`` traces it): no Python loops over
+tensors or jagged rows; history is padded with fbgemm's jagged→dense op. It returns
+``(loss, (loss, logits, labels))`` as the pipeline expects.
+
+The sparse lookups sit behind ``SparseArch`` so the same dense architecture can run on TorchRec
+(``TorchRecSparse``) or on plain ``nn.Embedding``/``nn.EmbeddingBag`` (``PlainSparse``, used by
+the benchmark as the hand-written baseline).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec import (EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection,
+                      EmbeddingConfig, PoolingType)
+
+from recsys.config import ModelConfig
+from recsys.data import RankerBatch
+from recsys.features import FeatureSpec
+
+
+# --------------------------------------------------------------------------- sparse archs
+
+
+class TorchRecSparse(nn.Module):
+    """TorchRec tables: an EmbeddingCollection for target + history features, an
+    EmbeddingBagCollection for pooled bags (user id, VQ codes)."""
+
+    def __init__(self, spec: FeatureSpec, device: torch.device | str = "cpu",
+                 ec_device: torch.device | str | None = None):
+        super().__init__()
+        self.spec = spec
+        self.ec = EmbeddingCollection(
+            tables=[EmbeddingConfig(name=t.name, embedding_dim=t.dim,
+                                    num_embeddings=t.num_embeddings,
+                                    feature_names=list(t.features))
+                    for t in spec.sequence_tables],
+            device=torch.device(ec_device or device))
+        self.ebc = EmbeddingBagCollection(
+            tables=[EmbeddingBagConfig(name=t.name, embedding_dim=t.dim,
+                                       num_embeddings=t.num_embeddings,
+                                       feature_names=list(t.features),
+                                       pooling=PoolingType.MEAN if t.pooling == "mean"
+                                       else PoolingType.SUM)
+                    for t in spec.bag_tables],
+            device=torch.device(device))
+
+    def forward(self, batch: RankerBatch) -> dict[str, torch.Tensor]:
+        """{feature: [B, d] for singles and bags, [B, N, d] for histories}."""
+        seq = self.ec(batch.seq)
+        pooled = self.ebc(batch.pooled)
+        n = self.spec.history_len
+        out: dict[str, torch.Tensor] = {}
+        for t in self.spec.sequence_tables:
+            cand, hist = t.features
+            out[cand] = seq[cand].values()
+            jt = seq[hist]
+            out[hist] = torch.ops.fbgemm.jagged_to_padded_dense(
+                jt.values(), [jt.offsets()], [n], 0.0)
+        for t in self.spec.bag_tables:
+            out[t.features[0]] = pooled[t.features[0]]
+        return out
+
+
+class PlainSparse(nn.Module):
+    """The same lookups with ``nn.Embedding`` / ``nn.EmbeddingBag`` (what a user writes by
+    hand); ``sparse=True`` gives sparse gradients for SparseAdam / sparse Adagrad."""
+
+    def __init__(self, spec: FeatureSpec, sparse: bool = True):
+        super().__init__()
+        self.spec = spec
+        self.emb = nn.ModuleDict({t.name: nn.Embedding(t.num_embeddings, t.dim, sparse=sparse)
+                                  for t in spec.sequence_tables})
+        self.bags = nn.ModuleDict({t.name: nn.EmbeddingBag(t.num_embeddings, t.dim,
+                                                           mode=t.pooling, sparse=sparse)
+                                   for t in spec.bag_tables})
+
+    def forward(self, batch: RankerBatch) -> dict[str, torch.Tensor]:
+        n = self.spec.history_len
+        seq = batch.seq.to_dict()
+        pooled = batch.pooled.to_dict()
+        out: dict[str, torch.Tensor] = {}
+        for t in self.spec.sequence_tables:
+            cand, hist = t.features
+            table = self.emb[t.name]
+            out[cand] = table(seq[cand].values())
+            jt = seq[hist]
+            out[hist] = torch.ops.fbgemm.jagged_to_padded_dense(
+                table(jt.values()), [jt.offsets()], [n], 0.0)
+        for t in self.spec.bag_tables:
+            jt = pooled[t.features[0]]
+            out[t.features[0]] = self.bags[t.name](jt.values(), jt.offsets().long()[:-1])
+        return out
+
+
+# --------------------------------------------------------------------------- dense arch
+
+
+class CrossNet(nn.Module):
+    """DCN-v2 low-rank cross layers: x_{l+1} = x_0 * (U (V x_l) + b) + x_l."""
+
+    def __init__(self, width: int, layers: int, rank: int):
+        super().__init__()
+        self.v = nn.ModuleList(nn.Linear(width, rank, bias=False) for _ in range(layers))
+        self.u = nn.ModuleList(nn.Linear(rank, width) for _ in range(layers))
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        x = x0
+        for v, u in zip(self.v, self.u):
+            x = x0 * u(v(x)) + x
+        return x
+
+
+class OverArch(nn.Module):
+    def __init__(self, spec: FeatureSpec, cfg: ModelConfig):
+        super().__init__()
+        self.spec = spec
+        d = spec.dim
+        dense_dim = sum(f.dim for f in spec.dense)
+        item_w = d * (len(spec.item_parts) + (1 if dense_dim else 0))
+        self.q = nn.Linear(item_w, cfg.attention_dim, bias=False)
+        self.k = nn.Linear(item_w, cfg.attention_dim, bias=False)
+        self.scale = 1.0 / math.sqrt(cfg.attention_dim)
+        width = d + 2 * item_w + 1            # user, target, attention pool, log history length
+        if spec.uses_codes:
+            width += 2 * item_w + d           # two prefix-matched pools, VQ bag
+        # Dense content vectors arrive at whatever scale their encoder produced: normalise them.
+        self.frozen = nn.Sequential(nn.LayerNorm(dense_dim), nn.Linear(dense_dim, d)) \
+            if dense_dim else None
+        if dense_dim:
+            self.register_buffer("frozen_table", torch.zeros(spec.frozen_rows, dense_dim))
+        self.cross = CrossNet(width, cfg.cross_layers, cfg.cross_rank)
+        layers: list[nn.Module] = []
+        w = width
+        for h in cfg.mlp:
+            layers += [nn.Linear(w, h), nn.ReLU()]
+            w = h
+        layers.append(nn.Linear(w, 1))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, emb: dict[str, torch.Tensor], batch: RankerBatch) -> torch.Tensor:
+        parts = self.spec.item_parts
+        t_parts = [emb["item_id"]] + [emb[p] for p in parts[1:]]
+        h_parts = [emb["hist_item_id"]] + [emb[f"hist_{p}"] for p in parts[1:]]
+        if self.frozen is not None:
+            t_parts.append(self.frozen(batch.dense))
+            h_parts.append(self.frozen(self.frozen_table[batch.hist_ids]))
+        target = torch.cat(t_parts, dim=1)                                       # [B, W]
+        hist = torch.cat(h_parts, dim=2)                                         # [B, N, W]
+        mask = batch.hist_mask                                                   # [B, N]
+        scores = torch.einsum("bd,bnd->bn", self.q(target), self.k(hist)) * self.scale
+        scores = scores.masked_fill(mask == 0, -1e9)
+        weights = torch.softmax(scores, dim=1) * mask            # all-zero rows: no history
+        att = torch.einsum("bn,bnd->bd", weights, hist)
+        hist_len = mask.sum(1, keepdim=True)
+        feats = [emb["user_id"], target, att, torch.log1p(hist_len)]
+        if self.spec.uses_codes:
+            pm = batch.prefix_mask                                               # [B, N, 2]
+            pooled = torch.einsum("bnk,bnd->bkd", pm, hist) / pm.sum(1).clamp(min=1.0
+                                                                               ).unsqueeze(2)
+            feats += [pooled.flatten(1), emb["vq"]]
+        x = torch.cat(feats, dim=1)
+        return self.mlp(self.cross(x)).squeeze(1)
+
+
+class Ranker(nn.Module):
+    """Sparse arch + over arch + BCE; ``forward`` returns ``(loss, (loss, logits, labels))``."""
+
+    def __init__(self, spec: FeatureSpec, cfg: ModelConfig, sparse: nn.Module,
+                 dense_device: torch.device | str = "cpu"):
+        super().__init__()
+        self.spec = spec
+        self.sparse = sparse
+        self.over = OverArch(spec, cfg).to(dense_device)
+
+    def forward(self, batch: RankerBatch):
+        logits = self.over(self.sparse(batch), batch)
+        loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
+        return loss, (loss.detach(), logits.detach(), batch.labels)
+
+
+def build_ranker(spec: FeatureSpec, cfg: ModelConfig, device: str = "cpu",
+                 ec_device: str | None = None, frozen_table: torch.Tensor | None = None
+                 ) -> Ranker:
+    """The TorchRec ranker. Pass ``device="meta"`` to let DistributedModelParallel materialize
+    the tables shard by shard (``ec_device``: where the EmbeddingCollection is built; on CPU its
+    fused sharded kernel cannot be materialized from ``meta`` in torchrec 1.9, so it is built
+    on ``cpu``)."""
+    model = Ranker(spec, cfg, TorchRecSparse(spec, device, ec_device),
+                   "cpu" if device == "meta" else device)
+    if frozen_table is not None:
+        if model.over.frozen is None:
+            raise ValueError(f"arm {spec.arm} takes no frozen table")
+        if tuple(frozen_table.shape) != tuple(model.over.frozen_table.shape):
+            raise ValueError(f"frozen table {tuple(frozen_table.shape)} does not match the spec "
+                             f"{tuple(model.over.frozen_table.shape)}")
+        model.over.frozen_table.copy_(frozen_table)
+    return model

@@ -1,0 +1,403 @@
+"""Distributed ranker training with TorchRec, one process per rank.
+
+Each rank:
+
+1. joins the process group (``gloo`` on CPU by default; ``nccl`` with ``device: cuda``) from the
+   standard ``torchrun`` environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT);
+2. builds the ranker with its tables on ``meta``, registers fused row-wise Adagrad for every
+   table (``apply_optimizer_in_backward``), asks the planner for a sharding plan (table-wise, with
+   the real ids per example as pooling factors so the ranks get balanced work) and wraps the
+   model in ``DistributedModelParallel``;
+3. copies a seeded initial state into its shards (every world size starts from the same
+   weights), or the newest complete checkpoint when resuming;
+4. trains with ``TrainPipelineSparseDist`` (input distribution of batch i+1 overlaps batch i),
+   Adam on the dense parameters through a ``CombinedOptimizer``, streaming its share of the
+   Parquet examples; saves a checkpoint (shards, optimizer state, step) every N steps;
+5. scores its share of the evaluation examples under ``torch.no_grad()`` and writes them with
+   its final shards to the output folder.
+
+Run by ``qarm train`` (which spawns the ranks, or calls ``torchrun``) or directly::
+
+    torchrun --nproc-per-node 2 -m recsys.train --job <out>/job.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class TrainError(RuntimeError):
+    """A rank failed; the message carries the tail of its log."""
+
+
+@dataclass
+class TrainJob:
+    """Everything a rank needs, as JSON (``job.json`` in the output folder)."""
+
+    arm: str
+    spec: dict
+    model: dict
+    train_files: list[str]
+    eval_files: list[str]
+    out_dir: str
+    micro_batch: int
+    epochs: int
+    max_steps: int
+    sparse_lr: float
+    dense_lr: float
+    seed: int
+    checkpoint_every: int
+    device: str = "cpu"
+    threads: int = 1
+    timeout_s: int = 600
+    #: .npy of the frozen content vectors by item id (frozen arms), else "".
+    frozen_table: str = ""
+    #: Profile this many steps (after warm-up) with torch.profiler into profile.txt (0 = off).
+    profile_steps: int = 0
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainJob":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+# --------------------------------------------------------------------------- one rank
+
+
+def spec_from_dict(d: dict):
+    from recsys.features import DenseFeature, FeatureSpec, SparseFeature, Table
+
+    return FeatureSpec(
+        arm=d["arm"], dim=d["dim"], history_len=d["history_len"], levels=d["levels"],
+        tables=tuple(Table(**{**t, "features": tuple(t["features"]),
+                              "ids_per_example": tuple(t["ids_per_example"])})
+                     for t in d["tables"]),
+        sparse=tuple(SparseFeature(**f) for f in d["sparse"]),
+        dense=tuple(DenseFeature(**f) for f in d["dense"]), frozen_rows=d.get("frozen_rows", 0))
+
+
+def model_config(d: dict):
+    from recsys.config import ModelConfig
+
+    return ModelConfig(**d)
+
+
+def _planner_constraints(spec):
+    from torchrec.distributed.planner import ParameterConstraints
+
+    return {t.name: ParameterConstraints(sharding_types=["table_wise"],
+                                         pooling_factors=list(t.ids_per_example))
+            for t in spec.tables}
+
+
+def build_dmp(job: TrainJob, device, pg):
+    """The sharded model and its combined optimizer (fused sparse + dense Adam)."""
+    import torch
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.planner import EmbeddingShardingPlanner
+    from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+    from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+    from recsys.model import build_ranker
+
+    spec, cfg = spec_from_dict(job.spec), model_config(job.model)
+    world = torch.distributed.get_world_size(pg)
+    model = build_ranker(spec, cfg, "meta", ec_device="cpu" if device.type == "cpu" else "meta")
+    apply_optimizer_in_backward(RowWiseAdagrad, list(model.sparse.parameters()),
+                                {"lr": job.sparse_lr, "eps": 1e-8})
+    topology = TopologyFactory.create_topology(
+        trainer_config=TrainerConfig(
+            world_size=world, local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world))),
+        kernel_config=KernelConfig(compute_device=device.type))
+    planner = EmbeddingShardingPlanner(topology=topology, batch_size=job.micro_batch,
+                                       constraints=_planner_constraints(spec), debug=False)
+    plan = planner.collective_plan(model, None, pg)
+    dmp = DistributedModelParallel(model, device=device, plan=plan)
+    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
+                                  lambda params: torch.optim.Adam(params, lr=job.dense_lr))
+    return dmp, CombinedOptimizer([dmp.fused_optimizer, dense]), dense, plan, spec
+
+
+def initial_state(job: TrainJob) -> dict:
+    """The seeded initial weights (identical for every world size and rank)."""
+    import torch
+
+    from recsys.model import build_ranker
+
+    torch.manual_seed(job.seed)
+    return build_ranker(spec_from_dict(job.spec), model_config(job.model), "cpu",
+                        frozen_table=load_frozen_table(job)).state_dict()
+
+
+def load_frozen_table(job: TrainJob):
+    import numpy as np
+    import torch
+
+    if not job.frozen_table:
+        return None
+    return torch.from_numpy(np.load(job.frozen_table).astype(np.float32))
+
+
+def _plan_summary(plan) -> dict:
+    out = {}
+    for module, params in plan.plan.items():
+        for name, p in params.items():
+            out[f"{module}.{name}"] = {"sharding": p.sharding_type, "kernel": p.compute_kernel,
+                                       "ranks": p.ranks}
+    return out
+
+
+def run_rank(job: TrainJob) -> None:
+    import datetime as dt
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    import torch.distributed as dist
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+    from recsys import checkpoint as ck
+    from recsys.data import ShardPlan, count_rows, eval_batches, train_batches
+
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.set_num_threads(job.threads)
+    if job.device == "cuda":
+        device = torch.device(f"cuda:{local_rank}")
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    dist.init_process_group(backend, timeout=dt.timedelta(seconds=job.timeout_s))
+    pg = dist.GroupMember.WORLD
+    out = Path(job.out_dir)
+    ckpt_root = out / "checkpoints"
+
+    dmp, opt, dense_opt, plan, spec = build_dmp(job, device, pg)
+    rows = count_rows(job.train_files)
+    sp = ShardPlan(rows, job.micro_batch, world)
+    total = sp.steps_per_epoch * job.epochs
+    if job.max_steps:
+        total = min(total, job.max_steps)
+    if total == 0:
+        raise ValueError(f"{rows} training examples make no global batch of "
+                         f"{sp.global_batch}: lower train.batch_size")
+    dense_opt.init_state()            # so a checkpoint's Adam state has tensors to land in
+    start = 0
+    resume = ck.latest(ckpt_root)
+    if resume is not None:
+        meta, full = ck.load_folder(resume)
+        ck.fill(dmp.state_dict(), full["model"])
+        ck.fill(opt.state_dict()["state"], full["optim"], strict=True)
+        start = meta["step"]
+        if rank == 0:
+            log.info("resumed from %s (step %d)", resume, start)
+    else:
+        ck.fill(dmp.state_dict(), initial_state(job))
+        # init_state stepped Adam once with zero gradients: reset its step counters.
+        for st in dense_opt.state.values():
+            if "step" in st:
+                st["step"].zero_() if torch.is_tensor(st["step"]) else None
+
+    pipeline = TrainPipelineSparseDist(dmp, opt, device)
+    it = iter(train_batches(job.train_files, spec, sp, rank, job.epochs, start))
+    losses: list[float] = []
+    bar = None
+    if rank == 0:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, initial=start, desc=f"train {job.arm} ({world} ranks)",
+                   unit="step", file=sys.stderr)
+    die_after = int(os.environ.get("QARM_TEST_DIE_AFTER_STEPS", "0"))
+    warmup = min(5, max(0, total - start - 1))   # tracing and first-batch costs excluded
+    prof = None
+    t0 = t_warm = time.perf_counter()
+    dmp.train()
+    for step in range(start, total):
+        if step == start + warmup:
+            t_warm = time.perf_counter()
+            if job.profile_steps and rank == 0:
+                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                prof.__enter__()
+        if prof is not None and step == start + warmup + job.profile_steps:
+            prof.__exit__(None, None, None)
+            (out / "profile.txt").write_text(prof.key_averages().table(
+                sort_by="self_cpu_time_total", row_limit=40))
+            prof = None
+        loss, _, _ = pipeline.progress(it)
+        losses.append(float(loss))
+        done = step + 1
+        if bar is not None:
+            bar.update(1)
+            if done % 20 == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        if job.checkpoint_every and done % job.checkpoint_every == 0 and done < total:
+            folder = ckpt_root / f"step_{done}"
+            ck.save_rank(folder, rank, {"model": ck.local_pieces(dmp.state_dict()),
+                                        "optim": ck.local_pieces(opt.state_dict()["state"])})
+            dist.barrier()
+            if rank == 0:
+                ck.mark_complete(folder, {"step": done, "world": world, "arm": job.arm})
+        if die_after and done == die_after and rank == 0:
+            os._exit(17)   # test hook: a crash (no cleanup, like SIGKILL) between checkpoints
+    t_end = time.perf_counter()
+    train_s = t_end - t0
+    if prof is not None:
+        prof.__exit__(None, None, None)
+    if bar is not None:
+        bar.close()
+    pipeline.detach()
+
+    # Local loss per step -> the global (mean over ranks) curve.
+    curves = [None] * world
+    dist.all_gather_object(curves, losses)
+    import resource
+
+    rss = [None] * world
+    dist.all_gather_object(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+    dmp.eval()
+    scored = []
+    n_eval = count_rows(job.eval_files)
+    ep = ShardPlan(n_eval, job.micro_batch, world)
+    with torch.no_grad():
+        for batch, rows_t in eval_batches(job.eval_files, spec, ep, rank,
+                                          ("user_id", "item_id", "ts", "label", "cold",
+                                           "sampled")):
+            _, (_, logits, _) = dmp(batch.to(device))
+            n = rows_t.num_rows
+            if n:
+                scores = torch.sigmoid(logits[:n].float()).cpu().numpy()
+                scored.append(rows_t.select(["user_id", "item_id", "ts", "label", "cold",
+                                             "sampled"])
+                              .append_column("score", pa.array(scores, pa.float32())))
+    if scored:
+        pq.write_table(pa.concat_tables(scored), out / f"predictions_rank{rank}.parquet")
+    final = out / "model"
+    ck.save_rank(final, rank, {"model": ck.local_pieces(dmp.state_dict())})
+    dist.barrier()
+    if rank == 0:
+        curve = np.mean(np.asarray(curves, dtype=np.float64), axis=0).tolist()
+        ck.mark_complete(final, {"step": total, "world": world, "arm": job.arm})
+        (out / "result.json").write_text(json.dumps({
+            "arm": job.arm, "world": world, "steps": total, "resumed_from": start,
+            "loss_curve": curve, "train_seconds": train_s,
+            "examples_per_second": (total - start - warmup) * sp.global_batch
+            / max(t_end - t_warm, 1e-9),
+            "warmup_steps": warmup, "peak_rss_mb_per_rank": rss,
+            "global_batch": sp.global_batch, "train_rows": rows, "eval_rows": n_eval,
+            "plan": _plan_summary(plan)}, indent=1))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- launching
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(job: TrainJob, ranks: int, launcher: str = "local", quiet: bool = False) -> dict:
+    """Run ``job`` on ``ranks`` local processes; returns ``result.json``. A failing rank stops
+    the others and raises TrainError with its log's tail."""
+    out = Path(job.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    job_path = out / "job.json"
+    job.save(job_path)
+    (out / "result.json").unlink(missing_ok=True)
+    port = free_port()
+    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": str(job.threads), "PYTHONUNBUFFERED": "1"}
+    logs = [out / f"rank{r}.log" for r in range(ranks)]
+    procs: list[subprocess.Popen] = []
+    if launcher == "torchrun":
+        log_f = open(logs[0], "w")
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
+               "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "recsys.train",
+               "--job", str(job_path)]
+        procs.append(subprocess.Popen(cmd, env=base, stdout=log_f, stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+        logs = logs[:1]
+    elif launcher == "local":
+        for r in range(ranks):
+            env = {**base, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(ranks),
+                   "LOCAL_WORLD_SIZE": str(ranks)}
+            show = r == 0 and not quiet
+            f = None if show else open(logs[r], "w")
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "recsys.train", "--job", str(job_path)], env=env,
+                stdout=f, stderr=None if show else subprocess.STDOUT, start_new_session=True))
+    else:
+        raise ValueError(f"train.launcher must be local or torchrun, got {launcher!r}")
+    try:
+        failed = None
+        while procs and failed is None:
+            for i, p in enumerate(procs):
+                rc = p.poll()
+                if rc is not None and rc != 0:
+                    failed = (i, rc)
+                    break
+            if all(p.poll() == 0 for p in procs):
+                break
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None and failed is not None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+    if failed is not None:
+        i, rc = failed
+        tail = ""
+        path = logs[min(i, len(logs) - 1)]
+        if path.exists():
+            tail = "\n".join(path.read_text(errors="replace").splitlines()[-30:])
+        raise TrainError(f"rank {i} of arm {job.arm} exited with {rc}; log {path}:\n{tail}")
+    return json.loads((out / "result.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(
+        prog="python -m recsys.train",
+        description="One rank of ranker training. Start it with torchrun (or let `qarm train` "
+                    "spawn the ranks); the job file is written by `qarm train` into the "
+                    "arm's output folder.")
+    ap.add_argument("--job", required=True, help="path of job.json")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    log.setLevel(logging.INFO)
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    run_rank(TrainJob.load(args.job))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""The TorchRec ranker: feature spec, batches, the model, real multi-process DMP training
+(gloo, 1 and 2 ranks), checkpoints and resume, metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from recsys import checkpoint as ck
+from recsys.config import ModelConfig, TrainConfig
+from recsys.data import ShardPlan, eval_batches, micro_batches, to_batch, train_batches
+from recsys.features import ARMS, FeatureSpecError, build_spec
+from recsys.metrics import auc, gauc, logloss, normalized_entropy
+from recsys.runner import load_trained, make_job, prepare_out_dir, train_arm
+from recsys.train import TrainError, initial_state, launch
+from recsys.testing import frozen_table, random_examples, write_examples
+
+SPEC_ARGS = dict(dim=8, history_len=5, levels=2, codes_per_level=8, n_items=50, n_users=20,
+                 frozen_dim=4, vq_k=3)
+
+
+def spec(arm="codes"):
+    return build_spec(arm, **SPEC_ARGS)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ranker")
+    np.save(root / "frozen.npy", frozen_table())
+    return (write_examples(root / "train", random_examples(1280, seed=1)),
+            write_examples(root / "eval", random_examples(300, seed=2)), root)
+
+
+def train_cfg(**kw) -> TrainConfig:
+    base = dict(model=ModelConfig(dim=8, attention_dim=8, cross_rank=8, mlp=[16]), ranks=1,
+                batch_size=64, epochs=1, sparse_lr=0.1, dense_lr=5e-3, register=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# --------------------------------------------------------------------------- spec and batches
+
+
+def test_every_arm_has_its_tables_and_bad_arms_fail_clearly():
+    tables = {a: {t.name for t in spec(a).tables} for a in ARMS}
+    assert tables["id_only"] == tables["frozen_mm"] == {"user", "item"}
+    assert tables["codes"] == tables["codes_raw"] == {"user", "item", "rq_l1", "rq_l2", "vq"}
+    assert spec("frozen_mm").dense[0].dim == 4 and not spec("codes").dense
+    assert spec("codes_raw").table("rq_l1").num_embeddings == 9   # + the "no code" row
+    with pytest.raises(FeatureSpecError, match="unknown arm"):
+        build_spec("codez", **SPEC_ARGS)
+    with pytest.raises(FeatureSpecError, match="frozen embedding"):
+        build_spec("frozen_mm", **{**SPEC_ARGS, "frozen_dim": 0})
+
+
+def test_batch_holds_the_right_ids_masks_and_prefix_matches():
+    t = random_examples(6, seed=3)
+    s = spec("codes")
+    b = to_batch(t, s)
+    seq = b.seq.to_dict()
+    np.testing.assert_array_equal(seq["item_id"].values().numpy(),
+                                  t.column("item_id").to_numpy())
+    hist = t.column("hist_item_ids").to_pylist()
+    np.testing.assert_array_equal(seq["hist_item_id"].lengths().numpy(), [len(h) for h in hist])
+    np.testing.assert_array_equal(b.hist_mask.sum(1).numpy(), [len(h) for h in hist])
+    rq = t.column("rq").to_pylist()
+    hrq = t.column("hist_rq").to_pylist()
+    for i in range(6):
+        want1 = [float(c[0] == rq[i][0]) for c in hrq[i]]
+        want2 = [float(c[0] == rq[i][0] and c[1] == rq[i][1]) for c in hrq[i]]
+        assert b.prefix_mask[i, :len(hrq[i]), 0].tolist() == want1
+        assert b.prefix_mask[i, :len(hrq[i]), 1].tolist() == want2
+    np.testing.assert_array_equal(seq["rq_l2"].values().numpy(), [c[1] for c in rq])
+    raw = to_batch(t, spec("codes_raw")).seq.to_dict()
+    np.testing.assert_array_equal(raw["rq_l1"].values().numpy(),
+                                  [c[0] for c in t.column("rq_raw").to_pylist()])
+    # A missing code (-1) goes to the reserved last row.
+    t2 = t.set_column(t.schema.get_field_index("rq"), "rq",
+                      pa.array([[-1, 3]] * 6, t.schema.field("rq").type))
+    assert set(to_batch(t2, s).seq.to_dict()["rq_l1"].values().tolist()) == {8}
+
+
+def test_global_batches_do_not_depend_on_the_number_of_ranks(data):
+    train, _, _ = data
+    s = spec("id_only")
+    one = [b.labels for b in train_batches(train, s, ShardPlan(1280, 64, 1), 0, 1)]
+    two = [list(train_batches(train, s, ShardPlan(1280, 32, 2), r, 1)) for r in (0, 1)]
+    assert len(one) == len(two[0]) == len(two[1]) == 20
+    for g, (a, b) in zip(one, zip(*two)):
+        torch.testing.assert_close(g, torch.cat([a.labels, b.labels]))
+    resumed = [b.labels for b in train_batches(train, s, ShardPlan(1280, 64, 1), 0, 2, 27)]
+    assert len(resumed) == 13
+    torch.testing.assert_close(resumed[0], one[7])
+
+
+def test_eval_batches_score_every_row_once_and_pad_evenly(data):
+    _, ev, _ = data
+    s = spec("id_only")
+    plan = ShardPlan(300, 64, 2)
+    got = [list(eval_batches(ev, s, plan, r)) for r in (0, 1)]
+    assert len(got[0]) == len(got[1]) == plan.eval_steps == 3
+    rows = sum(t.num_rows for g in got for _, t in g)
+    assert rows == 300
+    assert all(b.labels.shape[0] == 64 for g in got for b, _ in g)
+
+
+def test_plain_pytorch_lookups_compute_the_same_model_as_torchrec():
+    from recsys.model import OverArch, PlainSparse, Ranker, build_ranker
+
+    s = spec("codes+frozen")
+    cfg = ModelConfig(dim=8, attention_dim=8, cross_rank=8, mlp=[16])
+    torch.manual_seed(0)
+    tr = build_ranker(s, cfg)
+    plain = Ranker(s, cfg, PlainSparse(s))
+    state = tr.state_dict()
+    mapped = {k.replace("sparse.ec.embeddings.", "sparse.emb.")
+               .replace("sparse.ebc.embedding_bags.", "sparse.bags."): v for k, v in state.items()}
+    plain.load_state_dict(mapped)
+    b = to_batch(random_examples(16, seed=4), s)
+    torch.testing.assert_close(tr(b)[1][1], plain(b)[1][1])
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_auc_gauc_logloss_ne_match_hand_computed_values():
+    y = [1, 0, 1, 0, 1, 0]
+    s = [0.9, 0.8, 0.7, 0.7, 0.2, 0.1]
+    # positive/negative pairs: (0.9 > all 3), (0.7: > 0.1, tie 0.7, < 0.8) = 1.5, (0.2: > 0.1)
+    assert auc(y, s) == pytest.approx((3 + 1.5 + 1) / 9)
+    users = ["a", "a", "a", "b", "b", "c"]
+    y = [1, 0, 0, 1, 0, 1]
+    s = [0.9, 0.5, 0.95, 0.2, 0.3, 0.5]
+    # a: 3 impressions, AUC 1/2; b: 2 impressions, AUC 0; c: one class only, left out.
+    g, used, skipped = gauc(users, y, s)
+    assert (g, used, skipped) == (pytest.approx((3 * 0.5 + 2 * 0.0) / 5), 2, 1)
+    p = [0.8, 0.4]
+    ll = -(np.log(0.8) + np.log(0.6)) / 2
+    assert logloss([1, 0], p) == pytest.approx(ll)
+    assert normalized_entropy([1, 0], p) == pytest.approx(ll / np.log(2))
+    assert np.isnan(auc([1, 1], [0.2, 0.3]))
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _job(data, arm, cfg, out):
+    train, ev, root = data
+    return make_job(spec(arm), cfg, train, ev, out, str(root / "frozen.npy"))
+
+
+def test_a_step_updates_exactly_the_code_rows_in_the_batch(data, tmp_path):
+    """One DMP step with the fused row-wise Adagrad changes the embedding rows of the ids and
+    codes in the batch (codes are learned by the ranking loss) and leaves every other row."""
+    cfg = train_cfg(max_steps=1)
+    job = _job(data, "codes", cfg, tmp_path / "one_step")
+    launch(job, 1, quiet=True)
+    before = initial_state(job)
+    after = load_trained(tmp_path / "one_step").state_dict()
+    first = next(micro_batches(job.train_files, spec("codes").columns(), 64))
+    b = to_batch(first, spec("codes"))
+    ids = {**{k: v.values() for k, v in b.seq.to_dict().items()},
+           **{k: v.values() for k, v in b.pooled.to_dict().items()}}
+    touched = {"rq_l1": {"rq_l1", "hist_rq_l1"}, "rq_l2": {"rq_l2", "hist_rq_l2"},
+               "vq": {"vq"}, "item": {"item_id", "hist_item_id"}, "user": {"user_id"}}
+    for table, feats in touched.items():
+        key = next(k for k in before if k.endswith(f".{table}.weight"))
+        in_batch = set(torch.cat([ids[f] for f in feats]).tolist())
+        changed = set(torch.nonzero((after[key] != before[key]).any(1)).flatten().tolist())
+        assert changed == in_batch, table
+    assert not torch.equal(before["over.mlp.0.weight"], after["over.mlp.0.weight"])
+
+
+def test_two_ranks_give_the_loss_curve_of_one_rank(data, tmp_path):
+    one = train_arm(spec("codes"), train_cfg(batch_size=64, ranks=1), data[0], data[1],
+                    tmp_path / "r1", quiet=True)
+    two = train_arm(spec("codes"), train_cfg(batch_size=64, ranks=2, launcher="torchrun"),
+                    data[0], data[1], tmp_path / "r2", quiet=True)
+    c1, c2 = np.asarray(one.result["loss_curve"]), np.asarray(two.result["loss_curve"])
+    assert len(c1) == len(c2) == 20 and c1[-1] < c1[0]
+    np.testing.assert_allclose(c1, c2, atol=1e-4)
+    assert two.result["world"] == 2
+    assert {p["ranks"][0] for p in two.result["plan"].values()} == {0, 1}   # both ranks hold tables
+    a = one.predictions.sort_by([("ts", "ascending")]).column("score").to_numpy()
+    b = two.predictions.sort_by([("ts", "ascending")]).column("score").to_numpy()
+    assert len(a) == len(b) == 300
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_a_killed_run_resumes_from_its_checkpoint_to_the_uninterrupted_result(
+        data, tmp_path, monkeypatch):
+    cfg = train_cfg(ranks=2, batch_size=64, epochs=2, checkpoint_every=8)
+    full = train_arm(spec("codes"), cfg, data[0], data[1], tmp_path / "full", quiet=True)
+    out = tmp_path / "killed"
+    monkeypatch.setenv("QARM_TEST_DIE_AFTER_STEPS", "21")
+    with pytest.raises(TrainError, match="exited"):
+        train_arm(spec("codes"), cfg, data[0], data[1], out, quiet=True)
+    monkeypatch.delenv("QARM_TEST_DIE_AFTER_STEPS")
+    assert ck.latest(out / "checkpoints").name == "step_16"
+    assert not (out / "model" / "meta.json").exists()
+    resumed = train_arm(spec("codes"), cfg, data[0], data[1], out, quiet=True)
+    assert resumed.resumed and resumed.result["resumed_from"] == 16
+    np.testing.assert_allclose(resumed.result["loss_curve"], full.result["loss_curve"][16:],
+                               atol=1e-5)
+    a, b = load_trained(tmp_path / "full").state_dict(), load_trained(out).state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5, msg=k)
+
+
+def test_a_changed_job_starts_clean_instead_of_resuming(data, tmp_path):
+    cfg = train_cfg(max_steps=3)
+    job = _job(data, "id_only", cfg, tmp_path / "x")
+    (tmp_path / "x" / "checkpoints" / "step_2").mkdir(parents=True)
+    job.save(tmp_path / "x" / "job.json")
+    assert prepare_out_dir(job) is True
+    other = dataclasses.replace(job, sparse_lr=0.5)
+    assert prepare_out_dir(other) is False and not (tmp_path / "x").exists()
+
+
+def test_a_failing_rank_reports_its_error(data, tmp_path):
+    cfg = train_cfg(batch_size=4096)
+    with pytest.raises(TrainError, match="no global batch"):
+        train_arm(spec("id_only"), cfg, data[0], data[1], tmp_path / "big", quiet=True)
+
+
+def test_checkpoint_pieces_reassemble_into_full_tensors():
+    full = torch.arange(12.0).reshape(4, 3)
+    payloads = [{"w": {"kind": "sharded", "size": [4, 3], "pieces": [([0, 0], full[:2])]}},
+                {"w": {"kind": "sharded", "size": [4, 3], "pieces": [([2, 0], full[2:])]},
+                 "b": {"kind": "tensor", "value": torch.ones(2)}}]
+    got = ck.assemble(payloads)
+    torch.testing.assert_close(got["w"], full)
+    target = {"w": torch.zeros(4, 3), "b": torch.zeros(2)}
+    ck.fill(target, got)
+    torch.testing.assert_close(target["w"], full)
+    with pytest.raises(KeyError):
+        ck.fill({"w": torch.zeros(4, 3), "missing": torch.zeros(1)}, got)
+
+
+def test_the_cascade_arm_reads_its_frozen_table_and_never_trains_it(data, tmp_path):
+    res = train_arm(spec("frozen_mm"), train_cfg(max_steps=3), data[0], data[1], tmp_path / "f",
+                    quiet=True, frozen_table=str(data[2] / "frozen.npy"))
+    model = load_trained(res.out_dir)
+    np.testing.assert_array_equal(model.over.frozen_table.numpy(), frozen_table())
+    with pytest.raises(FeatureSpecError, match="frozen content table"):
+        train_arm(spec("frozen_mm"), train_cfg(max_steps=3), data[0], data[1], tmp_path / "g")
