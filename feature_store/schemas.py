@@ -88,16 +88,46 @@ def item_codes_schema(levels: int) -> pa.Schema:
 
 
 def examples_schema(levels: int) -> pa.Schema:
+    """Ranker examples (``train_examples`` / ``eval_examples``): one impression with its label,
+    the user's history before it and the target's codes. ``*_raw`` columns hold the codes fitted
+    on the unaligned embeddings (the ``codes_raw`` arm; empty when that arm is off); ``frozen`` is
+    the content embedding for the cascade arm (empty when off)."""
+    rq = pa.list_(pa.int32(), levels)
     return pa.schema(
         [
             pa.field("user_id", pa.int64(), nullable=False),
             pa.field("item_id", pa.int64(), nullable=False),
             pa.field("ts", TS, nullable=False),
             pa.field("label", pa.int8(), nullable=False),
-            pa.field("hist_item_ids", pa.list_(pa.int64())),
-            pa.field("hist_rq", pa.list_(pa.list_(pa.int32(), levels))),
-            pa.field("rq", pa.list_(pa.int32(), levels)),
-            pa.field("vq", pa.list_(pa.int32())),
+            # The target item first appeared (created or first event) in the evaluation period.
+            pa.field("cold", pa.bool_(), nullable=False),
+            # A negative drawn by the sampler (implicit feedback), not an observed impression.
+            pa.field("sampled", pa.bool_(), nullable=False),
+            # The user's last N positives strictly before ``ts``, oldest first.
+            pa.field("hist_item_ids", pa.list_(pa.int64()), nullable=False),
+            pa.field("hist_rq", pa.list_(rq), nullable=False),
+            pa.field("rq", rq, nullable=False),
+            pa.field("vq", pa.list_(pa.int32()), nullable=False),
+            pa.field("hist_rq_raw", pa.list_(rq)),
+            pa.field("rq_raw", rq),
+            pa.field("vq_raw", pa.list_(pa.int32())),
+            pa.field("frozen", pa.list_(pa.float32())),
+        ]
+    )
+
+
+def predictions_schema() -> pa.Schema:
+    """Scores of the evaluation examples by each trained ranker arm."""
+    return pa.schema(
+        [
+            pa.field("arm", pa.string(), nullable=False),
+            pa.field("user_id", pa.int64(), nullable=False),
+            pa.field("item_id", pa.int64(), nullable=False),
+            pa.field("ts", TS, nullable=False),
+            pa.field("label", pa.int8(), nullable=False),
+            pa.field("cold", pa.bool_(), nullable=False),
+            pa.field("sampled", pa.bool_(), nullable=False),
+            pa.field("score", pa.float32(), nullable=False),
         ]
     )
 

@@ -32,9 +32,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from quantizer.codebook import CodebookExists, CodebookNotFound
     from mm_encoder.towers import ModelNotFound
     from quantizer.kmeans import TooFewPoints
+    from pipelines.examples import ExamplesError
+    from recsys.features import FeatureSpecError
+    from recsys.train import TrainError
 
     return (ConfigError, DagError, SchemaError, SchemaMismatch, SnapshotNotFound, SourceError,
-            SparkUnavailable, CodebookExists, CodebookNotFound, ModelNotFound, TooFewPoints)
+            SparkUnavailable, CodebookExists, CodebookNotFound, ModelNotFound, TooFewPoints,
+            ExamplesError, FeatureSpecError, TrainError)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -103,6 +107,8 @@ def setup_logging(cfg: QarmConfig | None, verbose: bool) -> None:
         logs = cfg.root / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(logs / "qarm.log"))
+    for h in handlers:   # libraries that log through the root logger (fbgemm's .so loading)
+        h.addFilter(lambda r: r.name != "root" or r.levelno >= logging.WARNING)
     logging.basicConfig(level=level, format=fmt, handlers=handlers, force=True)
     for noisy in ("py4j", "alembic", "urllib3", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -21,7 +21,9 @@ import yaml
 
 from mm_encoder.item_encoder import ItemEncoderConfig
 from mm_encoder.align import AlignConfig
+from pipelines.examples import ExamplesConfig
 from pipelines.pairs import PairsConfig
+from recsys.config import TrainConfig
 from quantizer.rq import RQConfig
 from quantizer.vq import VQConfig
 
@@ -179,6 +181,8 @@ class QarmConfig:
     pairs: PairsConfig = field(default_factory=PairsConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    examples: ExamplesConfig = field(default_factory=ExamplesConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

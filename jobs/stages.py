@@ -441,3 +441,194 @@ def _behaviour_sharing(ctx: StageContext, aligned_m, raw_m) -> tuple[str, dict]:
         lines.append(f"  prefix length {prefix} ({len(pairs)} pairs){'':<17}{vals['aligned'][0]:>7.4f} "
                      f"{vals['raw'][0]:>7.4f}   ({vals['aligned'][1]:.4f}, {vals['raw'][1]:.4f})")
     return "\n".join(lines), metrics
+
+
+# ----------------------------------------------------------------------------- ranker
+
+
+def _examples_inputs(cfg: QarmConfig) -> tuple[str, ...]:
+    ins = ["events", "items", "item_codes"]
+    if cfg.quantize.raw_arm:
+        ins.append("item_codes_raw")
+    if cfg.examples.frozen_embedding:
+        ins.append("item_embeddings")
+    return tuple(ins)
+
+
+@stage("examples", inputs=_examples_inputs, outputs=["train_examples", "eval_examples"],
+       config=["examples", "split"],
+       help="ranker examples: time split, history before each event, target codes, cold flags, "
+            "sampled negatives for implicit feedback (Spark)")
+def examples_stage(ctx: StageContext) -> StageResult:
+    from pyspark.sql import functions as F
+
+    from feature_store import schemas
+    from pipelines.examples import ExamplesError, build_examples
+    from pipelines.ingest import RowAccountingError, write_snapshot
+
+    cfg, store, spark = ctx.cfg, ctx.store, ctx.spark
+
+    def read(table):
+        return store.read_spark(spark, table, ctx.inputs[table].snapshot_id)
+
+    events = read("events")
+    end = train_end(cfg, events)
+    codes_raw = read("item_codes_raw") if "item_codes_raw" in ctx.inputs else None
+    frozen = read("item_embeddings") if "item_embeddings" in ctx.inputs else None
+    train, evals, facts = build_examples(events, read("items"), read("item_codes"), codes_raw,
+                                         frozen, end, cfg.examples)
+    stats = {}
+    for name, df in (("train", train), ("eval", evals)):
+        r = df.agg(F.count("*").alias("n"), F.sum(F.col("sampled").cast("int")).alias("sampled"),
+                   F.sum("label").alias("pos"), F.avg(F.size("hist_item_ids")).alias("hist"),
+                   F.sum(F.col("cold").cast("int")).alias("cold"),
+                   F.max(F.array_max("rq")).alias("max_rq"),
+                   F.max(F.array_max("rq_raw")).alias("max_rq_raw"),
+                   F.avg(F.size("vq")).alias("vq"), F.max("user_id").alias("max_user")).first()
+        stats[name] = r.asDict()
+    for name, s in stats.items():
+        if not s["n"]:
+            raise ExamplesError(f"no {name} examples: the split (train_end / train_share) leaves "
+                                f"the {name} period empty")
+    codes_per_level = int(max(s[k] or 0 for s in stats.values()
+                              for k in ("max_rq", "max_rq_raw"))) + 1
+    facts.update({"codes_per_level": codes_per_level,
+                  "n_users": int(max(s["max_user"] for s in stats.values())) + 1,
+                  "mean_history": float(stats["train"]["hist"] or 0.0),
+                  "mean_vq": float(stats["train"]["vq"] or 0.0),
+                  "frozen_dim": int(ctx.inputs["item_embeddings"].extra["dim"]) if frozen is not None
+                  else 0,
+                  "codebook_version": ctx.inputs["item_codes"].extra.get("codebook_version")})
+    schema = schemas.examples_schema(facts["levels"])
+    common = dict(parents=ctx.parents, config_hash=ctx.config_hash, extra=facts)
+    out = {"train_examples": write_snapshot(store, "train_examples", train, schema, **common),
+           "eval_examples": write_snapshot(store, "eval_examples", evals, schema, **common)}
+    n_events = ctx.inputs["events"].row_count
+    observed = sum(s["n"] - (s["sampled"] or 0) for s in stats.values())
+    if observed != n_events or sum(m.row_count for m in out.values()) != \
+            sum(s["n"] for s in stats.values()):
+        raise RowAccountingError(f"examples: {n_events} events in != {observed} observed "
+                                 "examples out")
+    lines = [f"training period ends {end.isoformat()}; history: last "
+             f"{cfg.examples.history_len} positives strictly before each event",
+             "split   examples  positives  sampled negatives  cold-item examples  mean history"]
+    metrics = {}
+    for name, s in stats.items():
+        lines.append(f"{name:<6} {s['n']:>9} {int(s['pos']):>10} {int(s['sampled'] or 0):>18} "
+                     f"{int(s['cold']):>19} {s['hist'] or 0:>13.2f}")
+        metrics.update({f"{name}.examples": s["n"], f"{name}.positives": int(s["pos"]),
+                        f"{name}.sampled": int(s["sampled"] or 0), f"{name}.cold": int(s["cold"]),
+                        f"{name}.mean_history": float(s["hist"] or 0)})
+    lines.append("negatives: " + ("sampled (implicit feedback), "
+                                  f"{cfg.examples.neg_ratio} per positive"
+                                  if facts["implicit_negatives"] else "observed (labelled events)"))
+    return StageResult(out, metrics, "\n".join(lines))
+
+
+def _arm_spec(cfg: QarmConfig, arm: str, facts: dict):
+    from recsys.features import build_spec
+
+    return build_spec(arm, dim=cfg.train.model.dim, history_len=facts["history_len"],
+                      levels=facts["levels"], codes_per_level=facts["codes_per_level"],
+                      n_items=facts["n_items"], n_users=facts["n_users"],
+                      item_hash_size=cfg.train.model.item_hash_size,
+                      user_hash_size=cfg.train.model.user_hash_size,
+                      frozen_dim=facts["frozen_dim"], mean_history=facts["mean_history"],
+                      vq_k=max(facts["mean_vq"], 1.0))
+
+
+@stage("train", inputs=["train_examples", "eval_examples"], outputs=["ranker_predictions"],
+       config=["train"],
+       help="train the TorchRec ranker for every ablation arm (sharded, fused optimizers, "
+            "local ranks or torchrun), score the evaluation examples, register in MLflow")
+def train_stage(ctx: StageContext) -> StageResult:
+    import pyarrow as pa
+
+    from feature_store import schemas
+    from feature_store.snapshots import SnapshotStore  # noqa: F401
+    from recsys.features import FeatureSpecError
+    from recsys.runner import load_trained, train_arm
+
+    cfg = ctx.cfg
+    m_tr, m_ev = ctx.inputs["train_examples"], ctx.inputs["eval_examples"]
+    facts = m_tr.extra
+    if "codes_raw" in cfg.train.arms and not facts.get("raw_codes"):
+        raise FeatureSpecError("arm codes_raw needs raw codes in the examples "
+                               "(quantize.raw_arm=true), or drop it from train.arms")
+    aligned = ctx.upstream("aligned_item_embeddings")
+    encoder_version = aligned.extra.get("encoder_version") if aligned else None
+    files = {m.table: [f"{m.path}/{f}" for f in m.files] for m in (m_tr, m_ev)}
+    runs = cfg.root / "runs" / ctx.ds / "train"
+    frozen_table = _frozen_table(ctx, m_tr, runs) if facts.get("frozen") else ""
+    preds, lines, metrics = [], [], {}
+    lines.append(f"{'arm':<13} {'steps':>6} {'final loss':>10} {'examples/s':>11}  registered")
+    for arm in cfg.train.arms:
+        spec = _arm_spec(cfg, arm, facts)
+        res = train_arm(spec, cfg.train, files["train_examples"], files["eval_examples"],
+                        runs / arm.replace("+", "_"), frozen_table=frozen_table)
+        curve = res.result["loss_curve"]
+        every = max(1, len(curve) // 200)
+        for step in range(0, len(curve), every):
+            ctx.tracker.metrics({f"{arm}.train_loss": curve[step]}, step=step)
+        tail = float(sum(curve[-20:]) / len(curve[-20:])) if curve else float("nan")
+        metrics.update({f"{arm}.final_loss": tail, f"{arm}.steps": res.result["steps"],
+                        f"{arm}.examples_per_s": res.result["examples_per_second"]})
+        version = None
+        if cfg.train.register:
+            version = ctx.tracker.register_torch_model(
+                load_trained(res.out_dir), f"ranker_{arm.replace('+', '_')}", "qarm-ranker",
+                tags={"arm": arm, "codebook_version": facts.get("codebook_version"),
+                      "encoder_version": encoder_version, "examples": m_tr.ref,
+                      "world_size": res.result["world"]})
+        preds.append(res.predictions)
+        lines.append(f"{arm:<13} {res.result['steps']:>6} {tail:>10.4f} "
+                     f"{res.result['examples_per_second']:>11.0f}  "
+                     f"{'qarm-ranker v' + version if version else '-'}")
+    table = pa.concat_tables(preds)
+    out = ctx.store.write_table("ranker_predictions", table, schema=schemas.predictions_schema(),
+                                parents=ctx.parents, config_hash=ctx.config_hash,
+                                extra={"arms": cfg.train.arms, "ranks": cfg.train.ranks,
+                                       "codebook_version": facts.get("codebook_version"),
+                                       "encoder_version": encoder_version})
+    lines.append(f"ranks: {cfg.train.ranks} ({cfg.train.launcher}, {cfg.train.device}); global "
+                 f"batch {cfg.train.batch_size}; {cfg.train.epochs} epochs; runs in "
+                 f"{cfg.root / 'runs' / ctx.ds / 'train'}")
+    return StageResult({"ranker_predictions": out}, metrics, "\n".join(lines))
+
+
+def _frozen_table(ctx: StageContext, examples_m, folder) -> str:
+    """The frozen content vectors the examples were built with, as an .npy by item id (rows of
+    items without an embedding are zero)."""
+    import numpy as np
+
+    ref = next(p for p in examples_m.parents if p.startswith("item_embeddings@"))
+    m = ctx.store.resolve(ref)
+    t = ctx.store.read_arrow(m.table, m.snapshot_id, columns=["item_id", "embedding"])
+    ids = t.column("item_id").to_numpy()
+    vecs = t.column("embedding").combine_chunks().flatten().to_numpy(
+        zero_copy_only=False).reshape(len(ids), -1)
+    table = np.zeros((examples_m.extra["n_items"], vecs.shape[1]), np.float32)
+    table[ids] = vecs
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"frozen_table_{m.snapshot_id}.npy"
+    np.save(path, table)
+    return str(path)
+
+
+def _evaluate_inputs(cfg: QarmConfig) -> tuple[str, ...]:
+    return ("ranker_predictions",) + (("truth_events", "item_id_map", "user_id_map")
+                                      if _is_synthetic(cfg) else ())
+
+
+@stage("evaluate", inputs=_evaluate_inputs, outputs=["ranker_metrics"], config=[],
+       help="AUC, GAUC, LogLoss, NE per arm on all evaluation examples and the cold-item slice "
+            "(the ablation table), with the synthetic ground truth as the ceiling")
+def evaluate_stage(ctx: StageContext) -> StageResult:
+    from jobs.evaluate_ranker import evaluate_predictions
+
+    table, rows, metrics = evaluate_predictions(ctx)
+    out = ctx.store.write_table("ranker_metrics", rows, parents=ctx.parents,
+                                config_hash=ctx.config_hash)
+    ctx.tracker.metrics(metrics)
+    ctx.tracker.artifact_text(table, "ablation.txt")
+    return StageResult({"ranker_metrics": out}, metrics, table)

@@ -7,6 +7,8 @@ The tracking URI is, in order: ``mlflow.tracking_uri`` from the config, the
 
 from __future__ import annotations
 
+import re
+
 import contextlib
 import logging
 import os
@@ -74,12 +76,12 @@ class Tracker:
             flat = {k: ("" if v is None else str(v))[:6000] for k, v in flatten(params).items()}
             self._mlflow.log_params(flat)
 
-    def metrics(self, metrics: dict[str, float]) -> None:
+    def metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
         if self.enabled:
-            clean = {k.replace("@", "_at_"): float(v) for k, v in flatten(metrics).items()
+            clean = {_metric_name(k): float(v) for k, v in flatten(metrics).items()
                      if isinstance(v, (int, float)) and not isinstance(v, bool)}
             if clean:
-                self._mlflow.log_metrics(clean)
+                self._mlflow.log_metrics(clean, step=step)
 
     def tags(self, tags: dict[str, str]) -> None:
         if self.enabled:
@@ -107,3 +109,8 @@ class Tracker:
     def artifact_text(self, text: str, name: str) -> None:
         if self.enabled:
             self._mlflow.log_text(text, name)
+
+
+def _metric_name(key: str) -> str:
+    """MLflow allows alphanumerics, ``_ - . / :`` and spaces in metric names."""
+    return re.sub(r"[^\w\-./: ]", "_", key.replace("@", "_at_").replace("+", "_plus_"))

@@ -1,10 +1,12 @@
 """The DAG end to end on a tiny synthetic world: world → ingest → embed → pairs → align →
-quantize → quantize_raw, then assign-only coding with the fitted codebook."""
+quantize → quantize_raw → examples → train (five arms, two gloo ranks each) → evaluate, then
+assign-only coding with the fitted codebook."""
 
 from __future__ import annotations
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pytest
 
@@ -18,7 +20,8 @@ DS = "2026-01-31"
 EXTRA = ["world.n_users=80", "world.impressions_per_user=60", "encoder.image_size=32",
          "encoder.dim=16", "embed.partitions=6", "pairs.min_support=1", "align.epochs=2",
          "quantize.rq.codes=8", "quantize.rq.levels=2", "quantize.vq.k=5",
-         "quantize.partitions=3"]
+         "quantize.partitions=3", "examples.partitions=2", "train.batch_size=256",
+         "train.epochs=1", "train.model.dim=8", "train.model.mlp=[32]"]
 
 
 def _args(root, *extra):
@@ -43,11 +46,52 @@ def run(spark, tmp_path_factory):
 
 def test_every_stage_ran_and_printed_its_report(run):
     _, _, dag, out = run
-    for stage in ("world", "ingest", "embed", "pairs", "align", "quantize", "quantize_raw"):
+    for stage in ("world", "ingest", "embed", "pairs", "align", "quantize", "quantize_raw",
+                  "examples", "train", "evaluate"):
         assert dag.state.last_success(DS, stage) is not None, stage
     for needle in ("rows_in", "embedded 120 of 120", "source   pairs", "aligned encoder",
-                   "10-NN purity", "utilization", "sharing an RQ prefix"):
+                   "10-NN purity", "utilization", "sharing an RQ prefix", "mean history",
+                   "examples/s", "cold AUC", "truth (ceiling)", "codes+frozen"):
         assert needle in out, needle
+
+
+def test_examples_account_for_every_event_and_never_leak_history(run):
+    _, store, _, _ = run
+    tr, ev = store.get("train_examples"), store.get("eval_examples")
+    events = store.read_arrow("events").to_pandas()
+    both = pd.concat([store.read_arrow("train_examples").to_pandas(),
+                      store.read_arrow("eval_examples").to_pandas()])
+    assert (~both.sampled).sum() == len(events) == tr.row_count + ev.row_count
+    assert tr.extra["levels"] == 2 and tr.extra["codebook_version"] == store.get(
+        "item_codes").extra["codebook_version"]
+    pos = events[events.label == 1]
+    by_user = {u: g.sort_values("ts") for u, g in pos.groupby("user_id")}
+    for r in both.sample(300, random_state=0).itertuples():
+        g = by_user.get(r.user_id)
+        earlier = [] if g is None else g[g.ts < r.ts].item_id.tolist()[-20:]
+        assert list(r.hist_item_ids) == earlier
+
+
+def test_every_arm_is_scored_evaluated_and_registered_with_its_versions(run):
+    root, store, _, _ = run
+    preds = store.read_arrow("ranker_predictions").to_pandas()
+    n_eval = store.get("eval_examples").row_count
+    assert preds.groupby("arm").size().to_dict() == {
+        a: n_eval for a in ("id_only", "frozen_mm", "codes", "codes_raw", "codes+frozen")}
+    assert preds.score.between(0, 1).all()
+    metrics = store.read_arrow("ranker_metrics").to_pandas()
+    assert set(metrics.arm) == set(preds.arm) | {"truth (ceiling)"}
+    ceiling = metrics[(metrics.arm == "truth (ceiling)") & (metrics.slice == "all")].auc.item()
+    assert ceiling > 0.6
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    versions = mlflow.MlflowClient().search_model_versions("name='qarm-ranker'")
+    assert {v.tags["arm"] for v in versions} == set(preds.arm)
+    codebook = store.get("train_examples").extra["codebook_version"]
+    encoder = store.get("aligned_item_embeddings").extra["encoder_version"]
+    for v in versions:
+        assert v.tags["codebook_version"] == codebook and v.tags["encoder_version"] == encoder
+    model = mlflow.pytorch.load_model(f"models:/qarm-ranker/{versions[0].version}")
+    assert model.spec.arm == versions[0].tags["arm"]
 
 
 def test_embed_writes_one_unit_embedding_per_item_loading_the_model_once_per_worker(run):
