@@ -1,6 +1,6 @@
 """Ranker training throughput: TorchRec vs the same architecture in plain PyTorch. Prints JSON.
 
-    .venv/bin/python bench/ranker_throughput.py            # 60k examples, 50k items, codes arm
+    .venv/bin/python bench/ranker_throughput.py     # 60k examples, 1M items, 200k users, codes arm
 
 One run, the same examples (random, in the examples schema, streamed from Parquet by the same
 batch builder) and the same model (recsys.model: target attention, prefix-matched history, DCN,
@@ -15,9 +15,13 @@ MLP; only the embedding lookups differ):
 * ``plain_dense``: dense gradients, Adam on everything (what a user writes first).
 
 Ratios: torchrec_1rank / plain_sparse_adam (target >= 0.85), torchrec_1rank / plain_dense
-(target >= 2.5), torchrec_2ranks / torchrec_1rank (target >= 1.3). Each variant runs in its own
+(target >= 2.5), torchrec_2ranks / torchrec_1rank (target >= 1.3), the last at the default global
+batch and at ``--scale-batch`` (gloo's per-collective latency, ~10 collectives a step, is a fixed
+cost per step that only a large batch amortizes). Each variant runs in its own
 process; examples/s excludes the first 5 (warm-up) steps; peak RSS per process. A torch.profiler
-table of TorchRec steps shows where the time goes.
+table of 20 TorchRec steps (a separate run: profiling slows what it records) shows where the time
+goes. The default tables are production-like (1M items, 200k users): the dense-gradient baseline's
+cost grows with the table size, the sparse ones' with the ids per batch.
 """
 
 from __future__ import annotations
@@ -95,15 +99,21 @@ def plain_worker(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--examples", type=int, default=60_000)
-    ap.add_argument("--items", type=int, default=50_000)
-    ap.add_argument("--users", type=int, default=10_000)
+    ap.add_argument("--items", type=int, default=1_000_000)
+    ap.add_argument("--users", type=int, default=200_000)
     ap.add_argument("--levels", type=int, default=3)
     ap.add_argument("--codes", type=int, default=256)
     ap.add_argument("--history", type=int, default=20)
     ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--zipf", type=float, default=1.0,
+                    help="popularity skew of user/item ids (0 = uniform)")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2,
                     help="threads of the 1-process variants (the 2-rank run uses 1 per rank)")
+    ap.add_argument("--repeats", type=int, default=2, help="runs per variant (best counts)")
+    ap.add_argument("--scale-batch", type=int, default=8192,
+                    help="global batch of the second 1-rank vs 2-rank comparison")
+    ap.add_argument("--scale-steps", type=int, default=30)
     ap.add_argument("--out", help="also write the JSON here")
     ap.add_argument("--plain-worker", dest="variant", help=argparse.SUPPRESS)
     ap.add_argument("--job", help=argparse.SUPPRESS)
@@ -121,7 +131,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="qarm-bench-ranker-"))
     t = random_examples(args.examples, n_items=args.items, n_users=args.users,
                         levels=args.levels, codes=args.codes, vq_k=10, hist=args.history,
-                        seed=1)
+                        seed=1, zipf=args.zipf)
     files = write_examples(tmp / "train", t, files=4)
     ev = write_examples(tmp / "eval", t.slice(0, args.batch), files=1)
     mean_hist = float(sum(len(h) for h in t.column("hist_item_ids").to_pylist()) / t.num_rows)
@@ -129,49 +139,81 @@ def main() -> None:
                       codes_per_level=args.codes, n_items=args.items, n_users=args.users,
                       mean_history=mean_hist, vq_k=10)
     model = ModelConfig()
-    results: dict = {}
 
-    def torchrec(ranks: int, threads: int, profile: int = 0) -> dict:
-        cfg = TrainConfig(model=model, ranks=ranks, batch_size=args.batch, epochs=1,
-                          max_steps=args.steps, threads_per_rank=threads, register=False)
-        job = dataclasses.replace(make_job(spec, cfg, files, ev, tmp / f"tr{ranks}"),
+    def torchrec(ranks: int, threads: int, name: str, profile: int = 0,
+                 steps: int = args.steps, batch: int = args.batch, epochs: int = 1) -> dict:
+        cfg = TrainConfig(model=model, ranks=ranks, batch_size=batch, epochs=epochs,
+                          max_steps=steps, threads_per_rank=threads, register=False)
+        job = dataclasses.replace(make_job(spec, cfg, files, ev, tmp / name),
                                   profile_steps=profile)
         r = launch(job, ranks, quiet=True)
         out = {"examples_per_second": r["examples_per_second"], "steps": r["steps"],
-               "final_loss": sum(r["loss_curve"][-10:]) / 10,
+               "global_batch": batch, "final_loss": sum(r["loss_curve"][-10:]) / 10,
                "peak_rss_mb_per_rank": r["peak_rss_mb_per_rank"], "plan": r["plan"]}
-        prof = tmp / f"tr{ranks}" / "profile.txt"
+        prof = tmp / name / "profile.txt"
         if prof.exists():
-            out["profile_top"] = prof.read_text().splitlines()[:24]
+            out["profile_top"] = prof.read_text().splitlines()[:28]
         return out
 
-    results["torchrec_1rank"] = torchrec(1, args.threads, profile=20)
-    results["torchrec_2ranks"] = torchrec(2, 1)
-    job_path = tmp / "tr1" / "job.json"
-    for variant in ("plain_sparse_adam", "plain_sparse_adagrad", "plain_dense"):
+    def plain(variant: str) -> dict:
         p = subprocess.run([sys.executable, __file__, "--plain-worker", variant, "--job",
-                            str(job_path), "--threads", str(args.threads)],
-                           capture_output=True, text=True, env={**os.environ,
-                                                                "OMP_NUM_THREADS":
-                                                                str(args.threads)})
+                            str(tmp / "tr1" / "job.json"), "--threads", str(args.threads)],
+                           capture_output=True, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
         if p.returncode:
             raise SystemExit(f"{variant} failed:\n{p.stderr[-3000:]}")
-        results[variant] = json.loads(p.stdout.strip().splitlines()[-1])
-    tr1 = results["torchrec_1rank"]["examples_per_second"]
+        return json.loads(p.stdout.strip().splitlines()[-1])
+
+    big = args.scale_batch
+    big_epochs = -(-args.scale_steps * big // args.examples)
+    runs = {
+        "torchrec_1rank": lambda: torchrec(1, args.threads, "tr1"),
+        "torchrec_2ranks": lambda: torchrec(2, 1, "tr2"),
+        "plain_sparse_adam": lambda: plain("plain_sparse_adam"),
+        "plain_sparse_adagrad": lambda: plain("plain_sparse_adagrad"),
+        "plain_dense": lambda: plain("plain_dense"),
+        f"torchrec_1rank_batch{big}": lambda: torchrec(1, args.threads, "big1",
+                                                       steps=args.scale_steps, batch=big,
+                                                       epochs=big_epochs),
+        f"torchrec_2ranks_batch{big}": lambda: torchrec(2, 1, "big2", steps=args.scale_steps,
+                                                        batch=big, epochs=big_epochs),
+    }
+    # This VM's timings wander by +-15% between identical runs: every variant runs
+    # ``repeats`` times, interleaved, and the best run counts (noise only ever slows a run).
+    results: dict = {}
+    every: dict = {name: [] for name in runs}
+    for rep in range(args.repeats):
+        for name, fn in runs.items():
+            r = fn()
+            every[name].append(r["examples_per_second"])
+            if name not in results or r["examples_per_second"] > results[name][
+                    "examples_per_second"]:
+                results[name] = r
+    for name, r in results.items():
+        r["all_examples_per_second"] = sorted(every[name])
+    # The profiler slows the steps it records: a separate short run, not a timed one.
+    results["torchrec_1rank_profile"] = torchrec(1, args.threads, "prof", profile=20, steps=30)
+
+    def eps(name):
+        return results[name]["examples_per_second"]
+
     ratios = {
-        "torchrec_1rank_vs_plain_sparse_adam": tr1 / results["plain_sparse_adam"][
-            "examples_per_second"],
-        "torchrec_1rank_vs_plain_sparse_adagrad": tr1 / results["plain_sparse_adagrad"][
-            "examples_per_second"],
-        "torchrec_1rank_vs_plain_dense": tr1 / results["plain_dense"]["examples_per_second"],
-        "torchrec_2ranks_vs_1rank": results["torchrec_2ranks"]["examples_per_second"] / tr1,
+        "torchrec_1rank_vs_plain_sparse_adam": eps("torchrec_1rank") / eps("plain_sparse_adam"),
+        "torchrec_1rank_vs_plain_sparse_adagrad": eps("torchrec_1rank")
+        / eps("plain_sparse_adagrad"),
+        "torchrec_1rank_vs_plain_dense": eps("torchrec_1rank") / eps("plain_dense"),
+        "torchrec_2ranks_vs_1rank": eps("torchrec_2ranks") / eps("torchrec_1rank"),
+        f"torchrec_2ranks_vs_1rank_batch{big}": eps(f"torchrec_2ranks_batch{big}")
+        / eps(f"torchrec_1rank_batch{big}"),
     }
     targets = {"torchrec_1rank_vs_plain_sparse_adam": 0.85,
-               "torchrec_1rank_vs_plain_dense": 2.5, "torchrec_2ranks_vs_1rank": 1.3}
+               "torchrec_1rank_vs_plain_dense": 2.5, "torchrec_2ranks_vs_1rank": 1.3,
+               f"torchrec_2ranks_vs_1rank_batch{big}": 1.3}
     emit({"benchmark": "ranker_throughput", "cores": os.cpu_count(),
           "shape": {"examples": args.examples, "items": args.items, "users": args.users,
                     "levels": args.levels, "codes": args.codes, "history": args.history,
                     "mean_history": mean_hist, "batch": args.batch, "steps": args.steps,
+                    "zipf": args.zipf,
                     "arm": "codes", "dim": 16},
           "results": results, "ratios": ratios,
           "targets_met": {k: ratios[k] >= v for k, v in targets.items()}}, args.out)

@@ -15,19 +15,28 @@ from feature_store.schemas import examples_schema
 
 def random_examples(n: int, *, n_items: int = 50, n_users: int = 20, levels: int = 2,
                     codes: int = 8, vq_k: int = 3, hist: int = 5, frozen_dim: int = 4,
-                    seed: int = 0) -> pa.Table:
+                    seed: int = 0, zipf: float = 0.0) -> pa.Table:
     """Examples whose label depends on the item's level-1 code and the user, so a model can
-    learn something; ids are dense."""
+    learn something; ids are dense. ``zipf`` > 0 draws users and items (target, history, VQ)
+    with probability proportional to rank ** -zipf, as behaviour logs are (0: uniform)."""
     item_rq = np.random.default_rng(1000).integers(0, codes, (n_items, levels)).astype(np.int32)
     rng = np.random.default_rng(seed)
-    users = rng.integers(0, n_users, n)
-    items = rng.integers(0, n_items, n)
+
+    def draw(size, k):
+        if not zipf:
+            return rng.integers(0, k, size)
+        p = np.arange(1, k + 1, dtype=np.float64) ** -zipf
+        return rng.choice(k, size=size, p=p / p.sum())
+
+    users = draw(n, n_users)
+    items = draw(n, n_items)
     pref = rng.integers(0, codes, n_users)
     p = np.where(item_rq[items, 0] == pref[users], 0.8, 0.15)
     label = (rng.random(n) < p).astype(np.int8)
     lens = rng.integers(0, hist + 1, n)
-    hist_items = [rng.integers(0, n_items, k) for k in lens]
-    vq = [rng.integers(0, n_items, vq_k).astype(np.int32) for _ in range(n)]
+    flat = draw(int(lens.sum()), n_items)
+    hist_items = np.split(flat, np.cumsum(lens)[:-1])
+    vq = list(draw((n, vq_k), n_items).astype(np.int32))
     frozen = frozen_table(n_items, frozen_dim)
     rq_t = pa.list_(pa.int32(), levels)
     cols = {
