@@ -48,6 +48,7 @@ bench: setup
 	$(PY) bench/embed_throughput.py --items 1500
 	$(PY) bench/rq_fit.py
 	$(PY) bench/swing.py
+	$(PY) bench/ranker_throughput.py
 
 clean:
 	rm -rf .qarm spark-warehouse

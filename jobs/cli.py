@@ -122,7 +122,8 @@ def print_outcomes(outcomes, store_root: Path) -> None:
         print(f"{o.stage:<10} {o.status:<8} {o.seconds:>8.1f}  {outs}")
     for o in outcomes:
         if o.report:
-            print(f"\n[{o.stage}]\n{o.report}")
+            note = " (unchanged: the report of its last run)" if o.status == "skipped" else ""
+            print(f"\n[{o.stage}]{note}\n{o.report}")
     print(f"\nsnapshots: {store_root}/<table>/<snapshot_id>/ (manifest: _manifest.json)")
 
 

@@ -262,7 +262,8 @@ class Dag:
             with tracker.run(s.name, nested=True, tags={"qarm.stage": s.name,
                                                         "qarm.skipped": "true"}):
                 tracker.tags({f"output.{t}": ref for t, ref in prev["outputs"].items()})
-            return StageOutcome(s.name, "skipped", prev["outputs"], 0.0)
+            return StageOutcome(s.name, "skipped", prev["outputs"], 0.0,
+                                prev["metrics"].get("_report", ""))
         started = time.time()
         ctx = StageContext(self.cfg, self.store, ds, inputs, tracker,
                            self.cfg.section_hash(*s.config_sections) if s.config_sections else "",
@@ -291,7 +292,8 @@ class Dag:
                 tracker.artifact_text(result.report, f"{s.name}_report.txt")
             self.state.record(ds=ds, stage=s.name, status="done", input_key=key,
                               inputs={t: m.ref for t, m in inputs.items()}, outputs=outputs,
-                              metrics=result.metrics, mlflow_run_id=run_id, started=started,
+                              metrics={**result.metrics, "_report": result.report},
+                              mlflow_run_id=run_id, started=started,
                               finished=time.time(), error=None)
         return StageOutcome(s.name, "done", outputs, seconds, result.report)
 

@@ -90,8 +90,19 @@ def test_every_arm_is_scored_evaluated_and_registered_with_its_versions(run):
     encoder = store.get("aligned_item_embeddings").extra["encoder_version"]
     for v in versions:
         assert v.tags["codebook_version"] == codebook and v.tags["encoder_version"] == encoder
-    model = mlflow.pytorch.load_model(f"models:/qarm-ranker/{versions[0].version}")
-    assert model.spec.arm == versions[0].tags["arm"]
+    # The registered model, scored in this process, reproduces the distributed run's scores.
+    from recsys.scorer import score
+
+    v = next(v for v in versions if v.tags["arm"] == "codes")
+    model = mlflow.pytorch.load_model(f"models:/qarm-ranker/{v.version}")
+    assert model.spec.arm == "codes"
+    rows = store.read_arrow("eval_examples")
+    got = pd.DataFrame({"user_id": rows.column("user_id").to_numpy(),
+                        "item_id": rows.column("item_id").to_numpy(),
+                        "ts": rows.column("ts").to_pandas(), "mine": score(model, rows)})
+    both = got.merge(preds[preds.arm == "codes"], on=["user_id", "item_id", "ts"])
+    assert len(both) == n_eval
+    np.testing.assert_allclose(both.mine, both.score, atol=1e-5)
 
 
 def test_embed_writes_one_unit_embedding_per_item_loading_the_model_once_per_worker(run):
