@@ -545,7 +545,6 @@ def train_stage(ctx: StageContext) -> StageResult:
     import pyarrow as pa
 
     from feature_store import schemas
-    from feature_store.snapshots import SnapshotStore  # noqa: F401
     from recsys.features import FeatureSpecError
     from recsys.runner import load_trained, train_arm
 

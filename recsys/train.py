@@ -27,14 +27,13 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -221,8 +220,8 @@ def run_rank(job: TrainJob) -> None:
         ck.fill(dmp.state_dict(), initial_state(job))
         # init_state stepped Adam once with zero gradients: reset its step counters.
         for st in dense_opt.state.values():
-            if "step" in st:
-                st["step"].zero_() if torch.is_tensor(st["step"]) else None
+            if torch.is_tensor(st.get("step")):
+                st["step"].zero_()
 
     pipeline = TrainPipelineSparseDist(dmp, opt, device)
     it = iter(train_batches(job.train_files, spec, sp, rank, job.epochs, start))

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -111,7 +109,7 @@ def test_eval_batches_score_every_row_once_and_pad_evenly(data):
 
 
 def test_plain_pytorch_lookups_compute_the_same_model_as_torchrec():
-    from recsys.model import OverArch, PlainSparse, Ranker, build_ranker
+    from recsys.model import PlainSparse, Ranker, build_ranker
 
     s = spec("codes+frozen")
     cfg = ModelConfig(dim=8, attention_dim=8, cross_rank=8, mlp=[16])
