@@ -15,7 +15,8 @@ from feature_store.snapshots import Manifest
 from mm_encoder.evaluation import chance_purity, knn_purity, retrieval_metrics
 
 
-def _vectors(store, m: Manifest):
+def read_vectors(store, m: Manifest):
+    """(item ids ascending, float32 embedding matrix in that order) of an embeddings snapshot."""
     t = store.read_arrow(m.table, m.snapshot_id)
     ids = t.column("item_id").to_numpy()
     vecs = t.column("embedding").combine_chunks().flatten().to_numpy(
@@ -37,8 +38,8 @@ def evaluate_alignment(ctx, events, train_end, raw_m: Manifest, aligned_m: Manif
     far_future = train_end.replace(year=train_end.year + 100)
     sw = swing_scores(user_items(positives(heldout, far_future), cfg), cfg).toPandas()
     sets = {"next-click": nxt, "held-out swing": sw}
-    ids_r, raw = _vectors(store, raw_m)
-    ids_a, ali = _vectors(store, aligned_m)
+    ids_r, raw = read_vectors(store, raw_m)
+    ids_a, ali = read_vectors(store, aligned_m)
     rows, metrics = [], {}
     for name, p in sets.items():
         r = retrieval_metrics(ids_r, raw, p.src.to_numpy(), p.dst.to_numpy(), k)

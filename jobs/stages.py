@@ -600,12 +600,11 @@ def _frozen_table(ctx: StageContext, examples_m, folder) -> str:
     items without an embedding are zero)."""
     import numpy as np
 
+    from jobs.evaluate_alignment import read_vectors
+
     ref = next(p for p in examples_m.parents if p.startswith("item_embeddings@"))
     m = ctx.store.resolve(ref)
-    t = ctx.store.read_arrow(m.table, m.snapshot_id, columns=["item_id", "embedding"])
-    ids = t.column("item_id").to_numpy()
-    vecs = t.column("embedding").combine_chunks().flatten().to_numpy(
-        zero_copy_only=False).reshape(len(ids), -1)
+    ids, vecs = read_vectors(ctx.store, m)
     table = np.zeros((examples_m.extra["n_items"], vecs.shape[1]), np.float32)
     table[ids] = vecs
     folder.mkdir(parents=True, exist_ok=True)

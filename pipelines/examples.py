@@ -29,7 +29,6 @@ as numpy arrays indexed by the dense item id.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 from dataclasses import dataclass
 
@@ -205,20 +204,16 @@ def build_examples(events: DataFrame, items: DataFrame, codes: DataFrame,
     lk = item_lookups(items, events, codes, codes_raw, end, cfg)
     bc = spark.sparkContext.broadcast(lk)
     end_ms = int(end.timestamp() * 1000)
-    ecfg = dataclasses.replace(cfg)
-
     def per_user(pdf: pd.DataFrame) -> pd.DataFrame:
-        return user_examples(pdf, bc.value, end_ms, ecfg, sample)
+        return user_examples(pdf, bc.value, end_ms, cfg, sample)
 
     ev = events.select("user_id", "item_id", (F.unix_millis("ts")).alias("ts"), "label")
     ex = (ev.repartition(cfg.partitions, "user_id").groupBy("user_id")
           .applyInPandas(per_user, _UDF_SCHEMA)
           .withColumn("ts", F.timestamp_millis("ts")))
     if frozen is not None:
-        ex = ex.join(F.broadcast(frozen.select("item_id", F.col("embedding").alias("frozen")))
-                     if lk.rq.shape[0] < 200_000 else
-                     frozen.select("item_id", F.col("embedding").alias("frozen")),
-                     "item_id", "left")
+        ex = ex.join(frozen.select("item_id", F.col("embedding").alias("frozen")), "item_id",
+                     "left")
     else:
         ex = ex.withColumn("frozen", F.lit(None).cast("array<float>"))
     ex = ex.withColumn("_order", F.xxhash64("user_id", "item_id", "ts", "sampled",

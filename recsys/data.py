@@ -76,16 +76,13 @@ def _codes(col, levels: int) -> np.ndarray:
     return arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, levels)
 
 
-def to_batch(t: pa.Table | pa.RecordBatch, spec: FeatureSpec, pad_to: int | None = None
-             ) -> RankerBatch:
+def to_batch(t: pa.Table, spec: FeatureSpec, pad_to: int | None = None) -> RankerBatch:
     """Convert examples rows to a batch of ``spec``. ``pad_to`` repeats row 0 (valid = 0)."""
     n = t.num_rows
     if pad_to is not None and n < pad_to:
         if n == 0:
             raise ValueError("cannot pad an empty batch")
-        t = pa.concat_tables([pa.Table.from_batches([t]) if isinstance(t, pa.RecordBatch) else t,
-                              (t if isinstance(t, pa.Table) else pa.Table.from_batches([t]))
-                              .take(np.zeros(pad_to - n, np.int64))])
+        t = pa.concat_tables([t, t.take(np.zeros(pad_to - n, np.int64))])
     B = t.num_rows
     valid = np.zeros(B, np.float32)
     valid[:n] = 1.0
@@ -107,13 +104,12 @@ def to_batch(t: pa.Table | pa.RecordBatch, spec: FeatureSpec, pad_to: int | None
     ones = np.ones(B, np.int32)
     rq_cand = rq_hist = None
     if spec.uses_codes:
-        cand_col = "rq_raw" if spec.arm == "codes_raw" else "rq"
-        hist_col = "hist_rq_raw" if spec.arm == "codes_raw" else "hist_rq"
+        cand_col, hist_col = spec.code_columns
         if t.column(cand_col).null_count:
             raise ValueError(f"arm {spec.arm} needs column {cand_col}, which is empty in these "
                              "examples (was the raw arm off when they were built?)")
         rq_cand = _codes(t.column(cand_col), spec.levels)
-        hoff, hv = _list_parts(t.column(hist_col))
+        _, hv = _list_parts(t.column(hist_col))
         rq_hist = hv.flatten().to_numpy(zero_copy_only=False).reshape(-1, spec.levels)
         c = rq_cand[row_of]
         m1 = (rq_hist[:, 0] == c[:, 0]) & (c[:, 0] != MISSING)

@@ -108,13 +108,16 @@ class FeatureSpec:
         """Tables whose embeddings, concatenated, represent an item (target or history)."""
         return ("item",) + tuple(f"rq_l{lv + 1}" for lv in range(self.levels))
 
+    @property
+    def code_columns(self) -> tuple[str, str]:
+        """(target, history) examples columns of the RQ codes this spec reads."""
+        by = {f.name: f.column for f in self.sparse}
+        return by["rq_l1"], by["hist_rq_l1"]
+
     def columns(self) -> list[str]:
         """Examples columns a batch of this spec reads."""
         cols = {"user_id", "item_id", "label", "hist_item_ids", "cold", "sampled", "ts"}
         cols |= {f.column for f in self.sparse} | {d.column for d in self.dense}
-        if self.uses_codes:
-            cols.add("hist_rq_raw" if self.arm == "codes_raw" else "hist_rq")
-            cols.add("rq_raw" if self.arm == "codes_raw" else "rq")
         return sorted(cols)
 
 
