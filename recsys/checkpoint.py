@@ -42,7 +42,8 @@ def local_pieces(state: dict) -> dict[str, dict]:
     for path, v in _flatten(state).items():
         if isinstance(v, ShardedTensor):
             out[path] = {"kind": "sharded", "size": list(v.size()),
-                         "pieces": [(list(s.metadata.shard_offsets), s.tensor.detach().cpu().clone())
+                         "pieces": [(list(s.metadata.shard_offsets),
+                                     s.tensor.detach().cpu().clone())
                                     for s in v.local_shards()]}
         elif isinstance(v, torch.Tensor):
             out[path] = {"kind": "tensor", "value": v.detach().cpu().clone()}

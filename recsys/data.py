@@ -63,10 +63,21 @@ def _list_parts(col: pa.ChunkedArray | pa.Array):
     return offsets - offsets[0], arr.flatten()
 
 
-def _ids(values: np.ndarray, rows: int, hashed: bool) -> np.ndarray:
+#: Multiplier of the hashed-id bijection (Knuth's multiplicative hash constant, a prime).
+_SPREAD = 2654435761
+
+
+def table_rows(values: np.ndarray, rows: int, hashed: bool) -> np.ndarray:
     v = values.astype(np.int64)
     if hashed:
-        return np.mod(v, rows)
+        # id -> (id mod rows) * A mod rows: a bijection of [0, rows) (A is a prime that does not
+        # divide rows), so two ids share a row exactly when plain modulo hashing would put them
+        # together, but consecutive ids (popular ones are often the small ones) are spread over
+        # the whole table: each row-wise shard gets its share of the hot rows.
+        if rows >= 2**32 or rows % _SPREAD == 0:
+            return np.mod(v, rows)
+        return (np.mod(v, rows).astype(np.uint64) * np.uint64(_SPREAD)
+                % np.uint64(rows)).astype(np.int64)
     # Codes: the reserved "no code" value (and anything out of range) takes the last row.
     return np.where((v < 0) | (v >= rows - 1), rows - 1, v)
 
@@ -119,20 +130,20 @@ def to_batch(t: pa.Table, spec: FeatureSpec, pad_to: int | None = None) -> Ranke
     for f in spec.sparse:
         rows = spec.table(f.table).num_embeddings
         if f.shape == "single" and f.level is None:
-            values[f.name] = _ids(t.column(f.column).to_numpy(), rows, f.hashed)
+            values[f.name] = table_rows(t.column(f.column).to_numpy(), rows, f.hashed)
             lengths[f.name] = ones
         elif f.shape == "single":
-            values[f.name] = _ids(rq_cand[:, f.level], rows, False)
+            values[f.name] = table_rows(rq_cand[:, f.level], rows, False)
             lengths[f.name] = ones
         elif f.shape == "history" and f.level is None:
-            values[f.name] = _ids(h_vals.to_numpy(zero_copy_only=False), rows, f.hashed)
+            values[f.name] = table_rows(h_vals.to_numpy(zero_copy_only=False), rows, f.hashed)
             lengths[f.name] = h_len.astype(np.int32)
         elif f.shape == "history":
-            values[f.name] = _ids(rq_hist[:, f.level], rows, False)
+            values[f.name] = table_rows(rq_hist[:, f.level], rows, False)
             lengths[f.name] = h_len.astype(np.int32)
         else:  # bag
             off, vals = _list_parts(t.column(f.column))
-            values[f.name] = _ids(vals.to_numpy(zero_copy_only=False), rows, f.hashed)
+            values[f.name] = table_rows(vals.to_numpy(zero_copy_only=False), rows, f.hashed)
             lengths[f.name] = np.diff(off).astype(np.int32)
 
     def kjt(feats) -> KeyedJaggedTensor:

@@ -18,7 +18,9 @@ def random_examples(n: int, *, n_items: int = 50, n_users: int = 20, levels: int
                     seed: int = 0, zipf: float = 0.0) -> pa.Table:
     """Examples whose label depends on the item's level-1 code and the user, so a model can
     learn something; ids are dense. ``zipf`` > 0 draws users and items (target, history, VQ)
-    with probability proportional to rank ** -zipf, as behaviour logs are (0: uniform)."""
+    with probability proportional to popularity rank ** -zipf, as behaviour logs are (0:
+    uniform); the ranks are a fixed shuffle of the ids (an id's number says nothing of its
+    popularity, as with ids assigned at ingestion)."""
     item_rq = np.random.default_rng(1000).integers(0, codes, (n_items, levels)).astype(np.int32)
     rng = np.random.default_rng(seed)
 
@@ -26,7 +28,8 @@ def random_examples(n: int, *, n_items: int = 50, n_users: int = 20, levels: int
         if not zipf:
             return rng.integers(0, k, size)
         p = np.arange(1, k + 1, dtype=np.float64) ** -zipf
-        return rng.choice(k, size=size, p=p / p.sum())
+        by_rank = np.random.default_rng(1002 + k).permutation(k)
+        return by_rank[rng.choice(k, size=size, p=p / p.sum())]
 
     users = draw(n, n_users)
     items = draw(n, n_items)
@@ -62,12 +65,16 @@ def frozen_table(n_items: int = 50, frozen_dim: int = 4) -> np.ndarray:
     return np.random.default_rng(1001).normal(size=(n_items, frozen_dim)).astype(np.float32)
 
 
-def write_examples(folder: Path, table: pa.Table, files: int = 2) -> list[str]:
+def write_examples(folder: Path, table: pa.Table, files: int = 2,
+                   row_group_size: int = 97) -> list[str]:
+    """``files`` Parquet files of consecutive rows. The small default row groups make the
+    readers cross row-group boundaries inside a batch (tests); benchmarks pass a large one, as
+    Spark writes."""
     folder.mkdir(parents=True, exist_ok=True)
     per = -(-table.num_rows // files)
     paths = []
     for i in range(files):
         path = folder / f"part-{i:05d}.parquet"
-        pq.write_table(table.slice(i * per, per), path, row_group_size=97)
+        pq.write_table(table.slice(i * per, per), path, row_group_size=row_group_size)
         paths.append(str(path))
     return paths

@@ -97,13 +97,21 @@ def model_config(d: dict):
     return ModelConfig(**d)
 
 
-def _planner_constraints(spec):
+def _planner_constraints(spec, device_type: str = "cpu"):
     from torchrec.distributed.planner import ParameterConstraints
 
-    # Table-wise: whole tables per rank (row-wise is not available with gloo on CPU; column-wise
-    # was measured slower here). The pooling factors are the real ids per example, without
-    # which the planner balances the ranks badly.
-    return {t.name: ParameterConstraints(sharding_types=["table_wise"],
+    # The planner picks table-wise (whole tables per rank) or row-wise (each rank holds a block
+    # of every table's rows, so the lookups and the fused backward of a large, hot table are
+    # split across ranks; hashed ids are spread over the rows, see recsys.data._ids).
+    # Pooled (bag) tables are table-wise on CPU: their row-wise sharding needs a reduce-scatter
+    # that gloo lacks. Column-wise was measured slower here. The pooling factors are the real
+    # ids per example, without which the planner balances the ranks badly.
+    def kinds(t):
+        if t.kind == "sequence" or device_type == "cuda":
+            return ["table_wise", "row_wise"]
+        return ["table_wise"]
+
+    return {t.name: ParameterConstraints(sharding_types=kinds(t),
                                          pooling_factors=list(t.ids_per_example))
             for t in spec.tables}
 
@@ -131,7 +139,8 @@ def build_dmp(job: TrainJob, device, pg):
             world_size=world, local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world))),
         kernel_config=KernelConfig(compute_device=device.type))
     planner = EmbeddingShardingPlanner(topology=topology, batch_size=job.micro_batch,
-                                       constraints=_planner_constraints(spec), debug=False)
+                                       constraints=_planner_constraints(spec, device.type),
+                                       debug=False)
     plan = planner.collective_plan(model, None, pg)
     dmp = DistributedModelParallel(model, device=device, plan=plan)
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
@@ -235,10 +244,11 @@ def run_rank(job: TrainJob) -> None:
     warmup = min(5, max(0, total - start - 1))   # tracing and first-batch costs excluded
     prof = None
     t0 = t_warm = time.perf_counter()
+    cpu_warm = time.process_time()
     dmp.train()
     for step in range(start, total):
         if step == start + warmup:
-            t_warm = time.perf_counter()
+            t_warm, cpu_warm = time.perf_counter(), time.process_time()
             if job.profile_steps and rank == 0:
                 prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
                 prof.__enter__()
@@ -266,6 +276,8 @@ def run_rank(job: TrainJob) -> None:
             os._exit(17)   # test hook: a crash (no cleanup, like SIGKILL) between checkpoints
     t_end = time.perf_counter()
     train_s = t_end - t0
+    # Busy share of the timed window: below 1 means the rank waited (collectives, I/O).
+    busy = (time.process_time() - cpu_warm) / max(t_end - t_warm, 1e-9)
     if prof is not None:
         prof.__exit__(None, None, None)
     if bar is not None:
@@ -279,6 +291,8 @@ def run_rank(job: TrainJob) -> None:
 
     rss = [None] * world
     dist.all_gather_object(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    busy_all = [None] * world
+    dist.all_gather_object(busy_all, busy)
 
     dmp.eval()
     scored = []
@@ -309,6 +323,7 @@ def run_rank(job: TrainJob) -> None:
             "examples_per_second": (total - start - warmup) * sp.global_batch
             / max(t_end - t_warm, 1e-9),
             "warmup_steps": warmup, "peak_rss_mb_per_rank": rss,
+            "cpu_busy_per_rank": [round(b, 3) for b in busy_all],
             "global_batch": sp.global_batch, "train_rows": rows, "eval_rows": n_eval,
             "plan": _plan_summary(plan)}, indent=1))
     dist.barrier()

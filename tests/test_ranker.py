@@ -12,7 +12,8 @@ import torch
 
 from recsys import checkpoint as ck
 from recsys.config import ModelConfig, TrainConfig
-from recsys.data import ShardPlan, eval_batches, micro_batches, to_batch, train_batches
+from recsys.data import (ShardPlan, eval_batches, micro_batches, table_rows, to_batch,
+                         train_batches)
 from recsys.features import ARMS, FeatureSpecError, build_spec
 from recsys.metrics import auc, gauc, logloss, normalized_entropy
 from recsys.runner import load_trained, make_job, prepare_out_dir, train_arm
@@ -63,7 +64,7 @@ def test_batch_holds_the_right_ids_masks_and_prefix_matches():
     b = to_batch(t, s)
     seq = b.seq.to_dict()
     np.testing.assert_array_equal(seq["item_id"].values().numpy(),
-                                  t.column("item_id").to_numpy())
+                                  table_rows(t.column("item_id").to_numpy(), 50, True))
     hist = t.column("hist_item_ids").to_pylist()
     np.testing.assert_array_equal(seq["hist_item_id"].lengths().numpy(), [len(h) for h in hist])
     np.testing.assert_array_equal(b.hist_mask.sum(1).numpy(), [len(h) for h in hist])
@@ -82,6 +83,19 @@ def test_batch_holds_the_right_ids_masks_and_prefix_matches():
     t2 = t.set_column(t.schema.get_field_index("rq"), "rq",
                       pa.array([[-1, 3]] * 6, t.schema.field("rq").type))
     assert set(to_batch(t2, s).seq.to_dict()["rq_l1"].values().tolist()) == {8}
+
+
+def test_hashed_ids_are_spread_over_the_table_with_modulo_collisions():
+    rows = 1000
+    ids = np.arange(3 * rows)
+    r = table_rows(ids, rows, hashed=True)
+    assert sorted(r[:rows].tolist()) == list(range(rows))     # a bijection of [0, rows)
+    np.testing.assert_array_equal(r[rows:], np.tile(r[:rows], 2))   # ids = mod rows share
+    # The 100 smallest ids (often the most popular) land in both halves of a row-wise split.
+    assert 30 < (r[:100] < rows // 2).sum() < 70
+    # Codes are not hashed: a missing (-1) or out-of-range code takes the reserved last row.
+    np.testing.assert_array_equal(table_rows(np.array([0, 5, -1, 9]), 9, hashed=False),
+                                  [0, 5, 8, 8])
 
 
 def test_global_batches_do_not_depend_on_the_number_of_ranks(data):
@@ -184,7 +198,9 @@ def test_two_ranks_give_the_loss_curve_of_one_rank(data, tmp_path):
     assert len(c1) == len(c2) == 20 and c1[-1] < c1[0]
     np.testing.assert_allclose(c1, c2, atol=1e-4)
     assert two.result["world"] == 2
-    assert {p["ranks"][0] for p in two.result["plan"].values()} == {0, 1}   # both ranks hold tables
+    plan = two.result["plan"]
+    assert {r for p in plan.values() for r in p["ranks"]} == {0, 1}   # both ranks hold tables
+    assert {p["sharding"] for p in plan.values()} == {"table_wise", "row_wise"}, plan
     a = one.predictions.sort_by([("ts", "ascending")]).column("score").to_numpy()
     b = two.predictions.sort_by([("ts", "ascending")]).column("score").to_numpy()
     assert len(a) == len(b) == 300
