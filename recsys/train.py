@@ -5,9 +5,9 @@ Each rank:
 1. joins the process group (``gloo`` on CPU by default; ``nccl`` with ``device: cuda``) from the
    standard ``torchrun`` environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT);
 2. builds the ranker with its tables on ``meta``, registers fused row-wise Adagrad for every
-   table (``apply_optimizer_in_backward``), asks the planner for a sharding plan (table-wise, with
-   the real ids per example as pooling factors so the ranks get balanced work) and wraps the
-   model in ``DistributedModelParallel``;
+   table (``apply_optimizer_in_backward``), asks the planner for a sharding plan (table-wise or
+   row-wise per table, with the real ids per example as pooling factors so the ranks get
+   balanced work) and wraps the model in ``DistributedModelParallel``;
 3. copies a seeded initial state into its shards (every world size starts from the same
    weights), or the newest complete checkpoint when resuming;
 4. trains with ``TrainPipelineSparseDist`` (input distribution of batch i+1 overlaps batch i),
@@ -102,7 +102,7 @@ def _planner_constraints(spec, device_type: str = "cpu"):
 
     # The planner picks table-wise (whole tables per rank) or row-wise (each rank holds a block
     # of every table's rows, so the lookups and the fused backward of a large, hot table are
-    # split across ranks; hashed ids are spread over the rows, see recsys.data._ids).
+    # split across ranks; hashed ids are spread over the rows, see recsys.data.table_rows).
     # Pooled (bag) tables are table-wise on CPU: their row-wise sharding needs a reduce-scatter
     # that gloo lacks. Column-wise was measured slower here. The pooling factors are the real
     # ids per example, without which the planner balances the ranks badly.
