@@ -116,19 +116,17 @@ def examples_schema(levels: int) -> pa.Schema:
     )
 
 
+#: The examples columns each prediction row carries (which impression it scores).
+PREDICTION_KEYS = ("user_id", "item_id", "ts", "label", "cold", "sampled")
+
+
 def predictions_schema() -> pa.Schema:
     """Scores of the evaluation examples by each trained ranker arm."""
+    examples = examples_schema(1)
     return pa.schema(
-        [
-            pa.field("arm", pa.string(), nullable=False),
-            pa.field("user_id", pa.int64(), nullable=False),
-            pa.field("item_id", pa.int64(), nullable=False),
-            pa.field("ts", TS, nullable=False),
-            pa.field("label", pa.int8(), nullable=False),
-            pa.field("cold", pa.bool_(), nullable=False),
-            pa.field("sampled", pa.bool_(), nullable=False),
-            pa.field("score", pa.float32(), nullable=False),
-        ]
+        [pa.field("arm", pa.string(), nullable=False)]
+        + [examples.field(k) for k in PREDICTION_KEYS]
+        + [pa.field("score", pa.float32(), nullable=False)]
     )
 
 

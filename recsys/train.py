@@ -187,6 +187,7 @@ def run_rank(job: TrainJob) -> None:
     import torch.distributed as dist
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
+    from feature_store.schemas import PREDICTION_KEYS
     from recsys import checkpoint as ck
     from recsys.data import ShardPlan, count_rows, eval_batches, train_batches
 
@@ -299,15 +300,12 @@ def run_rank(job: TrainJob) -> None:
     n_eval = count_rows(job.eval_files)
     ep = ShardPlan(n_eval, job.micro_batch, world)
     with torch.no_grad():
-        for batch, rows_t in eval_batches(job.eval_files, spec, ep, rank,
-                                          ("user_id", "item_id", "ts", "label", "cold",
-                                           "sampled")):
+        for batch, rows_t in eval_batches(job.eval_files, spec, ep, rank, PREDICTION_KEYS):
             _, (_, logits, _) = dmp(batch.to(device))
             n = rows_t.num_rows
             if n:
                 scores = torch.sigmoid(logits[:n].float()).cpu().numpy()
-                scored.append(rows_t.select(["user_id", "item_id", "ts", "label", "cold",
-                                             "sampled"])
+                scored.append(rows_t.select(list(PREDICTION_KEYS))
                               .append_column("score", pa.array(scores, pa.float32())))
     if scored:
         pq.write_table(pa.concat_tables(scored), out / f"predictions_rank{rank}.parquet")
