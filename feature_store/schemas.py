@@ -217,3 +217,35 @@ def conform(table: pa.Table, expected: pa.Schema, name: str) -> pa.Table:
             col = col.cast(field.type)
         cols.append(col)
     return pa.Table.from_arrays(cols, schema=expected)
+
+
+def spark_schema(schema: pa.Schema):
+    """The Spark ``StructType`` of an Arrow schema (the types this project's tables use)."""
+    from pyspark.sql import types as T
+
+    def conv(t: pa.DataType):
+        if pa.types.is_int64(t):
+            return T.LongType()
+        if pa.types.is_int32(t):
+            return T.IntegerType()
+        if pa.types.is_int16(t):
+            return T.ShortType()
+        if pa.types.is_int8(t):
+            return T.ByteType()
+        if pa.types.is_float32(t):
+            return T.FloatType()
+        if pa.types.is_float64(t):
+            return T.DoubleType()
+        if pa.types.is_boolean(t):
+            return T.BooleanType()
+        if pa.types.is_string(t) or pa.types.is_large_string(t):
+            return T.StringType()
+        if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+            return T.BinaryType()
+        if pa.types.is_timestamp(t):
+            return T.TimestampType()
+        if pa.types.is_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_large_list(t):
+            return T.ArrayType(conv(t.value_type))
+        raise TypeError(f"no Spark type for Arrow {t}")
+
+    return T.StructType([T.StructField(f.name, conv(f.type), f.nullable) for f in schema])

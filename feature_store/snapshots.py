@@ -22,13 +22,16 @@ import json
 import logging
 import os
 import secrets
-from typing import Iterable, Sequence
+from typing import Iterable, Sequence, TypeVar
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from feature_store.schemas import check_schema, conform
+from feature_store.facts import FactsError, check_facts, facts_from_dict, facts_to_dict
+from feature_store.schemas import check_schema, conform, spark_schema
+
+F = TypeVar("F")
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,16 @@ class Manifest:
     parents: tuple[str, ...]
     config_hash: str
     created_at: str
-    extra: dict
+    #: The typed facts of the snapshot (``feature_store.facts``), None for tables without.
+    facts: object = None
+
+    def facts_of(self, kind: type[F]) -> F:
+        """The snapshot's facts, checked to be of ``kind``."""
+        if not isinstance(self.facts, kind):
+            got = "none" if self.facts is None else type(self.facts).__name__
+            raise FactsError(f"{self.ref} carries {got} facts, expected {kind.__name__}; if it "
+                             "was written by an older qarm, re-run its stage (qarm run --force)")
+        return self.facts
 
     @property
     def schema(self) -> pa.Schema:
@@ -67,15 +79,21 @@ class Manifest:
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
+        d["facts"] = facts_to_dict(self.facts)
         d["schema"] = self.schema.to_string(show_schema_metadata=False)
         return json.dumps(d, indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "Manifest":
+        """Parse a manifest and validate its facts. A manifest written before facts were typed
+        (it has ``extra`` instead) reads with no facts; :meth:`facts_of` then says so."""
         d = json.loads(text)
         d.pop("schema", None)
+        legacy = "facts" not in d
+        d.pop("extra", None)
         d["files"] = tuple(d["files"])
         d["parents"] = tuple(d["parents"])
+        d["facts"] = None if legacy else facts_from_dict(d["table"], d["facts"])
         return cls(**d)
 
 
@@ -112,18 +130,30 @@ class SnapshotStore:
 
     # ------------------------------------------------------------------ writing
     def writer(self, table: str, *, schema: pa.Schema | None = None, parents: Iterable[str] = (),
-               config_hash: str = "", extra: dict | None = None) -> "SnapshotWriter":
+               config_hash: str = "", facts=None) -> "SnapshotWriter":
+        """A writer for a new snapshot of ``table``; ``facts`` must be the table's facts kind
+        (``feature_store.facts.TABLE_FACTS``), or None for a table without facts."""
+        check_facts(table, facts)
         return SnapshotWriter(self, table, schema=schema, parents=tuple(parents),
-                              config_hash=config_hash, extra=extra or {})
+                              config_hash=config_hash, facts=facts)
 
     def write_table(self, table: str, data: pa.Table, *, schema: pa.Schema | None = None,
-                    parents: Iterable[str] = (), config_hash: str = "", extra: dict | None = None,
+                    parents: Iterable[str] = (), config_hash: str = "", facts=None,
                     rows_per_file: int = 1_000_000) -> Manifest:
         """Write one Arrow table as a new committed snapshot and return its manifest."""
         with self.writer(table, schema=schema, parents=parents, config_hash=config_hash,
-                         extra=extra) as w:
+                         facts=facts) as w:
             for start in range(0, max(data.num_rows, 1), rows_per_file):
                 w.write_arrow(data.slice(start, rows_per_file))
+            return w.commit()
+
+    def write_spark(self, table: str, df, schema: pa.Schema, *, parents: Iterable[str] = (),
+                    config_hash: str = "", facts=None) -> Manifest:
+        """Write a Spark DataFrame (its partitions become the files) as a new committed
+        snapshot, checked against ``schema``, and return its manifest."""
+        with self.writer(table, schema=schema, parents=parents, config_hash=config_hash,
+                         facts=facts) as w:
+            df.write.mode("overwrite").parquet(w.spark_uri)
             return w.commit()
 
     # ------------------------------------------------------------------ reading
@@ -191,8 +221,7 @@ class SnapshotStore:
         """The snapshot as a Spark DataFrame (reads only the manifest's files)."""
         m = self.get(table, snapshot_id)
         if not m.files:
-            from pipelines.spark import arrow_schema_to_spark
-            return spark.createDataFrame([], arrow_schema_to_spark(m.schema))
+            return spark.createDataFrame([], spark_schema(m.schema))
         return spark.read.parquet(*[self.uri_of(f"{m.path}/{f}") for f in m.files])
 
     def gc_staging(self, table: str) -> int:
@@ -211,9 +240,9 @@ class SnapshotWriter:
     context manager, an exception (or never calling commit) discards the staging folder.
     """
 
-    def __init__(self, store: SnapshotStore, table: str, *, schema, parents, config_hash, extra):
+    def __init__(self, store: SnapshotStore, table: str, *, schema, parents, config_hash, facts):
         self.store, self.table, self.expected = store, table, schema
-        self.parents, self.config_hash, self.extra = parents, config_hash, extra
+        self.parents, self.config_hash, self.facts = parents, config_hash, facts
         self.snapshot_id = new_snapshot_id()
         self.staging = f"{store.table_path(table)}/{STAGING}/{self.snapshot_id}"
         self.final = f"{store.table_path(table)}/{self.snapshot_id}"
@@ -260,7 +289,7 @@ class SnapshotWriter:
             table=self.table, snapshot_id=self.snapshot_id, path=self.final, files=tuple(files),
             row_count=rows, content_hash=digest.hexdigest(), schema_b64=_schema_b64(schema),
             parents=tuple(self.parents), config_hash=self.config_hash,
-            created_at=dt.datetime.now(dt.timezone.utc).isoformat(), extra=self.extra)
+            created_at=dt.datetime.now(dt.timezone.utc).isoformat(), facts=self.facts)
         with fs.open_output_stream(f"{self.staging}/{MANIFEST}") as f:
             f.write(manifest.to_json().encode())
         self._publish()

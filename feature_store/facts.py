@@ -1,0 +1,159 @@
+"""The facts a stage hands on with a snapshot: one typed record per kind of table.
+
+A manifest carries its snapshot's facts (the embedding dimension, the codebook version, the
+training end of the split, ...), so that a downstream stage never recomputes or guesses them.
+Each table kind has one dataclass here; a writer must pass an instance of its table's class, and
+a reader gets the record back validated (unknown keys, wrong types and missing fields raise
+:class:`FactsError`). Tables not listed carry no facts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from feature_store.typed import from_dict
+
+
+class FactsError(ValueError):
+    """A snapshot's facts are missing, of the wrong kind, or do not validate."""
+
+
+@dataclass(frozen=True)
+class WorldFacts:
+    """The synthetic world's raw and ground-truth tables."""
+
+    items: int
+    users: int
+    events: int
+    ctr: float
+    cold_items: int
+    #: The world's training cut-off (ISO-8601, UTC): items created after it are cold.
+    train_cutoff: str
+
+
+@dataclass(frozen=True)
+class ItemsFacts:
+    #: Raw item rows read (rows out + quarantined).
+    rows_in: int
+
+
+@dataclass(frozen=True)
+class EventsFacts:
+    rows_in: int
+    #: Where the label came from: a ``label`` column, ``rating`` >= threshold, or ``implicit``.
+    label_mode: Literal["label", "rating", "implicit"]
+
+
+@dataclass(frozen=True)
+class EmbeddingFacts:
+    dim: int
+    encoder_version: str
+    #: Folder of the encoder artifact that produced the embeddings.
+    encoder_artifact: str
+    #: Aligned embeddings: the raw encoder they were aligned from, and the pairs trained on.
+    raw_encoder_version: Optional[str] = None
+    pairs_snapshot: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class FeatureFacts:
+    """Frozen tower features, modalities concatenated in ``dims`` order."""
+
+    dims: dict[str, int]
+    encoder_version: str
+
+
+@dataclass(frozen=True)
+class PairsFacts:
+    #: End of the training period the pairs were mined from (ISO-8601, UTC).
+    train_end: str
+
+
+@dataclass(frozen=True)
+class CodesFacts:
+    codebook_version: str
+    #: RQ levels of the ``rq`` column (including a disambiguation level).
+    levels: int
+    #: Whether the codebook was fitted by this run (False: an existing one, assign-only).
+    fitted: bool
+    #: The embeddings snapshot that was coded, and the encoder version that produced it.
+    embeddings: str
+    encoder_version: str
+    disambiguated: bool = False
+
+
+@dataclass(frozen=True)
+class ExamplesFacts:
+    implicit_negatives: bool
+    levels: int
+    #: Rows of the per-item lookups (max item id + 1).
+    n_items: int
+    n_users: int
+    train_end: str
+    history_len: int
+    #: The ``*_raw`` code columns are filled (the codes_raw arm can train).
+    raw_codes: bool
+    #: The ``frozen`` column is filled, from ``frozen_embeddings`` of width ``frozen_dim``.
+    frozen: bool
+    frozen_dim: int
+    frozen_embeddings: Optional[str]
+    codes_per_level: int
+    mean_history: float
+    mean_vq: float
+    codebook_version: str
+    encoder_version: str
+
+
+@dataclass(frozen=True)
+class PredictionsFacts:
+    arms: tuple[str, ...]
+    ranks: int
+    codebook_version: str
+    encoder_version: str
+
+
+#: The facts kind of each table that has one.
+TABLE_FACTS: dict[str, type] = {
+    **{t: WorldFacts for t in ("raw_items", "raw_events", "truth_items", "truth_users",
+                               "truth_events")},
+    "items": ItemsFacts,
+    "events": EventsFacts,
+    "item_embeddings": EmbeddingFacts,
+    "aligned_item_embeddings": EmbeddingFacts,
+    "item_features": FeatureFacts,
+    "aligned_item_features": FeatureFacts,
+    "item_pairs": PairsFacts,
+    "item_codes": CodesFacts,
+    "item_codes_raw": CodesFacts,
+    "train_examples": ExamplesFacts,
+    "eval_examples": ExamplesFacts,
+    "ranker_predictions": PredictionsFacts,
+}
+
+
+def check_facts(table: str, facts) -> None:
+    """Raise :class:`FactsError` unless ``facts`` is the kind ``table`` carries (None if none)."""
+    want = TABLE_FACTS.get(table)
+    if want is None:
+        if facts is not None:
+            raise FactsError(f"{table} carries no facts, got {type(facts).__name__}")
+        return
+    if not isinstance(facts, want):
+        raise FactsError(f"{table} needs {want.__name__} facts, got {type(facts).__name__}")
+
+
+def facts_to_dict(facts) -> Optional[dict]:
+    return None if facts is None else dataclasses.asdict(facts)
+
+
+def facts_from_dict(table: str, data: Optional[dict]):
+    """The typed facts of ``table`` from a manifest's JSON (None for a table without facts)."""
+    want = TABLE_FACTS.get(table)
+    if want is None:
+        return None
+    if data is None:
+        raise FactsError(f"the manifest of a {table} snapshot has no facts: it was written by an "
+                         "older qarm; re-run the stage that produces it (qarm run --force)")
+    return from_dict(want, data, FactsError, f"{table} facts")
