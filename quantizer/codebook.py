@@ -20,8 +20,9 @@ from typing import Optional
 
 import numpy as np
 
-from quantizer.rq import RQConfig, ResidualKMeans
-from quantizer.vq import NeighbourCodes, VQConfig
+from quantizer.config import RQConfig, VQConfig
+from quantizer.rq import ResidualKMeans
+from quantizer.vq import NeighbourCodes
 
 
 class CodebookExists(FileExistsError):

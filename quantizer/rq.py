@@ -18,20 +18,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from quantizer.config import RQConfig
 from quantizer.kmeans import KMeansSettings, nearest, train_kmeans
-
-
-@dataclass
-class RQConfig:
-    levels: int = 3
-    codes: int = 256
-    niter: int = 20
-    seed: int = 0
-    max_points_per_centroid: int = 256
-    #: ``torch`` (k-means per level, GEMM on torch), ``faiss`` (faiss.Kmeans per level) or
-    #: ``faiss_rq`` (faiss.ResidualQuantizer, greedy).
-    backend: str = "torch"
-    balanced: bool = False
 
 
 def unpack_codes(packed: np.ndarray, levels: int, nbits: int) -> np.ndarray:

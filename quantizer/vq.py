@@ -12,17 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-
-@dataclass
-class VQConfig:
-    k: int = 25
-    #: ``ip`` (cosine on unit-norm embeddings) or ``l2``.
-    metric: str = "ip"
-    index: str = "Flat"
-    nprobe: int = 16
-    #: Pool size: items sampled into the pool (all when smaller).
-    pool_size: int = 100_000
-    seed: int = 0
+from quantizer.config import VQConfig
 
 
 @dataclass

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+#: The ablation arms one model definition serves (see ``recsys/features.py``).
+Arm = Literal["id_only", "frozen_mm", "codes", "codes_raw", "codes+frozen"]
+ARMS: tuple[str, ...] = get_args(Arm)
 
 
 @dataclass
@@ -25,14 +30,13 @@ class ModelConfig:
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     #: Ablation arms to train (see recsys.features).
-    arms: list[str] = field(default_factory=lambda: ["id_only", "frozen_mm", "codes",
-                                                     "codes_raw", "codes+frozen"])
+    arms: list[Arm] = field(default_factory=lambda: list(ARMS))
     #: Ranks (processes); each takes micro_batch rows per step.
     ranks: int = 2
     #: ``local`` spawns the ranks as subprocesses; ``torchrun`` runs them under torchrun.
-    launcher: str = "local"
+    launcher: Literal["local", "torchrun"] = "local"
     #: ``cpu`` (gloo, fbgemm CPU kernels) or ``cuda`` (nccl, one GPU per rank).
-    device: str = "cpu"
+    device: Literal["cpu", "cuda"] = "cpu"
     #: Global batch (split evenly across ranks).
     batch_size: int = 512
     epochs: int = 2

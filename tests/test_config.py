@@ -49,3 +49,25 @@ def test_section_hash_changes_only_with_its_sections():
     b = load_config(None, ["world.seed=5"])
     assert a.section_hash("ingest") == b.section_hash("ingest")
     assert a.section_hash("world") != b.section_hash("world")
+
+
+@pytest.mark.parametrize("key, bad", [
+    ("align.loss", "dsL"), ("quantize.rq.backend", "fais"), ("quantize.vq.metric", "cosine"),
+    ("train.launcher", "mpirun"), ("train.device", "gpu"), ("examples.negatives", "sometimes"),
+    ("encoder.image_tower", "resnet"), ("pairs.sources", "[swing, knn]"),
+    ("train.arms", "[codes, codez]")])
+def test_choice_fields_refuse_other_values_when_the_config_loads(key, bad):
+    with pytest.raises(ConfigError, match=rf"{key}(\[\d\])? must be one of"):
+        load_config(None, [f"{key}={bad}"])
+
+
+def test_each_package_owns_its_config_sections():
+    import dataclasses
+
+    from jobs.config import QarmConfig
+
+    owners = {f.name: f.default_factory.__module__ for f in dataclasses.fields(QarmConfig)}
+    assert owners["spark"] == owners["examples"] == "pipelines.config"
+    assert owners["encoder"] == owners["align"] == "mm_encoder.config"
+    assert owners["train"] == "recsys.config"
+    assert {k for k, m in owners.items() if m == "jobs.config"} == {"paths", "mlflow"}
