@@ -12,39 +12,20 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from mm_encoder.item_encoder import FusionHead, TowerFeatures
+from mm_encoder.config import AlignConfig
+from mm_encoder.item_encoder import (FusionHead, ItemEncoder, TowerFeatures, item_text,
+                                     unpack_features)
 from mm_encoder.losses import dual_softmax_loss, info_nce
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class AlignConfig:
-    #: ``infonce`` or ``dsl``.
-    loss: str = "infonce"
-    temperature: float = 0.07
-    #: DSL prior temperature on the (already 1/temperature-scaled) logits.
-    dsl_temperature: float = 1000.0
-    #: Weight of the term keeping aligned embeddings near the raw ones.
-    content_weight: float = 0.1
-    epochs: int = 8
-    batch_size: int = 256
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    #: Also fine-tune the last N transformer layers of the text tower (0: towers frozen). The
-    #: image/video towers stay frozen; their stored features are used.
-    tune_text_layers: int = 0
-    #: Learning rate of the tuned text layers.
-    text_lr: float = 2e-5
-    #: Pair sources to train on (of those the pairs stage mined).
-    sources: list[str] = field(default_factory=lambda: ["swing", "itemcf", "u2i"])
-    seed: int = 0
 
 
 def _subset(f: TowerFeatures, idx: torch.Tensor) -> TowerFeatures:
@@ -121,3 +102,63 @@ def train_alignment(fusion: FusionHead, features: TowerFeatures, src: np.ndarray
         bar.set_postfix(loss=f"{history[-1]['contrastive']:.3f}")
     bar.close()
     return model.eval(), history
+
+
+def pair_rows(pairs: pd.DataFrame, ids: np.ndarray, sources) -> tuple[np.ndarray, np.ndarray]:
+    """Behaviour pairs (columns src, dst, source: item ids) → row indices into ``ids``.
+
+    Keeps the pairs of the given sources whose two items both have a row, sorted by (source,
+    src, dst): pairs arrive in no fixed order (Spark), and a seeded run must see the same
+    batches."""
+    row = {int(i): k for k, i in enumerate(ids)}
+    pairs = pairs[pairs.source.isin(list(sources))]
+    pairs = pairs[pairs.src.isin(row) & pairs.dst.isin(row)]
+    pairs = pairs.sort_values(["source", "src", "dst"], kind="stable")
+    return pairs.src.map(row).to_numpy(), pairs.dst.map(row).to_numpy()
+
+
+def item_texts(items: pd.DataFrame, ids: np.ndarray) -> list[str]:
+    """The encoder's text input (title, text, tags) of each item id, in ``ids`` order."""
+    t = items.set_index("item_id").loc[ids]
+    return [item_text(a, b, c) for a, b, c in zip(t.title, t.text, t.tags)]
+
+
+@dataclass
+class Alignment:
+    #: The aligned encoder: trained fusion, and tuned text layers when configured.
+    encoder: ItemEncoder
+    #: Per-epoch loss parts.
+    history: list[dict]
+    #: The packed tower features recomputed with the tuned text tower (None when the towers
+    #: stayed frozen: the input features still hold).
+    features: Optional[np.ndarray]
+
+
+def align_encoder(encoder: ItemEncoder, feats: np.ndarray, present: np.ndarray,
+                  src: np.ndarray, dst: np.ndarray, cfg: AlignConfig,
+                  texts: Optional[list[str]] = None) -> Alignment:
+    """Align ``encoder`` on behaviour pairs of rows of the packed tower features ``feats``
+    (N, sum of tower dims) / ``present`` (N, modalities); ``texts`` (one per row) is needed when
+    ``cfg.tune_text_layers > 0``."""
+    features = unpack_features(feats, present, encoder.towers.dims())
+    fusion, history = train_alignment(encoder.fusion, features, src, dst, cfg,
+                                      text_tower=encoder.towers.text, texts=texts)
+    text_state, new_feats = None, None
+    if cfg.tune_text_layers:
+        text_state = encoder.towers.text.last_layers(cfg.tune_text_layers)
+        # The text tower changed: recompute every item's text features before re-embedding.
+        new_feats = _replace_text_features(encoder, feats, texts)
+    aligned = ItemEncoder(encoder.cfg, fusion.state_dict(), towers=encoder.towers,
+                          text_state=text_state)
+    return Alignment(aligned, history, new_feats)
+
+
+def _replace_text_features(encoder: ItemEncoder, feats: np.ndarray, texts: list[str],
+                           batch: int = 256) -> np.ndarray:
+    """``feats`` with its text block (the first block of the packed features) recomputed by the
+    (tuned) text tower."""
+    dt = encoder.towers.dims()["text"]
+    out = feats.copy()
+    for s in range(0, len(texts), batch):
+        out[s:s + batch, :dt] = encoder.towers.text(texts[s:s + batch]).numpy()
+    return out.astype(np.float32)

@@ -51,3 +51,26 @@ def chance_purity(labels: np.ndarray) -> float:
     _, counts = np.unique(labels, return_counts=True)
     p = counts / counts.sum()
     return float((p ** 2).sum())
+
+
+def compare_retrieval(raw: tuple[np.ndarray, np.ndarray], aligned: tuple[np.ndarray, np.ndarray],
+                      pair_sets: dict[str, tuple[np.ndarray, np.ndarray]], k: int = 10
+                      ) -> list[dict]:
+    """Recall@k / NDCG@k of each held-out pair set (name → (src ids, dst ids)) with the raw and
+    the aligned embeddings, each given as (ids, vectors)."""
+    rows = []
+    for name, (src, dst) in pair_sets.items():
+        r = retrieval_metrics(*raw, src, dst, k)
+        a = retrieval_metrics(*aligned, src, dst, k)
+        rows.append({"pairs": name, "n": r["pairs"], "recall_raw": r[f"recall@{k}"],
+                     "recall_aligned": a[f"recall@{k}"], "ndcg_raw": r[f"ndcg@{k}"],
+                     "ndcg_aligned": a[f"ndcg@{k}"]})
+    return rows
+
+
+def compare_purity(raw: np.ndarray, aligned: np.ndarray, labels: dict[str, np.ndarray],
+                   k: int = 10) -> list[dict]:
+    """k-NN purity of each labelling (attribute → one label per row) with the raw and the aligned
+    embeddings (rows in the same item order), and its chance level."""
+    return [{"attribute": attr, "raw": knn_purity(raw, y, k), "aligned": knn_purity(aligned, y, k),
+             "chance": chance_purity(y)} for attr, y in labels.items()]

@@ -29,30 +29,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from mm_encoder.config import ItemEncoderConfig
+
 log = logging.getLogger(__name__)
 
 MODALITIES = ("text", "image", "video")
-
-
-@dataclass
-class ItemEncoderConfig:
-    #: Item embedding size D.
-    dim: int = 64
-    #: ``minilm`` (packaged all-MiniLM-L6-v2), ``clip``, or a local transformers model directory.
-    text_tower: str = "minilm"
-    #: ``mobilenet_v2`` (packaged ImageNet weights), ``cat``, ``clip``, or ``none``.
-    image_tower: str = "mobilenet_v2"
-    #: Encode video frames with the image tower (ignored when there is no image tower).
-    video: bool = True
-    #: Side length images and frames are resized to before the image tower.
-    image_size: int = 96
-    clip_path: Optional[str] = None
-    cat_checkpoint: Optional[str] = None
-    cat_variant: str = "micro"
-    text_max_length: int = 64
-    #: Items per forward pass.
-    batch_size: int = 64
-    seed: int = 0
 
 
 def item_text(title: str, text: Optional[str], tags: Optional[Sequence[str]]) -> str:

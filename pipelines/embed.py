@@ -13,13 +13,20 @@ from __future__ import annotations
 import logging
 import resource
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
 
+from feature_store.arrays import list_matrix, matrix_column
+from feature_store.schemas import spark_schema
 from mm_encoder.item_encoder import ItemEncoder, MediaError
+from pipelines.config import EmbedConfig
 from pipelines.media import Reason
+from pipelines.spark import by_item
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame
 
 log = logging.getLogger(__name__)
 
@@ -139,11 +146,43 @@ def embed_items_spark(spark, items_df, encoder: ItemEncoder, *, batch_size: int,
             yield out
         peak.add(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
-    from pipelines.spark import arrow_schema_to_spark
 
-    df = items_df.select(*INPUT_COLUMNS).repartition(partitions)
-    out = df.mapInArrow(task, arrow_schema_to_spark(OUT_SCHEMA))
+    df = by_item(items_df.select(*INPUT_COLUMNS), partitions)
+    out = df.mapInArrow(task, spark_schema(OUT_SCHEMA))
     return out, lambda: EmbedStats(loads.value, rows_seen.value, peak.value)
+
+
+@dataclass
+class EmbedFrames:
+    """The embed job's outputs as DataFrames over one persisted inference result: write them,
+    then :meth:`release`."""
+
+    embeddings: "DataFrame"     # item_id, embedding, encoder_version
+    features: "DataFrame"       # item_id, features, present
+    quarantine: "DataFrame"     # quarantine_schema rows for items whose media failed to decode
+    stats: Callable[[], EmbedStats]
+    _out: "DataFrame"
+
+    def release(self) -> None:
+        self._out.unpersist()
+
+
+def embed_items(spark, items_df, encoder: ItemEncoder, cfg: EmbedConfig) -> EmbedFrames:
+    """Encode every item of ``items_df`` (the ``items`` table) with ``encoder`` in Spark; items
+    whose media fails to decode become quarantine rows."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    out, stats = embed_items_spark(spark, items_df, encoder, batch_size=encoder.cfg.batch_size,
+                                   threads_per_task=cfg.threads_per_task,
+                                   partitions=cfg.partitions)
+    out = out.persist(StorageLevel.MEMORY_AND_DISK)
+    ok = out.where(F.col("_reason").isNull())
+    bad = out.where(F.col("_reason").isNotNull()).select(
+        F.lit("items").alias("source_table"), F.col("_reason").alias("reason"),
+        F.col("_detail").alias("detail"), F.to_json(F.struct("item_id")).alias("row"))
+    return EmbedFrames(ok.select("item_id", "embedding", "encoder_version"),
+                       ok.select("item_id", "features", "present"), bad.coalesce(1), stats, out)
 
 
 # ----------------------------------------------------------------------------- re-embedding
@@ -161,7 +200,6 @@ def reembed_features_spark(spark, features_df, encoder: ItemEncoder, *, partitio
     import torch
 
     from mm_encoder.item_encoder import FusionHead, unpack_features
-    from pipelines.spark import arrow_schema_to_spark
 
     dims = encoder.towers.dims()
     buf = io.BytesIO()
@@ -183,16 +221,13 @@ def reembed_features_spark(spark, features_df, encoder: ItemEncoder, *, partitio
             if batch.num_rows == 0:
                 continue
             n = batch.num_rows
-            feats = batch.column("features").flatten().to_numpy(zero_copy_only=False).reshape(n, -1)
-            present = np.asarray(batch.column("present").flatten().to_numpy(
-                zero_copy_only=False), dtype=bool).reshape(n, -1)
+            feats = list_matrix(batch.column("features"), np.float32)
+            present = list_matrix(batch.column("present"), bool)
             with torch.no_grad():
-                z = fusion(unpack_features(feats.astype(np.float32), present, dims)).numpy()
+                z = fusion(unpack_features(feats, present, dims)).numpy()
             yield pa.RecordBatch.from_arrays([
-                batch.column("item_id"),
-                pa.FixedSizeListArray.from_arrays(pa.array(z.ravel(), pa.float32()), out_dim)
-                .cast(pa.list_(pa.float32())),
+                batch.column("item_id"), matrix_column(z.astype(np.float32)),
                 pa.array([version] * n, pa.string())], schema=schema)
 
-    df = features_df.select("item_id", "features", "present").repartition(partitions)
-    return df.mapInArrow(task, arrow_schema_to_spark(schema))
+    df = by_item(features_df.select("item_id", "features", "present"), partitions)
+    return df.mapInArrow(task, spark_schema(schema))

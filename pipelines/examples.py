@@ -37,25 +37,9 @@ import pandas as pd
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from pipelines.config import ExamplesConfig
+
 MISSING_CODE = -1
-
-
-@dataclass
-class ExamplesConfig:
-    #: Positives kept in the history sequence (the most recent ones).
-    history_len: int = 20
-    #: ``auto`` samples negatives only when the events hold no negative label (implicit
-    #: feedback); ``always`` / ``never`` force it.
-    negatives: str = "auto"
-    #: Sampled negatives per positive.
-    neg_ratio: int = 4
-    #: Popularity exponent of the negative sampler (0 = uniform, 1 = proportional).
-    neg_pop_power: float = 0.75
-    #: Attach the target's frozen content embedding (needed by the frozen_mm arms).
-    frozen_embedding: bool = True
-    seed: int = 0
-    #: Spark partitions of the per-user work.
-    partitions: int = 4
 
 
 class ExamplesError(ValueError):
@@ -227,3 +211,50 @@ def build_examples(events: DataFrame, items: DataFrame, codes: DataFrame,
              "history_len": cfg.history_len, "raw_codes": codes_raw is not None,
              "frozen": frozen is not None}
     return train, evals, facts
+
+
+@dataclass
+class ExampleStats:
+    """Counts per split (``train``, ``eval``) and what the ranker's tables must hold."""
+
+    splits: dict[str, dict]
+    #: Rows per RQ level table: the largest code (aligned or raw) + 1.
+    codes_per_level: int
+    n_users: int
+    mean_history: float
+    mean_vq: float
+
+    @property
+    def observed(self) -> int:
+        """Examples that are events (not sampled negatives)."""
+        return sum(s["n"] - s["sampled"] for s in self.splits.values())
+
+    @property
+    def total(self) -> int:
+        return sum(s["n"] for s in self.splits.values())
+
+
+def example_stats(train: DataFrame, evals: DataFrame) -> ExampleStats:
+    """Aggregate the examples of both splits; raises :class:`ExamplesError` for an empty one."""
+    splits = {}
+    for name, df in (("train", train), ("eval", evals)):
+        r = df.agg(F.count("*").alias("n"), F.sum(F.col("sampled").cast("int")).alias("sampled"),
+                   F.sum("label").alias("pos"), F.avg(F.size("hist_item_ids")).alias("hist"),
+                   F.sum(F.col("cold").cast("int")).alias("cold"),
+                   F.max(F.array_max("rq")).alias("max_rq"),
+                   F.max(F.array_max("rq_raw")).alias("max_rq_raw"),
+                   F.avg(F.size("vq")).alias("vq"), F.max("user_id").alias("max_user")).first()
+        s = r.asDict()
+        if not s["n"]:
+            raise ExamplesError(f"no {name} examples: the split (train_end / train_share) leaves "
+                                f"the {name} period empty")
+        splits[name] = {"n": s["n"], "positives": int(s["pos"]), "sampled": int(s["sampled"] or 0),
+                        "cold": int(s["cold"]), "mean_history": float(s["hist"] or 0.0),
+                        "max_rq": s["max_rq"], "max_rq_raw": s["max_rq_raw"],
+                        "mean_vq": float(s["vq"] or 0.0), "max_user": s["max_user"]}
+    return ExampleStats(
+        splits,
+        codes_per_level=int(max(s[k] or 0 for s in splits.values()
+                                for k in ("max_rq", "max_rq_raw"))) + 1,
+        n_users=int(max(s["max_user"] for s in splits.values())) + 1,
+        mean_history=splits["train"]["mean_history"], mean_vq=splits["train"]["mean_vq"])

@@ -33,24 +33,15 @@ damp popular-item noise.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
+from pipelines.config import PairsConfig
 
-@dataclass
-class PairsConfig:
-    sources: list[str] = field(default_factory=lambda: ["swing", "itemcf", "u2i"])
-    swing_alpha: float = 1.0
-    top_n: int = 20
-    min_support: int = 2
-    popularity_penalty: float = 0.0
-    max_user_items: int = 200
-    max_item_users: int = 500
-    max_common_items: int = 50
-    u2i_window: int = 50
-    seed: int = 0
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def positives(events: DataFrame, train_end) -> DataFrame:
@@ -191,3 +182,22 @@ def next_positive_pairs(events: DataFrame, start, end=None) -> DataFrame:
     return (pos.withColumn("src", F.lag("item_id").over(w))
             .where(F.col("src").isNotNull() & (F.col("src") != F.col("item_id")))
             .select("src", F.col("item_id").alias("dst"), "user_id"))
+
+
+def pair_summary(pairs: DataFrame) -> dict[str, tuple[int, float]]:
+    """Pairs per source and their mean score: ``{source: (count, mean score)}``."""
+    return {r["source"]: (int(r["n"]), float(r["mean"])) for r in
+            pairs.groupBy("source").agg(F.count("*").alias("n"), F.avg("score").alias("mean"))
+            .collect()}
+
+
+def heldout_pair_sets(events: DataFrame, train_end) -> dict[str, "pd.DataFrame"]:
+    """Held-out behaviour of the evaluation period (at or after ``train_end``), as pandas frames
+    with columns src, dst: each user's consecutive positives (``next-click``), and Swing pairs
+    mined on that period alone (``held-out swing``)."""
+    nxt = next_positive_pairs(events, train_end).select("src", "dst").toPandas()
+    heldout = events.where(F.col("ts") >= F.lit(train_end))
+    cfg = PairsConfig(min_support=1)
+    far_future = train_end.replace(year=train_end.year + 100)
+    swing = swing_scores(user_items(positives(heldout, far_future), cfg), cfg)
+    return {"next-click": nxt, "held-out swing": swing.select("src", "dst").toPandas()}

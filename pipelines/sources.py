@@ -22,7 +22,7 @@ from pathlib import Path
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from jobs.config import SourceConfig
+from pipelines.config import SourceConfig
 
 
 class SourceError(ValueError):

@@ -1,7 +1,9 @@
-"""The Spark session every job shares, and Arrow ↔ Spark schema helpers.
+"""The Spark session every job shares.
 
-On one machine the session runs ``local[*]`` with its warehouse under ``<root>/spark``. Under
-``spark-submit`` the submitted master and settings win: the builder only fills in what is unset.
+On one machine the session runs ``local[*]`` with its warehouse under ``<work_dir>`` and the
+JVM's output in ``<log_dir>/spark.log`` (not on the console, where only progress, reports and
+errors belong). Under ``spark-submit`` the submitted master and settings win: only unset values
+are filled in, and the JVM's output stays where the cluster sends it.
 """
 
 from __future__ import annotations
@@ -10,10 +12,9 @@ import logging
 import os
 import shutil
 import sys
+from pathlib import Path
 
-import pyarrow as pa
-
-from jobs.config import QarmConfig
+from pipelines.config import SparkConfig
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +23,14 @@ class SparkUnavailable(RuntimeError):
     """Spark cannot start (no Java, or the session failed to launch)."""
 
 
-def get_spark(cfg: QarmConfig):
-    """Return the active session or start one configured from ``cfg.spark``."""
+def get_spark(cfg: SparkConfig, work_dir: str | Path, log_dir: str | Path | None = None):
+    """Return the active session or start one configured from ``cfg``.
+
+    ``work_dir`` holds the warehouse, scratch space and Derby files. Started here (not under
+    ``spark-submit``), the driver JVM's output, the Python workers' stderr included, goes to
+    ``<log_dir>/spark.log`` (default ``<work_dir>/logs``) instead of the console."""
+    from pyspark import SparkConf, SparkContext
+    from pyspark.java_gateway import launch_gateway
     from pyspark.sql import SparkSession
 
     active = SparkSession.getActiveSession()
@@ -31,33 +38,52 @@ def get_spark(cfg: QarmConfig):
         return active
     if not os.environ.get("JAVA_HOME") and shutil.which("java") is None:
         raise SparkUnavailable("Spark needs Java 17: install a JDK or set JAVA_HOME")
-    root = cfg.root
-    (root / "spark").mkdir(parents=True, exist_ok=True)
+    work = Path(work_dir).resolve()
+    logs = Path(log_dir).resolve() if log_dir is not None else work / "logs"
+    work.mkdir(parents=True, exist_ok=True)
+    logs.mkdir(parents=True, exist_ok=True)
     # Python workers must run the same interpreter (the project's venv) as the driver.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-    b = (SparkSession.builder.appName(cfg.spark.app_name)
-         .config("spark.sql.shuffle.partitions", str(cfg.spark.shuffle_partitions))
-         .config("spark.sql.session.timeZone", "UTC")
-         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-         .config("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.spark.arrow_batch_size))
-         .config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MILLIS")
-         .config("spark.sql.warehouse.dir", str(root / "spark" / "warehouse"))
-         .config("spark.local.dir", str(root / "spark" / "tmp"))
-         .config("spark.ui.enabled", "false")
-         .config("spark.ui.showConsoleProgress", "true")
-         .config("spark.python.worker.reuse", "true")
-         .config("spark.driver.extraJavaOptions", f"-Dderby.system.home={root / 'spark'}"))
-    if not launched_by_spark_submit():
-        b = b.master(cfg.spark.master).config("spark.driver.memory", cfg.spark.driver_memory)
-    for k, v in cfg.spark.conf.items():
-        b = b.config(k, v)
+    settings = {
+        "spark.app.name": cfg.app_name,
+        "spark.sql.shuffle.partitions": str(cfg.shuffle_partitions),
+        "spark.sql.session.timeZone": "UTC",
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.sql.execution.arrow.maxRecordsPerBatch": str(cfg.arrow_batch_size),
+        "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MILLIS",
+        "spark.sql.warehouse.dir": str(work / "warehouse"),
+        "spark.local.dir": str(work / "tmp"),
+        "spark.ui.enabled": "false",
+        # Spark's stage bars would interleave with the stages' own progress bars.
+        "spark.ui.showConsoleProgress": "false",
+        "spark.python.worker.reuse": "true",
+        "spark.driver.extraJavaOptions": f"-Dderby.system.home={work}",
+    }
+    submitted = launched_by_spark_submit()
+    if not submitted:
+        settings["spark.master"] = cfg.master
+        settings["spark.driver.memory"] = cfg.driver_memory
+    settings.update(cfg.conf)
+    conf = SparkConf(loadDefaults=submitted)
+    for k, v in settings.items():
+        if not submitted or not conf.contains(k):   # under spark-submit, submitted values win
+            conf.set(k, v)
+    log_path = logs / "spark.log"
     try:
-        spark = b.getOrCreate()
+        if submitted:
+            SparkContext.getOrCreate(conf)
+        else:
+            with open(log_path, "ab") as out:
+                gateway = launch_gateway(conf, popen_kwargs={"stdout": out, "stderr": out})
+            SparkContext(conf=conf, gateway=gateway)
+        spark = SparkSession.builder.getOrCreate()
     except Exception as e:  # the JVM's failure text is long; keep its first line
-        raise SparkUnavailable(f"Spark failed to start: {str(e).splitlines()[0]}") from e
+        raise SparkUnavailable(f"Spark failed to start: {str(e).splitlines()[0]} "
+                               f"(JVM log: {log_path})") from e
     spark.sparkContext.setLogLevel("WARN")
-    log.info("spark %s master=%s", spark.version, spark.sparkContext.master)
+    log.info("spark %s master=%s; JVM log %s", spark.version, spark.sparkContext.master,
+             log_path)
     return spark
 
 
@@ -67,33 +93,10 @@ def launched_by_spark_submit() -> bool:
     return "PYSPARK_GATEWAY_PORT" in os.environ
 
 
-def arrow_schema_to_spark(schema: pa.Schema):
-    """A Spark StructType for an Arrow schema (the types this project's tables use)."""
-    from pyspark.sql import types as T
+def by_item(df, partitions: int):
+    """``df`` in ``partitions`` partitions by item id, sorted by item id within each.
 
-    def conv(t: pa.DataType):
-        if pa.types.is_int64(t):
-            return T.LongType()
-        if pa.types.is_int32(t):
-            return T.IntegerType()
-        if pa.types.is_int16(t):
-            return T.ShortType()
-        if pa.types.is_int8(t):
-            return T.ByteType()
-        if pa.types.is_float32(t):
-            return T.FloatType()
-        if pa.types.is_float64(t):
-            return T.DoubleType()
-        if pa.types.is_boolean(t):
-            return T.BooleanType()
-        if pa.types.is_string(t) or pa.types.is_large_string(t):
-            return T.StringType()
-        if pa.types.is_binary(t) or pa.types.is_large_binary(t):
-            return T.BinaryType()
-        if pa.types.is_timestamp(t):
-            return T.TimestampType()
-        if pa.types.is_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_large_list(t):
-            return T.ArrayType(conv(t.value_type))
-        raise TypeError(f"no Spark type for Arrow {t}")
-
-    return T.StructType([T.StructField(f.name, conv(f.type), f.nullable) for f in schema])
+    Model outputs depend (at the 1e-6 level) on which rows share a forward pass; a round-robin
+    repartition would make that depend on the input files' row order, and the embeddings, the
+    codes and every ranker trained on them would differ between runs of the same inputs."""
+    return df.repartition(partitions, "item_id").sortWithinPartitions("item_id")

@@ -40,12 +40,14 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from feature_store.facts import WorldFacts
 from feature_store.schemas import TS
-from jobs.config import WorldConfig
+from pipelines.config import WorldConfig
 
 log = logging.getLogger(__name__)
 
@@ -340,11 +342,34 @@ def simulate_event_arrays(cfg: WorldConfig, lat: WorldLatents):
     return users[keep], items[keep], ts[keep], p[keep], label[keep]
 
 
-def world_summary(cfg: WorldConfig, lat: WorldLatents, events: pa.Table) -> dict:
+def world_summary(cfg: WorldConfig, lat: WorldLatents, events: pa.Table) -> WorldFacts:
     labels = events.column("label").to_numpy()
-    return {
-        "items": cfg.n_items, "users": cfg.n_users, "events": events.num_rows,
-        "ctr": float(labels.mean()) if len(labels) else 0.0,
-        "cold_items": int(lat.cold.sum()),
-        "train_cutoff": dt.datetime.fromtimestamp(lat.cutoff_ms / 1000, dt.timezone.utc).isoformat(),
-    }
+    return WorldFacts(
+        items=cfg.n_items, users=cfg.n_users, events=events.num_rows,
+        ctr=float(labels.mean()) if len(labels) else 0.0, cold_items=int(lat.cold.sum()),
+        train_cutoff=dt.datetime.fromtimestamp(lat.cutoff_ms / 1000,
+                                               dt.timezone.utc).isoformat())
+
+
+def truth_in_dense_ids(truth: pd.DataFrame, item_id_map: pd.DataFrame,
+                       user_id_map: pd.DataFrame) -> pd.DataFrame:
+    """``truth_events`` (external string ids) re-keyed by the dense ids ingest gave: columns
+    user_id, item_id (int64), ts, p_click; rows whose ids ingest did not map are dropped."""
+    out = truth.copy()
+    out["item_id"] = out.item_id.map(dict(zip(item_id_map.external_id, item_id_map.id)))
+    out["user_id"] = out.user_id.map(dict(zip(user_id_map.external_id, user_id_map.id)))
+    return out.dropna(subset=["item_id", "user_id"]).astype({"item_id": np.int64,
+                                                              "user_id": np.int64})
+
+
+#: Item attributes of the world: the behavioural one, the nuisance ones, the partly revealing one.
+ATTRIBUTE_ROLES = {"topic": "behaviour", "colour": "nuisance", "background": "nuisance",
+                   "shape": "content"}
+
+
+def truth_attributes(truth_items: pd.DataFrame, item_id_map: pd.DataFrame,
+                     ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Each item attribute of :data:`ATTRIBUTE_ROLES` for the dense item ``ids`` (in order)."""
+    t = truth_items.merge(item_id_map, left_on="item_id", right_on="external_id")
+    t = t.set_index("id").loc[ids]
+    return {attr: t[attr].to_numpy() for attr in ATTRIBUTE_ROLES}

@@ -80,3 +80,32 @@ def flat_metrics(m: dict) -> dict[str, float]:
     if m.get("vq_exact_overlap") is not None:
         out["vq_exact_overlap"] = m["vq_exact_overlap"]
     return out
+
+
+def behaviour_sharing(src: np.ndarray, dst: np.ndarray,
+                      codes: dict[str, tuple[np.ndarray, np.ndarray]], prefixes=(1, 2),
+                      seed: int = 0) -> list[dict]:
+    """How often the two items of a behaviour pair share an RQ code prefix, per set of codes.
+
+    ``src``/``dst``: item ids of held-out pairs; ``codes``: name → (item ids, (n, L) RQ codes).
+    For each prefix length and each name: the share of pairs (both items coded) whose codes agree
+    on the prefix, and the same share for random item pairs (the chance level; at least 1000).
+    Rows: ``{"prefix", "pairs", "<name>", "<name>_random"}``."""
+    rng = np.random.default_rng(seed)
+    src, dst = np.asarray(src), np.asarray(dst)
+    rows = []
+    for prefix in prefixes:
+        row = {"prefix": prefix, "pairs": int(len(src))}
+        for name, (ids, rq) in codes.items():
+            pos = {int(i): k for k, i in enumerate(ids)}
+            keep = [(pos[int(a)], pos[int(b)]) for a, b in zip(src, dst)
+                    if int(a) in pos and int(b) in pos]
+            if keep:
+                a, b = np.array(keep).T
+                row[name] = float((rq[a, :prefix] == rq[b, :prefix]).all(1).mean())
+            else:
+                row[name] = 0.0
+            ra, rb = rng.integers(0, len(rq), (2, max(len(keep), 1000)))
+            row[f"{name}_random"] = float((rq[ra, :prefix] == rq[rb, :prefix]).all(1).mean())
+        rows.append(row)
+    return rows

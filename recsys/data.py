@@ -21,6 +21,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
+from feature_store.arrays import list_matrix
 from recsys.features import FeatureSpec
 
 MISSING = -1
@@ -82,11 +83,6 @@ def table_rows(values: np.ndarray, rows: int, hashed: bool) -> np.ndarray:
     return np.where((v < 0) | (v >= rows - 1), rows - 1, v)
 
 
-def _codes(col, levels: int) -> np.ndarray:
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    return arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, levels)
-
-
 def to_batch(t: pa.Table, spec: FeatureSpec, pad_to: int | None = None) -> RankerBatch:
     """Convert examples rows to a batch of ``spec``. ``pad_to`` repeats row 0 (valid = 0)."""
     n = t.num_rows
@@ -119,9 +115,9 @@ def to_batch(t: pa.Table, spec: FeatureSpec, pad_to: int | None = None) -> Ranke
         if t.column(cand_col).null_count:
             raise ValueError(f"arm {spec.arm} needs column {cand_col}, which is empty in these "
                              "examples (was the raw arm off when they were built?)")
-        rq_cand = _codes(t.column(cand_col), spec.levels)
+        rq_cand = list_matrix(t.column(cand_col), np.int32)
         _, hv = _list_parts(t.column(hist_col))
-        rq_hist = hv.flatten().to_numpy(zero_copy_only=False).reshape(-1, spec.levels)
+        rq_hist = list_matrix(hv, np.int32).reshape(-1, spec.levels)
         c = rq_cand[row_of]
         m1 = (rq_hist[:, 0] == c[:, 0]) & (c[:, 0] != MISSING)
         prefix[row_of, pos, 0] = m1
@@ -158,7 +154,7 @@ def to_batch(t: pa.Table, spec: FeatureSpec, pad_to: int | None = None) -> Ranke
         arr = np.zeros((B, d.dim), np.float32)
         ok = ~np.asarray(col.is_null().to_numpy(zero_copy_only=False), bool)
         if ok.any():
-            arr[ok] = np.stack(col.filter(pa.array(ok)).to_numpy(zero_copy_only=False))
+            arr[ok] = list_matrix(col.filter(pa.array(ok)), np.float32)
         dense_parts.append(arr)
     dense = np.concatenate(dense_parts, 1) if dense_parts else np.zeros((B, 0), np.float32)
     return RankerBatch(

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-ARMS = ("id_only", "frozen_mm", "codes", "codes_raw", "codes+frozen")
+from feature_store.facts import ExamplesFacts
+from recsys.config import ARMS, ModelConfig
 
 
 class FeatureSpecError(ValueError):
@@ -159,3 +160,15 @@ def build_spec(arm: str, *, dim: int, history_len: int, levels: int, codes_per_l
         frozen_rows = n_items
     return FeatureSpec(arm, dim, history_len, levels if use_codes else 0, tuple(tables),
                        tuple(sparse), dense, frozen_rows)
+
+
+def spec_for_examples(arm: str, model: ModelConfig, facts: ExamplesFacts) -> FeatureSpec:
+    """The spec of one arm sized for an examples snapshot (its manifest's facts)."""
+    if arm == "codes_raw" and not facts.raw_codes:
+        raise FeatureSpecError("arm codes_raw needs raw codes in the examples "
+                               "(quantize.raw_arm=true), or drop it from train.arms")
+    return build_spec(arm, dim=model.dim, history_len=facts.history_len, levels=facts.levels,
+                      codes_per_level=facts.codes_per_level, n_items=facts.n_items,
+                      n_users=facts.n_users, item_hash_size=model.item_hash_size,
+                      user_hash_size=model.user_hash_size, frozen_dim=facts.frozen_dim,
+                      mean_history=facts.mean_history, vq_k=max(facts.mean_vq, 1.0))

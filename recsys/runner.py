@@ -10,6 +10,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -86,3 +87,13 @@ def load_trained(out_dir: Path):
     model = build_ranker(spec, model_config(job.model), "cpu")
     ck.fill(model.state_dict(), state["model"])
     return model.eval()
+
+
+def write_frozen_table(ids: np.ndarray, vectors: np.ndarray, n_items: int, path: Path) -> str:
+    """The frozen content vectors as an (n_items, D) ``.npy`` indexed by item id (rows of items
+    without a vector are zero): the table the frozen arms look history items up in."""
+    table = np.zeros((n_items, vectors.shape[1]), np.float32)
+    table[ids] = vectors
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, table)
+    return str(path)
