@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -23,22 +24,24 @@ log = logging.getLogger("qarm")
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Typed errors a user can act on: printed as one line, exit code 2, no traceback."""
+    from feature_store.facts import FactsError
     from feature_store.schemas import SchemaMismatch
     from feature_store.snapshots import SnapshotNotFound
-    from jobs.dag import DagError
+    from jobs.stage import DagError
+    from mm_encoder.towers import ModelNotFound
+    from pipelines.examples import ExamplesError
     from pipelines.ingest import SchemaError
     from pipelines.sources import SourceError
     from pipelines.spark import SparkUnavailable
+    from pipelines.split import SplitError
     from quantizer.codebook import CodebookExists, CodebookNotFound
-    from mm_encoder.towers import ModelNotFound
     from quantizer.kmeans import TooFewPoints
-    from pipelines.examples import ExamplesError
     from recsys.features import FeatureSpecError
     from recsys.train import TrainError
 
-    return (ConfigError, DagError, SchemaError, SchemaMismatch, SnapshotNotFound, SourceError,
-            SparkUnavailable, CodebookExists, CodebookNotFound, ModelNotFound, TooFewPoints,
-            ExamplesError, FeatureSpecError, TrainError)
+    return (ConfigError, DagError, FactsError, SchemaError, SchemaMismatch, SnapshotNotFound,
+            SourceError, SparkUnavailable, SplitError, CodebookExists, CodebookNotFound,
+            ModelNotFound, TooFewPoints, ExamplesError, FeatureSpecError, TrainError)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -54,8 +57,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jobs import stages  # noqa: F401
-    from jobs.dag import REGISTRY
+    from jobs.stages import STAGES
 
     parser = argparse.ArgumentParser(
         prog="qarm", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -74,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--until", metavar="STAGE", help="stop after this stage")
     g.add_argument("--only", metavar="STAGE", help="run just this stage (upstream must have run)")
 
-    for s in REGISTRY.values():
+    for s in STAGES:
         sp = sub.add_parser(s.name, help=s.help, description=f"{s.help}. Same as "
                             f"`qarm run --only {s.name}`.")
         _common(sp)
@@ -99,18 +101,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Our packages: their INFO goes to the log file, their warnings also to the console.
+OWN_LOGGERS = ("qarm", "jobs", "pipelines", "mm_encoder", "quantizer", "recsys", "feature_store")
+
+
+def _own(record: logging.LogRecord) -> bool:
+    return record.name.split(".", 1)[0] in OWN_LOGGERS
+
+
 def setup_logging(cfg: QarmConfig | None, verbose: bool) -> None:
-    level = logging.DEBUG if verbose else logging.INFO
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    """The console shows progress bars, reports and errors; everything else (our INFO lines,
+    library warnings and chatter: MLflow, faiss, TorchRec, Python warnings) goes to
+    ``<root>/logs/qarm.log``. ``-v`` puts our own DEBUG/INFO lines on the console too."""
+    # MLflow installs its own console handler on import unless told not to.
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(fmt)
+    own_level = logging.DEBUG if verbose else logging.WARNING
+    console.addFilter(lambda r: r.levelno >= (own_level if _own(r) else logging.ERROR))
+    handlers: list[logging.Handler] = [console]
     if cfg is not None:
         logs = cfg.root / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(logs / "qarm.log"))
-    for h in handlers:   # libraries that log through the root logger (fbgemm's .so loading)
-        h.addFilter(lambda r: r.name != "root" or r.levelno >= logging.WARNING)
-    logging.basicConfig(level=level, format=fmt, handlers=handlers, force=True)
-    for noisy in ("py4j", "alembic", "urllib3", "matplotlib", "PIL"):
+        file = logging.FileHandler(logs / "qarm.log")
+        file.setFormatter(fmt)
+        handlers.append(file)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=handlers,
+                        force=True)
+    logging.captureWarnings(True)
+    for noisy in ("py4j", "alembic", "urllib3", "matplotlib", "PIL", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -141,9 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             print(dump_yaml(cfg), end="")
             return 0
-        from jobs.dag import Dag, today
+        from jobs.dag import today
+        from jobs.stages import build_dag
 
-        dag = Dag(cfg)
+        dag = build_dag(cfg)
         if args.command == "status":
             rows = dag.status(args.ds)
             if not rows:

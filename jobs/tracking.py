@@ -7,11 +7,11 @@ The tracking URI is, in order: ``mlflow.tracking_uri`` from the config, the
 
 from __future__ import annotations
 
-import re
-
 import contextlib
+import io
 import logging
 import os
+import re
 from typing import Any, Iterator, Optional
 
 from jobs.config import QarmConfig
@@ -97,8 +97,13 @@ class Tracker:
         registered version (None when tracking is off)."""
         if not self.enabled:
             return None
-        info = self._mlflow.pytorch.log_model(model, name=name, serialization_format="pickle",
-                                              registered_model_name=registered_name)
+        # MLflow prints registration chatter straight to stderr: keep it in the log file.
+        chatter = io.StringIO()
+        with contextlib.redirect_stderr(chatter):
+            info = self._mlflow.pytorch.log_model(model, name=name, serialization_format="pickle",
+                                                  registered_model_name=registered_name)
+        for line in chatter.getvalue().splitlines():
+            log.info("mlflow: %s", line)
         version = getattr(info, "registered_model_version", None)
         if version is not None and tags:
             client = self._mlflow.MlflowClient()

@@ -27,12 +27,11 @@ def spark_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def spark(spark_root):
-    from jobs.config import load_config
+    from pipelines.config import SparkConfig
     from pipelines.spark import get_spark
 
-    cfg = load_config(None, [f"paths.root={spark_root}", "spark.shuffle_partitions=2",
-                             "spark.master=local[2]"])
-    session = get_spark(cfg)
+    session = get_spark(SparkConfig(master="local[2]", shuffle_partitions=2),
+                        spark_root / "spark", spark_root / "logs")
     yield session
     session.stop()
 

@@ -7,7 +7,7 @@ import pytest
 
 from jobs.cli import main
 from jobs.config import load_config
-from jobs.dag import Dag
+from jobs.stages import build_dag
 from tests.conftest import tiny_world_overrides
 
 
@@ -35,7 +35,7 @@ def test_rerun_skips_force_reruns_and_config_change_reruns_only_downstream(spark
     assert "items" in text and "rows_in" in text
 
     cfg = load_config(None, tiny_world_overrides(root))
-    dag = Dag(cfg)
+    dag = build_dag(cfg)
     first = {r["stage"]: r["outputs"] for r in dag.status("2026-01-31")}
 
     assert main(["run", *_args(root)]) == 0
@@ -99,3 +99,110 @@ def test_help_lists_stages(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "world" in out and "ingest" in out and "status" in out
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def _noop(ctx):
+    raise AssertionError("not run")
+
+
+def test_a_new_stage_is_planned_after_the_stages_whose_outputs_it_reads():
+    from jobs.dag import plan_order
+    from jobs.stage import Stage
+    from jobs.stages import STAGES
+
+    cfg = load_config(None)
+    # Listed first, reading what pairs and quantize_raw write: the order must come from I/O.
+    report = Stage("pair_code_report", _noop, inputs=("item_pairs", "item_codes_raw"),
+                   outputs=("pair_code_report",), config=(), help="")
+    order = [s.name for s in plan_order((report, *STAGES), cfg)]
+    assert order.index("pair_code_report") > order.index("pairs")
+    assert order.index("pair_code_report") > order.index("quantize_raw")
+    # Every stage comes after the producers of everything it reads.
+    produced_by = {t: s.name for s in STAGES for t in s.output_tables(cfg)}
+    for s in STAGES:
+        for t in s.input_tables(cfg):
+            assert order.index(produced_by[t]) < order.index(s.name), (s.name, t)
+    # Without the synthetic world, world is not part of the DAG and ingest reads raw files.
+    generic = load_config(None, ["source.kind=generic"])
+    assert [s.name for s in plan_order(STAGES, generic)][0] == "ingest"
+
+
+def test_bad_declarations_are_refused_with_the_reason():
+    from jobs.dag import plan_order
+    from jobs.stage import DagError, Stage
+
+    cfg = load_config(None)
+    a = Stage("a", _noop, inputs=("y",), outputs=("x",), config=(), help="")
+    b = Stage("b", _noop, inputs=("x",), outputs=("y",), config=(), help="")
+    with pytest.raises(DagError, match="cycle"):
+        plan_order((a, b), cfg)
+    c = Stage("c", _noop, inputs=(), outputs=("x",), config=(), help="")
+    with pytest.raises(DagError, match="'a' and 'c' both write 'x'"):
+        plan_order((Stage("a", _noop, (), ("x",), (), ""), c), cfg)
+    with pytest.raises(DagError, match="reads 'nowhere', which no stage"):
+        plan_order((Stage("d", _noop, ("nowhere",), (), (), ""),), cfg)
+
+
+def _tiny_dag(tmp_path, reader_run):
+    """Two stages on a real store: ``make`` writes t1 and t2, ``use`` declares t1 only."""
+    import pyarrow as pa
+
+    from jobs.dag import Dag
+    from jobs.stage import Stage, StageReport
+
+    def make(ctx):
+        return StageReport({t: ctx.io.write_arrow(t, pa.table({"v": [1, 2]}))
+                            for t in ("t1", "t2")})
+
+    stages = (Stage("make", make, (), ("t1", "t2"), (), ""),
+              Stage("use", reader_run, ("t1",), ("t3",), (), ""))
+    cfg = load_config(None, [f"paths.root={tmp_path}", "mlflow.enabled=false"])
+    return Dag(cfg, stages)
+
+
+def test_a_stage_reading_a_table_it_did_not_declare_fails_with_a_clear_error(tmp_path, capsys):
+    import pyarrow as pa
+
+    from jobs.stage import StageReport, UndeclaredTable
+
+    def sneaky(ctx):
+        ctx.io.arrow("t1")          # declared: fine
+        ctx.io.arrow("t2")          # not declared
+        return StageReport({"t3": ctx.io.write_arrow("t3", pa.table({"v": [0]}))})
+
+    dag = _tiny_dag(tmp_path, sneaky)
+    with pytest.raises(UndeclaredTable, match="stage 'use' read 't2', which it does not declare "
+                                              r"as an input \(declared: t1\)"):
+        dag.run("2026-01-01", progress=False)
+    assert dag.state.last_success("2026-01-01", "make") is not None
+    failed = [r for r in dag.state.rows("2026-01-01") if r["stage"] == "use"]
+    assert failed[-1]["status"] == "failed" and "UndeclaredTable" in failed[-1]["error"]
+
+    def writes_too_much(ctx):
+        return StageReport({"t1": ctx.io.write_arrow("t1", pa.table({"v": [0]}))})
+
+    with pytest.raises(UndeclaredTable, match="wrote 't1', which it does not declare"):
+        _tiny_dag(tmp_path / "b", writes_too_much).run("2026-01-01", progress=False)
+
+
+def test_declared_reads_are_exactly_the_skip_key_and_the_lineage(tmp_path):
+    import pyarrow as pa
+
+    from jobs.stage import StageReport
+
+    def honest(ctx):
+        n = ctx.io.arrow("t1").num_rows
+        return StageReport({"t3": ctx.io.write_arrow("t3", pa.table({"n": [n]}))})
+
+    dag = _tiny_dag(tmp_path, honest)
+    first = dag.run("2026-01-01", progress=False)
+    t1 = dag.store.get("t1")
+    assert dag.store.get("t3").parents == (t1.ref,)
+    assert [o.status for o in dag.run("2026-01-01", progress=False)] == ["skipped", "skipped"]
+    # A new t1 re-runs its reader; forcing the producer writes new snapshots.
+    dag.run("2026-01-01", only="make", force=True, progress=False)
+    again = dag.run("2026-01-01", only="use", progress=False)
+    assert again[0].status == "done" and again[0].outputs != first[1].outputs

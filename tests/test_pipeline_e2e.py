@@ -13,7 +13,7 @@ import pytest
 from feature_store.snapshots import SnapshotStore
 from jobs.cli import main
 from jobs.config import load_config
-from jobs.dag import Dag
+from jobs.stages import build_dag
 from tests.conftest import tiny_world_overrides
 
 DS = "2026-01-31"
@@ -41,7 +41,23 @@ def run(spark, tmp_path_factory):
     with redirect_stdout(buf):
         assert main(["run", *_args(root)]) == 0
     cfg = load_config(None, tiny_world_overrides(root) + EXTRA)
-    return root, SnapshotStore(str(root / "store")), Dag(cfg), buf.getvalue()
+    return root, SnapshotStore(str(root / "store")), build_dag(cfg), buf.getvalue()
+
+
+@pytest.fixture
+def own_run(run, tmp_path):
+    """A private copy of the run's state and store for a test that runs stages again, so that
+    no test sees another's writes (the tests pass in any order). The copied manifests still
+    point at the shared run's data files, which are only read; MLflow is off in the copy."""
+    import shutil
+
+    root = tmp_path / "q"
+    shutil.copytree(run[0], root, ignore=shutil.ignore_patterns("spark", "runs", "mlartifacts"))
+    return root, SnapshotStore(str(root / "store"))
+
+
+def _own_args(root, *extra):
+    return _args(root, "--set", "mlflow.enabled=false", *extra)
 
 
 def test_every_stage_ran_and_printed_its_report(run):
@@ -49,7 +65,7 @@ def test_every_stage_ran_and_printed_its_report(run):
     for stage in ("world", "ingest", "embed", "pairs", "align", "quantize", "quantize_raw",
                   "examples", "train", "evaluate"):
         assert dag.state.last_success(DS, stage) is not None, stage
-    for needle in ("rows_in", "embedded 120 of 120", "source   pairs", "aligned encoder",
+    for needle in ("rows_in", "embedded 120 of 120", "mean score", "aligned encoder",
                    "10-NN purity", "utilization", "sharing an RQ prefix", "mean history",
                    "examples/s", "cold AUC", "truth (ceiling)", "codes+frozen"):
         assert needle in out, needle
@@ -62,8 +78,8 @@ def test_examples_account_for_every_event_and_never_leak_history(run):
     both = pd.concat([store.read_arrow("train_examples").to_pandas(),
                       store.read_arrow("eval_examples").to_pandas()])
     assert (~both.sampled).sum() == len(events) == tr.row_count + ev.row_count
-    assert tr.extra["levels"] == 2 and tr.extra["codebook_version"] == store.get(
-        "item_codes").extra["codebook_version"]
+    assert tr.facts.levels == 2 and tr.facts.codebook_version == store.get(
+        "item_codes").facts.codebook_version
     pos = events[events.label == 1]
     by_user = {u: g.sort_values("ts") for u, g in pos.groupby("user_id")}
     for r in both.sample(300, random_state=0).itertuples():
@@ -86,8 +102,8 @@ def test_every_arm_is_scored_evaluated_and_registered_with_its_versions(run):
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     versions = mlflow.MlflowClient().search_model_versions("name='qarm-ranker'")
     assert {v.tags["arm"] for v in versions} == set(preds.arm)
-    codebook = store.get("train_examples").extra["codebook_version"]
-    encoder = store.get("aligned_item_embeddings").extra["encoder_version"]
+    codebook = store.get("train_examples").facts.codebook_version
+    encoder = store.get("aligned_item_embeddings").facts.encoder_version
     for v in versions:
         assert v.tags["codebook_version"] == codebook and v.tags["encoder_version"] == encoder
     # The registered model, scored in this process, reproduces the distributed run's scores.
@@ -114,7 +130,7 @@ def test_embed_writes_one_unit_embedding_per_item_loading_the_model_once_per_wor
     vecs = np.stack(emb.column("embedding").to_numpy(zero_copy_only=False))
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, rtol=1e-5)
     assert set(emb.column("encoder_version").to_pylist()) == {
-        store.get("item_embeddings").extra["encoder_version"]}
+        store.get("item_embeddings").facts.encoder_version}
     # Loaded once per Python worker process (2 cores), not once per partition (6) or batch.
     assert 1 <= dag.state.last_success(DS, "embed")["metrics"]["encoder_loads"] < 6
     assert store.get("item_features").row_count == 120
@@ -128,8 +144,8 @@ def test_pairs_and_aligned_embeddings(run):
     aligned = store.get("aligned_item_embeddings")
     raw = store.get("item_embeddings")
     assert aligned.row_count == 120
-    assert aligned.extra["encoder_version"] != raw.extra["encoder_version"]
-    assert aligned.extra["pairs_snapshot"] == store.get("item_pairs").ref
+    assert aligned.facts.encoder_version != raw.facts.encoder_version
+    assert aligned.facts.pairs_snapshot == store.get("item_pairs").ref
 
 
 def test_aligned_encoder_is_registered_with_its_pair_snapshot(run):
@@ -140,8 +156,7 @@ def test_aligned_encoder_is_registered_with_its_pair_snapshot(run):
     assert versions
     tags = versions[0].tags
     assert tags["pairs_snapshot"] == store.get("item_pairs").ref
-    assert tags["encoder_version"] == store.get("aligned_item_embeddings").extra[
-        "encoder_version"]
+    assert tags["encoder_version"] == store.get("aligned_item_embeddings").facts.encoder_version
 
 
 def _codes(store, table, snapshot_id=None):
@@ -152,47 +167,47 @@ def _codes(store, table, snapshot_id=None):
             set(t.column("codebook_version").to_pylist()))
 
 
-def test_codes_for_every_item_and_assign_only_gives_the_same_codes(run, capsys):
-    root, store, _, _ = run
+def test_codes_for_every_item_and_assign_only_gives_the_same_codes(own_run, capsys):
+    root, store = own_run
     fitted = store.get("item_codes")
-    version = fitted.extra["codebook_version"]
+    version = fitted.facts.codebook_version
     ids, rq, vq, versions = _codes(store, "item_codes", fitted.snapshot_id)
     assert len(ids) == 120 and versions == {version}
     assert rq.shape == (120, 2) and rq.max() < 8 and vq.shape == (120, 5) and (vq >= 0).all()
     raw = store.get("item_codes_raw")
-    assert raw.extra["codebook_version"] != version
+    assert raw.facts.codebook_version != version
 
-    assert main(["quantize", *_args(root, "--assign-only", "--codebook", version)]) == 0
+    assert main(["quantize", *_own_args(root, "--assign-only", "--codebook", version)]) == 0
     assert "existing, assign-only" in capsys.readouterr().out
     again = store.get("item_codes")
-    assert again.snapshot_id != fitted.snapshot_id and again.extra["fitted"] is False
+    assert again.snapshot_id != fitted.snapshot_id and again.facts.fitted is False
     ids2, rq2, vq2, versions2 = _codes(store, "item_codes", again.snapshot_id)
     np.testing.assert_array_equal(ids, ids2)
     np.testing.assert_array_equal(rq, rq2)
     np.testing.assert_array_equal(vq, vq2)
     assert versions2 == {version}
 
-    assert main(["quantize", *_args(root, "--codebook", "cb-nope")]) == 2
+    assert main(["quantize", *_own_args(root, "--codebook", "cb-nope")]) == 2
     assert "no codebook cb-nope" in capsys.readouterr().err
-    assert main(["quantize", *_args(root, "--assign-only")]) == 2
+    assert main(["quantize", *_own_args(root, "--assign-only")]) == 2
     assert "needs --codebook" in capsys.readouterr().err
 
 
-def test_rerun_skips_everything(run, capsys):
-    root, _, _, _ = run
-    assert main(["run", *_args(root, "--until", "align")]) == 0
+def test_rerun_skips_everything(own_run, capsys):
+    root, _ = own_run
+    assert main(["run", *_own_args(root, "--until", "align")]) == 0
     out = capsys.readouterr().out
     assert out.count("skipped") == 5 and " done " not in out
 
 
-def test_disambiguation_level_makes_every_code_unique(run, capsys):
-    root, store, _, _ = run
+def test_disambiguation_level_makes_every_code_unique(own_run, capsys):
+    root, store = own_run
     before = store.get("item_codes")
     ids, rq, _, _ = _codes(store, "item_codes", before.snapshot_id)
-    assert main(["quantize", *_args(root, "--set", "quantize.disambiguate=true")]) == 0
+    assert main(["quantize", *_own_args(root, "--set", "quantize.disambiguate=true")]) == 0
     capsys.readouterr()
     after = store.get("item_codes")
-    assert after.extra["disambiguated"] is True
+    assert after.facts.disambiguated is True
     ids2, rq2, _, _ = _codes(store, "item_codes", after.snapshot_id)
     np.testing.assert_array_equal(ids, ids2)
     assert rq2.shape == (120, 3)
@@ -204,15 +219,15 @@ def test_disambiguation_level_makes_every_code_unique(run, capsys):
         assert rq2[members, 2].tolist() == list(range(len(members)))
 
 
-def test_align_can_fine_tune_the_text_towers_last_layer(run, capsys):
-    root, store, _, _ = run
-    assert main(["align", *_args(root, "--force", "--set", "align.tune_text_layers=1",
-                                 "--set", "align.epochs=1")]) == 0
+def test_align_can_fine_tune_the_text_towers_last_layer(own_run, capsys):
+    root, store = own_run
+    assert main(["align", *_own_args(root, "--force", "--set", "align.tune_text_layers=1",
+                                     "--set", "align.epochs=1")]) == 0
     capsys.readouterr()
     feats = store.get("aligned_item_features")
     aligned = store.get("aligned_item_embeddings")
     assert feats.row_count == aligned.row_count == 120
     from mm_encoder.item_encoder import ItemEncoder
 
-    enc = ItemEncoder.load(aligned.extra["encoder_artifact"])
+    enc = ItemEncoder.load(aligned.facts.encoder_artifact)
     assert enc.text_state and all(k.startswith("encoder.layer.5.") for k in enc.text_state)

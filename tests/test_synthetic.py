@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from jobs.config import WorldConfig
+from pipelines.config import WorldConfig
 from pipelines import synthetic as syn
 
 CFG = WorldConfig(n_items=300, n_users=80, impressions_per_user=80, image_size=24,

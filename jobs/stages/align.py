@@ -1,0 +1,149 @@
+"""``align``: train the item encoder's fusion on behaviour pairs, re-embed every item, and compare
+raw with aligned embeddings on held-out behaviour (and, on the synthetic world, ground truth)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jobs.report import text_table
+from jobs.stage import Stage, StageContext, StageReport
+from jobs.stages.world import is_synthetic
+
+K = 10
+
+
+def inputs(cfg) -> tuple[str, ...]:
+    ins = ("item_pairs", "item_features", "item_embeddings", "events")
+    if cfg.align.tune_text_layers:
+        ins += ("items",)              # the texts the tuned text tower reads
+    if is_synthetic(cfg):
+        ins += ("truth_items", "item_id_map")
+    return ins
+
+
+def outputs(cfg) -> tuple[str, ...]:
+    return ("aligned_item_embeddings",) + (
+        ("aligned_item_features",) if cfg.align.tune_text_layers else ())
+
+
+@dataclass
+class AlignReport(StageReport):
+    encoder_version: str
+    pairs: int
+    sources: list[str]
+    loss: str
+    history: list[dict]
+    reembedded: int
+    retrieval: list[dict]
+    purity: list[dict]
+
+    def text(self) -> str:
+        h = self.history
+        lines = [f"aligned encoder {self.encoder_version} trained on {self.pairs} pairs "
+                 f"({', '.join(self.sources)}; loss {self.loss}, {len(h)} epochs: contrastive "
+                 f"{h[0]['contrastive']:.3f} -> {h[-1]['contrastive']:.3f}); {self.reembedded} "
+                 f"items re-embedded",
+                 text_table([("held-out behaviour", "s"), ("pairs", "d"),
+                             (f"Recall@{K} raw", ".4f"), ("aligned", ".4f"),
+                             (f"NDCG@{K} raw", ".4f"), ("aligned", ".4f")],
+                            [(r["pairs"], r["n"], r["recall_raw"], r["recall_aligned"],
+                              r["ndcg_raw"], r["ndcg_aligned"]) for r in self.retrieval])]
+        if self.purity:
+            from pipelines.synthetic import ATTRIBUTE_ROLES
+
+            lines.append(f"synthetic ground truth: {K}-NN purity\n" + text_table(
+                [("attribute", "s"), ("role", "s"), ("raw", ".4f"), ("aligned", ".4f"),
+                 ("chance", ".4f")],
+                [(p["attribute"], ATTRIBUTE_ROLES[p["attribute"]], p["raw"], p["aligned"],
+                  p["chance"]) for p in self.purity]))
+        return "\n".join(lines)
+
+    def metrics(self) -> dict[str, float]:
+        m = {"align.pairs": self.pairs, "align.final_contrastive": self.history[-1]["contrastive"]}
+        for r in self.retrieval:
+            key = r["pairs"].replace(" ", "_").replace("-", "_")
+            for which in ("raw", "aligned"):
+                m[f"{key}.{which}.recall_at_{K}"] = r[f"recall_{which}"]
+                m[f"{key}.{which}.ndcg_at_{K}"] = r[f"ndcg_{which}"]
+        for p in self.purity:
+            m[f"purity.{p['attribute']}.raw"] = p["raw"]
+            m[f"purity.{p['attribute']}.aligned"] = p["aligned"]
+        return m
+
+
+def run(ctx: StageContext) -> AlignReport:
+    import numpy as np
+    import pyarrow as pa
+
+    from feature_store import schemas
+    from feature_store.arrays import ids_and_matrix, list_matrix, matrix_column
+    from feature_store.facts import EmbeddingFacts, FeatureFacts
+    from mm_encoder.align import align_encoder, item_texts, pair_rows
+    from mm_encoder.evaluation import compare_purity, compare_retrieval
+    from mm_encoder.item_encoder import ItemEncoder
+    from pipelines.accounting import check_rows
+    from pipelines.embed import reembed_features_spark
+    from pipelines.pairs import heldout_pair_sets
+    from pipelines.split import train_end
+
+    cfg, io, spark = ctx.cfg, ctx.io, ctx.spark
+    raw_facts = io.facts("item_embeddings", EmbeddingFacts)
+    encoder = ItemEncoder.load(raw_facts.encoder_artifact)
+    feats_t = io.arrow("item_features").sort_by("item_id")
+    ids = feats_t.column("item_id").to_numpy()
+    feats = list_matrix(feats_t.column("features"), np.float32)
+    present = list_matrix(feats_t.column("present"), bool)
+    src, dst = pair_rows(io.arrow("item_pairs").to_pandas(), ids, cfg.align.sources)
+    texts = (item_texts(io.arrow("items", ["item_id", "title", "text", "tags"]).to_pandas(), ids)
+             if cfg.align.tune_text_layers else None)
+    result = align_encoder(encoder, feats, present, src, dst, cfg.align, texts)
+    aligned, history = result.encoder, result.history
+    folder = aligned.save(str(ctx.artifacts / "encoders"))
+    ctx.tracker.artifact_dir(folder, "aligned_encoder")
+    for h in history:
+        ctx.tracker.metrics({"align.contrastive": h["contrastive"], "align.content": h["content"]})
+    ctx.tracker.register_torch_model(
+        aligned.fusion, "aligned_fusion", "qarm-item-encoder",
+        tags={"encoder_version": aligned.version, "raw_encoder_version": encoder.version,
+              "pairs_snapshot": io.manifest("item_pairs").ref})
+
+    out = {}
+    features_df = io.spark(spark, "item_features")
+    if result.features is not None:
+        tuned = pa.table({"item_id": feats_t.column("item_id"),
+                          "features": matrix_column(result.features),
+                          "present": matrix_column(present, pa.bool_())})
+        out["aligned_item_features"] = io.write_arrow(
+            "aligned_item_features", tuned, schema=schemas.item_features_schema(),
+            facts=FeatureFacts(encoder.towers.dims(), aligned.version))
+        features_df = io.written_spark(spark, out["aligned_item_features"])
+    emb_df = reembed_features_spark(spark, features_df, aligned, partitions=cfg.embed.partitions,
+                                    threads_per_task=cfg.embed.threads_per_task)
+    m = out["aligned_item_embeddings"] = io.write_spark(
+        "aligned_item_embeddings", emb_df, schemas.item_embeddings_schema(cfg.encoder.dim),
+        facts=EmbeddingFacts(cfg.encoder.dim, aligned.version, folder,
+                             raw_encoder_version=encoder.version,
+                             pairs_snapshot=io.manifest("item_pairs").ref))
+    check_rows("align: items with features re-embedded", len(ids), m.row_count)
+
+    # Raw vs aligned on behaviour the alignment never saw.
+    events = io.spark(spark, "events")
+    pair_sets = {name: (p.src.to_numpy(), p.dst.to_numpy())
+                 for name, p in heldout_pair_sets(events, train_end(cfg.split, events)).items()}
+    raw = ids_and_matrix(io.arrow("item_embeddings"), "embedding")
+    ali = ids_and_matrix(io.written_arrow(m), "embedding")
+    purity = []
+    if io.has("truth_items"):
+        from pipelines.synthetic import truth_attributes
+
+        labels = truth_attributes(io.arrow("truth_items").to_pandas(),
+                                  io.arrow("item_id_map").to_pandas(), raw[0])
+        purity = compare_purity(raw[1], ali[1], labels, K)
+    return AlignReport(out, aligned.version, int(len(src)), list(cfg.align.sources),
+                       cfg.align.loss, history, m.row_count,
+                       compare_retrieval(raw, ali, pair_sets, K), purity)
+
+
+STAGE = Stage(
+    "align", run, inputs=inputs, outputs=outputs, config=("align", "split", "encoder"),
+    help="train the fusion on behaviour pairs, re-embed every item, evaluate raw vs aligned")

@@ -1,0 +1,75 @@
+"""``quantize``: fit VQ/RQ codebooks on the aligned embeddings and code every item (Spark)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jobs.stage import Stage, StageContext, StageReport
+
+
+@dataclass
+class CodebookReport(StageReport):
+    codebook_version: str
+    fitted: bool
+    sample_size: int
+    rq_levels: int
+    rq_codes: int
+    rq_method: str
+    vq_k: int
+    vq_pool: int
+    vq_index: str
+    coded: int
+    #: ``quantizer.metrics.codebook_metrics`` of the fit sample.
+    codebook_metrics: dict
+
+    def text(self) -> str:
+        from quantizer.metrics import format_table
+
+        how = f"fitted on {self.sample_size} embeddings" if self.fitted else \
+            "existing, assign-only"
+        return (f"codebook {self.codebook_version} ({how}; RQ {self.rq_levels} x {self.rq_codes}, "
+                f"{self.rq_method}; VQ k={self.vq_k} over a pool of {self.vq_pool} items, index "
+                f"{self.vq_index}); {self.coded} items coded\n"
+                + format_table(self.codebook_metrics))
+
+    def metrics(self) -> dict[str, float]:
+        from quantizer.metrics import flat_metrics
+
+        return {**flat_metrics(self.codebook_metrics), "coded": self.coded,
+                "fitted": int(self.fitted)}
+
+
+def quantize_table(ctx: StageContext, source: str, output: str,
+                   codebook_version: str | None = None) -> CodebookReport:
+    """Code every item of the embeddings input ``source`` into the codes output ``output``."""
+    from feature_store import schemas
+    from feature_store.facts import CodesFacts, EmbeddingFacts
+    from pipelines.accounting import check_rows
+    from pipelines.quantize import quantize_embeddings
+
+    io, q = ctx.io, ctx.cfg.quantize
+    src = io.manifest(source)
+    res = quantize_embeddings(ctx.spark, io.spark(ctx.spark, source), src.row_count, q,
+                              str(ctx.artifacts / "codebooks"), src.ref, codebook_version)
+    if res.fitted:
+        ctx.tracker.artifact_dir(res.folder, f"codebook_{output}")
+    cb = res.codebook
+    facts = CodesFacts(cb.version, res.levels, res.fitted, src.ref,
+                       io.facts(source, EmbeddingFacts).encoder_version, q.disambiguate)
+    out = io.write_spark(output, res.codes, schemas.item_codes_schema(res.levels), facts=facts)
+    check_rows(f"{output}: embeddings coded", src.row_count, out.row_count)
+    return CodebookReport({output: out}, cb.version, res.fitted, res.sample_size,
+                          cb.rq.centroids.shape[0], cb.rq.cfg.codes,
+                          cb.rq.fit_record.get("method", ""), cb.vq.cfg.k, len(cb.vq.pool_ids),
+                          cb.vq.cfg.index, out.row_count, res.metrics)
+
+
+def run(ctx: StageContext) -> CodebookReport:
+    return quantize_table(ctx, "aligned_item_embeddings", "item_codes",
+                          ctx.cfg.quantize.codebook)
+
+
+STAGE = Stage(
+    "quantize", run, inputs=("aligned_item_embeddings",), outputs=("item_codes",),
+    config=("quantize",),
+    help="fit VQ/RQ codebooks on the aligned embeddings and code every item (Spark)")
