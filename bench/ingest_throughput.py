@@ -3,8 +3,9 @@ same validation, on the same synthetic world, in one run. Prints JSON.
 
     .venv/bin/python bench/ingest_throughput.py --events 1000000 --items 5000
 
-Both write the same five snapshots (items, events, quarantine, id maps) to a temporary store and
-must agree on every count; the ratio is Spark throughput / single-process throughput.
+Both are built from the same rule tables (``pipelines/ingest_rules.py``), write the same five
+snapshots (items, events, quarantine, id maps) to a temporary store and must agree on every count
+and quarantine reason; the ratio is Spark throughput / single-process throughput.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import emit  # noqa: E402
 
+from feature_store.facts import EventsFacts, ItemsFacts  # noqa: E402
 from feature_store.snapshots import SnapshotStore  # noqa: E402
 from jobs.config import load_config  # noqa: E402
 from pipelines import synthetic as syn  # noqa: E402
@@ -80,12 +82,13 @@ def main() -> None:
     store = SnapshotStore(str(tmp / "store"))
     lat = syn.draw_latents(cfg.world)
     events, _ = syn.simulate_events(cfg.world, lat)
+    world = syn.world_summary(cfg.world, lat, events)
     events = corrupt_events(events, args.corrupt_share)
-    with store.writer("raw_items", schema=syn.RAW_ITEMS_SCHEMA) as w:
+    with store.writer("raw_items", schema=syn.RAW_ITEMS_SCHEMA, facts=world) as w:
         for k, chunk in enumerate(syn.item_chunks(cfg.world, lat, progress=False)):
             w.write_arrow(corrupt_items(chunk, args.corrupt_share, seed=k))
         w.commit()
-    store.write_table("raw_events", events, schema=syn.RAW_EVENTS_SCHEMA)
+    store.write_table("raw_events", events, schema=syn.RAW_EVENTS_SCHEMA, facts=world)
 
     # --- single process
     from pipelines.ingest_local import ingest_local
@@ -94,8 +97,10 @@ def main() -> None:
     res_local = ingest_local(store.read_arrow("raw_items"), store.read_arrow("raw_events"),
                              cfg.source, cfg.ingest)
     local_store = SnapshotStore(str(tmp / "local_store"))
+    facts = {"items": ItemsFacts(res_local.counts["items"]["in"]),
+             "events": EventsFacts(res_local.counts["events"]["in"], res_local.label_mode)}
     for name in ("items", "events", "quarantine", "item_id_map", "user_id_map"):
-        local_store.write_table(name, getattr(res_local, name))
+        local_store.write_table(name, getattr(res_local, name), facts=facts.get(name))
     local_s = time.perf_counter() - t0
     local_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -104,19 +109,25 @@ def main() -> None:
     from pipelines.spark import get_spark
 
     t0 = time.perf_counter()
-    spark = get_spark(cfg)
+    spark = get_spark(cfg.spark, cfg.root / "spark", cfg.root / "logs")
     spark.range(1).count()
     spark_start_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     spark_store = SnapshotStore(str(tmp / "spark_store"))
-    res_spark = run_ingest(spark, spark_store, store.read_spark(spark, "raw_items"),
-                           store.read_spark(spark, "raw_events"), cfg.source, cfg.ingest,
-                           parents=[], config_hash="bench", stable_ids=False)
+    frames = run_ingest(spark, store.read_spark(spark, "raw_items"),
+                        store.read_spark(spark, "raw_events"), cfg.source, cfg.ingest)
+    manifests = {name: spark_store.write_spark(name, df, schema, parents=[],
+                                               config_hash="bench", facts=facts)
+                 for name, (df, schema, facts) in frames.tables().items()}
+    spark_reasons = frames.quarantine_reasons()
+    spark_counts = frames.counts({t: manifests[t].row_count for t in ("items", "events")},
+                                 spark_reasons)
+    frames.release()
     spark_s = time.perf_counter() - t0
 
-    agree = (res_local.counts == res_spark.counts
-             and res_local.quarantine_reasons == res_spark.quarantine_reasons)
-    n = res_spark.counts["events"]["in"]
+    agree = (res_local.counts == spark_counts
+             and res_local.quarantine_reasons == spark_reasons)
+    n = spark_counts["events"]["in"]
     out = {
         "benchmark": "ingest_throughput",
         "events": n, "items": args.items, "cores": os.cpu_count(), "spark_master": args.master,
@@ -125,13 +136,14 @@ def main() -> None:
         "spark_events_per_s": round(n / spark_s), "single_process_events_per_s": round(n / local_s),
         "ratio_spark_over_single_process": round(local_s / spark_s, 3),
         "single_process_peak_rss_mb": round(local_peak_mb),
-        "counts_agree": agree, "counts": res_spark.counts,
-        "quarantine_reasons": res_spark.quarantine_reasons,
+        "label_mode": frames.label_mode, "counts_agree": agree, "counts": spark_counts,
+        "quarantine_reasons": spark_reasons,
     }
     emit(out, args.out)
     spark.stop()
     if not agree:
-        print(f"counts differ: local {res_local.counts} spark {res_spark.counts}", file=sys.stderr)
+        print(f"counts differ: local {res_local.counts} {res_local.quarantine_reasons} "
+              f"spark {spark_counts} {spark_reasons}", file=sys.stderr)
         sys.exit(1)
 
 

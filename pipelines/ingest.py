@@ -6,21 +6,25 @@ brought to one *canonical raw* shape by :func:`canonical_items` / :func:`canonic
 column that is missing or of a type that cannot mean what its name says stops the stage with
 :class:`SchemaError` naming it. Row-level problems never stop the stage: each bad row goes to
 quarantine with the first reason that applies, so ``rows in = rows out + rows quarantined`` for
-every input table (checked; :class:`RowAccountingError` otherwise).
+every input table (checked by :meth:`IngestFrames.counts`; ``RowAccountingError`` otherwise).
 
-Checks, in order (first failure wins):
+Checks, in order (first failure wins), as declared in :mod:`pipelines.ingest_rules` (the
+single-process :mod:`pipelines.ingest_local` is built from the same tables; this list is
+:func:`~pipelines.ingest_rules.describe_rules`, and a test keeps it so):
 
-* items: missing_item_id, missing_title, unparseable_timestamp (``created_at`` given but not a
-  time), duplicate_key (same ``item_id``; the earliest created is kept), then media:
-  image_not_found, undecodable_image, image_too_large, image_too_small, video_not_found,
-  undecodable_video.
-* events: missing_user_id, missing_item_id, unparseable_timestamp, invalid_label (not 0/1, NaN) or
-  invalid_rating (not a number), invalid_weight, unknown_item (not in the items input),
-  item_quarantined (the item was rejected above), duplicate_key (same user, item, ts; the row
-  with the highest label is kept).
+* items: missing_item_id (item_id blank), missing_title (title blank), unparseable_timestamp
+  (created_at given but does not parse), then duplicate_key (same item_id; the row with the
+  smallest created_at, then smallest title is kept), then media: image_not_found,
+  undecodable_image, image_too_large, image_too_small, video_not_found, undecodable_video.
+* events: missing_user_id (user_id blank), missing_item_id (item_id blank), unparseable_timestamp
+  (ts missing or not a time), invalid_label (label not one of 0, 1; label mode), invalid_rating
+  (rating not a number; rating mode), invalid_weight (weight given but does not parse),
+  unknown_item (item_id not in the items input), item_quarantined (item_id not in the items that
+  passed validation), then duplicate_key (same user_id, item_id, ts; the row with the highest
+  label, then highest weight is kept).
 
-The transformation functions take and return DataFrames; reading and writing happen only in
-:func:`run_ingest`.
+The functions take and return DataFrames; the caller (the ``ingest`` stage) reads the raw input
+and writes the snapshots.
 """
 
 from __future__ import annotations
@@ -35,21 +39,20 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from feature_store import schemas
-from feature_store.snapshots import Manifest, SnapshotNotFound, SnapshotStore
-from jobs.config import IngestConfig, SourceConfig
+from feature_store.facts import EventsFacts, ItemsFacts
+from pipelines.accounting import check_rows
+from pipelines.config import IngestConfig, SourceConfig
+from pipelines.ingest_rules import (EVENT_RULES, ITEM_RULES, KeepOnePerKey, Rule, TableRules,
+                                    label_mode)
 from pipelines.media import Reason, validate_media
 
 log = logging.getLogger(__name__)
 
-ITEM_QUARANTINED = "item_quarantined"
+ITEM_QUARANTINED = Reason.ITEM_QUARANTINED
 
 
 class SchemaError(ValueError):
     """Raw input cannot be read at all: a required column is missing or has an unusable type."""
-
-
-class RowAccountingError(RuntimeError):
-    """Rows in != rows out + rows quarantined: a bug, never a data problem."""
 
 
 # ------------------------------------------------------------------------- canonical raw shape
@@ -222,39 +225,53 @@ def _regex_quote(s: str) -> str:
 
 
 # ------------------------------------------------------------------------- validation
+# The checks themselves are declared once, in pipelines/ingest_rules.py; this part compiles them
+# to Spark expressions (pipelines/ingest_local.py compiles the same tables to pandas).
 
 
-def _first_failure(*checks: tuple) -> tuple:
-    """``(condition, reason, detail)`` checks → (reason, detail) columns of the first that holds."""
-    reason = F.coalesce(*[F.when(c, F.lit(r)) for c, r, _ in checks])
-    detail = F.coalesce(*[F.when(c, d) for c, _, d in checks])
+def _first_failure(df: DataFrame, rules: tuple[Rule, ...]) -> tuple:
+    """The rules as (reason, detail) columns: those of the first rule that holds, null when none
+    does. Both are one CASE WHEN over the rules, so the detail always belongs to the reason (a
+    coalesce of per-rule details would fall through to a later rule's value when the first
+    failing rule has no detail)."""
+    reason = detail = None
+    for r in rules:
+        holds = r.when.spark(df)
+        shown = F.col(r.detail).cast("string") if r.detail else F.lit(None).cast("string")
+        reason = F.when(holds, F.lit(r.reason)) if reason is None else reason.when(
+            holds, F.lit(r.reason))
+        detail = F.when(holds, shown) if detail is None else detail.when(holds, shown)
+    if reason is None:
+        return F.lit(None).cast("string"), F.lit(None).cast("string")
     return reason.cast("string"), detail.cast("string")
 
 
-def _blank(c):
-    return c.isNull() | (F.trim(c) == "")
-
-
-def classify_items(items: DataFrame, ingest: IngestConfig) -> DataFrame:
-    """Add ``_reason`` / ``_detail`` (null for valid rows) to canonical raw items; load images
-    given as paths and decode every image and video (in Python workers, batched over Arrow)."""
-    reason, detail = _first_failure(
-        (_blank(F.col("item_ext")), Reason.MISSING_ITEM_ID, F.lit(None)),
-        (_blank(F.col("title")), Reason.MISSING_TITLE, F.lit(None)),
-        (F.col("created_raw").isNotNull() & F.col("created_ts").isNull(),
-         Reason.UNPARSEABLE_TIMESTAMP, F.col("created_raw")),
-    )
-    df = items.withColumn("_reason", reason).withColumn("_detail", detail)
-    # Among rows still valid, one per item_id: the earliest created (then the smallest title).
+def _keep_one_per_key(df: DataFrame, keep: KeepOnePerKey) -> DataFrame:
+    """Mark all but the first row (by ``keep.order``) of each key among the still-valid rows as
+    ``keep.reason``."""
+    order = [F.col(k.column).desc_nulls_last() if k.descending else
+             F.col(k.column).asc_nulls_last() for k in keep.order]
     rank = F.when(F.col("_reason").isNull(), F.row_number().over(
-        Window.partitionBy("item_ext", F.col("_reason").isNull()).orderBy(
-            F.col("created_ts").asc_nulls_last(), "title")))
-    df = df.withColumn("_rank", rank)
-    df = (df.withColumn("_detail", F.when(F.col("_rank") > 1, F.concat(
-        F.lit("item_id "), F.col("item_ext"), F.lit(" seen before"))).otherwise(F.col("_detail")))
-          .withColumn("_reason", F.when(F.col("_rank") > 1, F.lit(Reason.DUPLICATE_KEY))
-                      .otherwise(F.col("_reason")))
-          .drop("_rank"))
+        Window.partitionBy(*keep.key, F.col("_reason").isNull()).orderBy(*order)))
+    detail = F.concat(*[F.col(p).cast("string") if is_col else F.lit(p)
+                        for p, is_col in keep.detail_parts()])
+    dup = F.col("_rank") > 1
+    return (df.withColumn("_rank", rank)
+            .withColumn("_detail", F.when(dup, detail).otherwise(F.col("_detail")))
+            .withColumn("_reason", F.when(dup, F.lit(keep.reason)).otherwise(F.col("_reason")))
+            .drop("_rank"))
+
+
+def classify_items(items: DataFrame, ingest: IngestConfig, *,
+                   rules: TableRules = ITEM_RULES) -> DataFrame:
+    """Add ``_reason`` / ``_detail`` (null for valid rows) to canonical raw items by ``rules``;
+    load images given as paths and decode every image and video (in Python workers, batched
+    over Arrow)."""
+    reason, detail = _first_failure(items, rules.rules_for())
+    df = _keep_one_per_key(items.withColumn("_reason", reason).withColumn("_detail", detail),
+                           rules.keep_one)
+    if not rules.media_reasons:
+        return df
     df = df.repartition(ingest.image_partitions)
     max_bytes, min_side = ingest.max_image_bytes, ingest.min_image_side
 
@@ -288,51 +305,29 @@ def classify_items(items: DataFrame, ingest: IngestConfig) -> DataFrame:
 
 
 def classify_events(events: DataFrame, mode: str, source: SourceConfig,
-                    raw_item_ids: DataFrame, valid_item_ids: DataFrame) -> DataFrame:
-    """Add ``_reason`` / ``_detail`` and the parsed ``label`` (int8) to canonical raw events.
+                    raw_item_ids: DataFrame, valid_item_ids: DataFrame, *,
+                    rules: TableRules = EVENT_RULES) -> DataFrame:
+    """Add ``_reason`` / ``_detail`` and the parsed ``label`` (int8) to canonical raw events by
+    ``rules`` under label ``mode``.
 
     ``raw_item_ids`` holds every item id of the items input (``item_ext``); ``valid_item_ids``
-    those that passed validation.
+    those that passed validation (the id sets ``raw_item_ids`` / ``valid_item_ids`` of the
+    rules' :class:`~pipelines.ingest_rules.NotAmong` checks).
     """
-    v = F.col("value")
-    if mode == "label":
-        bad_value = v.isNull() | F.isnan(v) | ~v.isin(0.0, 1.0)
-        label = v
-        value_reason = Reason.INVALID_LABEL
-    elif mode == "rating":
-        bad_value = v.isNull() | F.isnan(v)
-        label = (v >= F.lit(source.rating_threshold)).cast("double")
-        value_reason = Reason.INVALID_RATING
-    else:
-        bad_value = F.lit(False)
-        label = F.lit(1.0)
-        value_reason = Reason.INVALID_LABEL
-    known = raw_item_ids.select("item_ext", F.lit(True).alias("_known")).distinct()
-    ok_items = valid_item_ids.select("item_ext", F.lit(True).alias("_item_ok"))
-    df = events.join(known, "item_ext", "left").join(ok_items, "item_ext", "left")
-    w_bad = F.col("weight_raw").isNotNull() & (F.col("weight").isNull() | F.isnan(F.col("weight")))
-    reason, detail = _first_failure(
-        (_blank(F.col("user_ext")), Reason.MISSING_USER_ID, F.lit(None)),
-        (_blank(F.col("item_ext")), Reason.MISSING_ITEM_ID, F.lit(None)),
-        (F.col("ts").isNull(), Reason.UNPARSEABLE_TIMESTAMP, F.col("__raw_ts").cast("string")),
-        (bad_value, value_reason, F.col("value_raw")),
-        (w_bad, Reason.INVALID_WEIGHT, F.col("weight_raw")),
-        (F.col("_known").isNull(), Reason.UNKNOWN_ITEM, F.col("item_ext")),
-        (F.col("_item_ok").isNull(), ITEM_QUARANTINED, F.col("item_ext")),
-    )
+    id_sets = {"raw_item_ids": raw_item_ids, "valid_item_ids": valid_item_ids}
+    active = rules.rules_for(mode)
+    df = events
+    for among in rules.id_sets(mode):  # both id sets hold item ids, as ``item_ext``
+        ids = id_sets[among.id_set].select(F.col("item_ext").alias(among.column),
+                                          F.lit(True).alias(among.flag)).distinct()
+        df = df.join(ids, among.column, "left")
+    reason, detail = _first_failure(df, active)
+    label = label_mode(mode).spark_label(F.col("value"), source.rating_threshold)
     df = (df.withColumn("_reason", reason).withColumn("_detail", detail)
           # Only valid rows get a label; NaN or 2.0 must not reach the (ANSI, failing) cast.
           .withColumn("label", F.when(F.col("_reason").isNull(), label.try_cast("byte")))
-          .drop("_known", "_item_ok"))
-    rank = F.when(F.col("_reason").isNull(), F.row_number().over(
-        Window.partitionBy("user_ext", "item_ext", "ts", F.col("_reason").isNull())
-        .orderBy(F.col("label").desc(), F.col("weight").desc_nulls_last())))
-    df = df.withColumn("_rank", rank)
-    return (df.withColumn("_detail", F.when(F.col("_rank") > 1, F.lit("same user, item, ts"))
-                          .otherwise(F.col("_detail")))
-            .withColumn("_reason", F.when(F.col("_rank") > 1, F.lit(Reason.DUPLICATE_KEY))
-                        .otherwise(F.col("_reason")))
-            .drop("_rank"))
+          .drop(*[among.flag for among in rules.id_sets(mode)]))
+    return _keep_one_per_key(df, rules.keep_one)
 
 
 def quarantine_rows(classified: DataFrame, table: str) -> DataFrame:
@@ -380,17 +375,57 @@ def assign_dense_ids(spark: SparkSession, external_ids: DataFrame,
 
 
 @dataclass
-class IngestResult:
-    manifests: dict[str, Manifest]
-    counts: dict[str, dict[str, int]]
-    quarantine_reasons: dict[str, int] = field(default_factory=dict)
-    label_mode: str = "label"
+class IngestFrames:
+    """The validated tables of one ingest, as DataFrames (their sources are persisted until
+    :meth:`release`): the caller writes them, then checks :meth:`counts`."""
+
+    items: DataFrame
+    events: DataFrame
+    quarantine: DataFrame
+    item_id_map: DataFrame
+    user_id_map: DataFrame
+    #: Raw rows read per input table (``items``, ``events``).
+    rows_in: dict[str, int]
+    label_mode: str
+    _persisted: list = field(default_factory=list, repr=False)
+
+    def tables(self) -> dict[str, tuple[DataFrame, pa.Schema, object]]:
+        """Each output table with its schema and facts: what the caller writes."""
+        return {
+            "items": (self.items, schemas.items_schema(), ItemsFacts(self.rows_in["items"])),
+            "events": (self.events, schemas.events_schema(),
+                       EventsFacts(self.rows_in["events"], self.label_mode)),
+            "quarantine": (self.quarantine, schemas.quarantine_schema(), None),
+            "item_id_map": (self.item_id_map, schemas.id_map_schema(), None),
+            "user_id_map": (self.user_id_map, schemas.id_map_schema(), None),
+        }
+
+    def quarantine_reasons(self) -> dict[str, int]:
+        """Quarantined rows per ``<table>.<reason>``."""
+        return {f"{r['source_table']}.{r['reason']}": r["count"] for r in
+                self.quarantine.groupBy("source_table", "reason").count().collect()}
+
+    def counts(self, rows_out: dict[str, int], reasons: dict[str, int]) -> dict[str, dict]:
+        """Rows in / out / quarantined per input table, given the rows written; raises
+        :class:`RowAccountingError` when they do not add up."""
+        out = {}
+        for table in ("items", "events"):
+            q = sum(v for k, v in reasons.items() if k.startswith(f"{table}."))
+            check_rows(f"ingest {table}", self.rows_in[table], rows_out[table], q)
+            out[table] = {"in": self.rows_in[table], "out": rows_out[table], "quarantined": q}
+        return out
+
+    def release(self) -> None:
+        for df in self._persisted:
+            df.unpersist()
 
 
-def run_ingest(spark: SparkSession, store: SnapshotStore, raw_items: DataFrame,
-               raw_events: DataFrame, source: SourceConfig, ingest: IngestConfig, *,
-               parents: list[str], config_hash: str, stable_ids: bool = True) -> IngestResult:
-    """Validate, map ids, and commit ``items``, ``events``, ``quarantine`` and the id maps."""
+def run_ingest(spark: SparkSession, raw_items: DataFrame, raw_events: DataFrame,
+               source: SourceConfig, ingest: IngestConfig, *,
+               previous_item_map: Optional[DataFrame] = None,
+               previous_user_map: Optional[DataFrame] = None) -> IngestFrames:
+    """Validate raw items and events, quarantine bad rows, and map ids to dense int64 ids,
+    keeping every id the previous maps gave (pass them for ids stable across runs)."""
     from pyspark import StorageLevel
 
     items = canonical_items(raw_items, source)
@@ -400,12 +435,8 @@ def run_ingest(spark: SparkSession, store: SnapshotStore, raw_items: DataFrame,
     n_items_in = items_c.count()
     valid_items = items_c.where(F.col("_reason").isNull())
 
-    prev_item_map = prev_user_map = None
-    if stable_ids:
-        prev_item_map = _latest_df(spark, store, "item_id_map")
-        prev_user_map = _latest_df(spark, store, "user_id_map")
     item_map = assign_dense_ids(
-        spark, valid_items.select(F.col("item_ext").alias("external_id")), prev_item_map
+        spark, valid_items.select(F.col("item_ext").alias("external_id")), previous_item_map
     ).persist(StorageLevel.MEMORY_AND_DISK)
 
     events_c = classify_events(events, mode, source, items.select("item_ext"),
@@ -414,7 +445,7 @@ def run_ingest(spark: SparkSession, store: SnapshotStore, raw_items: DataFrame,
     n_events_in = events_c.count()
     valid_events = events_c.where(F.col("_reason").isNull())
     user_map = assign_dense_ids(
-        spark, valid_events.select(F.col("user_ext").alias("external_id")), prev_user_map
+        spark, valid_events.select(F.col("user_ext").alias("external_id")), previous_user_map
     ).persist(StorageLevel.MEMORY_AND_DISK)
 
     items_out = (valid_items.join(item_map.withColumnRenamed("external_id", "item_ext"), "item_ext")
@@ -430,49 +461,6 @@ def run_ingest(spark: SparkSession, store: SnapshotStore, raw_items: DataFrame,
                   .sortWithinPartitions("user_id", "ts"))
     quarantine = quarantine_rows(items_c, "items").unionByName(
         quarantine_rows(events_c, "events"))
-
-    manifests = {}
-    common = dict(parents=parents, config_hash=config_hash)
-    manifests["items"] = write_snapshot(store, "items", items_out, schemas.items_schema(),
-                                extra={"rows_in": n_items_in}, **common)
-    manifests["events"] = write_snapshot(store, "events", events_out, schemas.events_schema(),
-                                 extra={"rows_in": n_events_in, "label_mode": mode}, **common)
-    manifests["quarantine"] = write_snapshot(store, "quarantine", quarantine.coalesce(1),
-                                     schemas.quarantine_schema(), **common)
-    manifests["item_id_map"] = write_snapshot(store, "item_id_map", item_map.coalesce(1),
-                                      schemas.id_map_schema(), **common)
-    manifests["user_id_map"] = write_snapshot(store, "user_id_map", user_map.coalesce(1),
-                                      schemas.id_map_schema(), **common)
-
-    reasons = {f"{r['source_table']}.{r['reason']}": r["count"] for r in
-               store.read_spark(spark, "quarantine", manifests["quarantine"].snapshot_id)
-               .groupBy("source_table", "reason").count().collect()}
-    q_items = sum(v for k, v in reasons.items() if k.startswith("items."))
-    q_events = sum(v for k, v in reasons.items() if k.startswith("events."))
-    counts = {
-        "items": {"in": n_items_in, "out": manifests["items"].row_count, "quarantined": q_items},
-        "events": {"in": n_events_in, "out": manifests["events"].row_count,
-                   "quarantined": q_events},
-    }
-    for table, c in counts.items():
-        if c["in"] != c["out"] + c["quarantined"]:
-            raise RowAccountingError(f"{table}: {c['in']} rows in != {c['out']} out + "
-                                     f"{c['quarantined']} quarantined")
-    for df in (items_c, events_c, item_map, user_map):
-        df.unpersist()
-    return IngestResult(manifests, counts, reasons, mode)
-
-
-def _latest_df(spark, store: SnapshotStore, table: str) -> Optional[DataFrame]:
-    try:
-        return store.read_spark(spark, table)
-    except SnapshotNotFound:
-        return None
-
-
-def write_snapshot(store: SnapshotStore, table: str, df: DataFrame, schema: pa.Schema, *,
-           parents, config_hash, extra=None) -> Manifest:
-    with store.writer(table, schema=schema, parents=parents, config_hash=config_hash,
-                      extra=extra or {}) as w:
-        df.write.mode("overwrite").parquet(w.spark_uri)
-        return w.commit()
+    return IngestFrames(items_out, events_out, quarantine.coalesce(1), item_map.coalesce(1),
+                        user_map.coalesce(1), {"items": n_items_in, "events": n_events_in}, mode,
+                        [items_c, events_c, item_map, user_map])

@@ -26,6 +26,8 @@ class Reason:
     INVALID_RATING = "invalid_rating"
     INVALID_WEIGHT = "invalid_weight"
     UNKNOWN_ITEM = "unknown_item"
+    #: The event's item is in the items input but was itself quarantined.
+    ITEM_QUARANTINED = "item_quarantined"
     DUPLICATE_KEY = "duplicate_key"
     IMAGE_NOT_FOUND = "image_not_found"
     UNDECODABLE_IMAGE = "undecodable_image"
