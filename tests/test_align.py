@@ -18,10 +18,39 @@ def test_dsl_tends_to_infonce_for_a_large_prior_temperature():
     assert not torch.allclose(dual_softmax_loss(s, temperature=1.0), info_nce(s), atol=1e-3)
 
 
+def _dsl_by_hand(s, temperature, detach_prior):
+    """DSL written out from the paper (REFERENCE.md), independently of the library."""
+    b = s.shape[0]
+
+    def one_side(m):
+        z = m / temperature
+        prior = torch.exp(z - torch.logsumexp(z, dim=0, keepdim=True))  # softmax down columns
+        if detach_prior:
+            prior = prior.detach()
+        revised = m * prior * b
+        return (torch.logsumexp(revised, dim=1) - revised.diagonal()).mean()
+
+    return 0.5 * (one_side(s) + one_side(s.T))
+
+
+def _grad(loss_fn, s):
+    s = s.clone().requires_grad_(True)
+    loss = loss_fn(s)
+    loss.backward()
+    return loss.detach(), s.grad
+
+
 def test_dsl_gradient_flows_through_the_prior():
-    s = torch.randn(6, 6, requires_grad=True)
-    dual_softmax_loss(s, temperature=1.0).backward()
-    assert s.grad is not None and s.grad.abs().sum() > 0
+    torch.manual_seed(0)
+    s = torch.randn(6, 6, dtype=torch.float64) * 3
+    t = 1.0  # small enough that the prior is far from uniform and its gradient matters
+    loss, grad = _grad(lambda m: dual_softmax_loss(m, temperature=t), s)
+    ref_loss, ref_grad = _grad(lambda m: _dsl_by_hand(m, t, detach_prior=False), s)
+    _, detached_grad = _grad(lambda m: _dsl_by_hand(m, t, detach_prior=True), s)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-8, atol=1e-10)
+    # A detached prior gives a clearly different gradient (0.71 apart at this seed, max |g| 1.6).
+    assert (grad - detached_grad).abs().max() > 0.2, (grad - detached_grad).abs().max()
 
 
 def test_asl_without_focusing_is_binary_cross_entropy():

