@@ -70,6 +70,20 @@ def to_tensor(images: Sequence[np.ndarray], mean=IMAGENET_MEAN, std=IMAGENET_STD
     return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
+def load_quietly(model_class, path: str):
+    """``model_class.from_pretrained`` from a local folder without the progress bar transformers
+    draws over the weights (the console belongs to the stages' own progress)."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return model_class.from_pretrained(path, local_files_only=True)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
 class TextTower(nn.Module):
     """A ``transformers`` text encoder from a local directory, mean-pooled over real tokens and
     L2-normalised (the sentence-transformers recipe of all-MiniLM-L6-v2). Default: MiniLM."""
@@ -81,7 +95,7 @@ class TextTower(nn.Module):
         path = local_dir(path or minilm_dir(), "text tower")
         self.path, self.max_length = path, max_length
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+        self.model = load_quietly(AutoModel, path).eval()
         self.dim = int(self.model.config.hidden_size)
 
     @torch.no_grad()
@@ -175,7 +189,7 @@ class CLIPTowers(nn.Module):
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
         path = local_dir(path, "CLIP")
-        self.model = CLIPModel.from_pretrained(path, local_files_only=True).eval()
+        self.model = load_quietly(CLIPModel, path).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.processor = CLIPImageProcessor.from_pretrained(path, local_files_only=True)
         self.dim = int(self.model.config.projection_dim)

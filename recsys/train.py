@@ -407,12 +407,17 @@ def main(argv: list[str] | None = None) -> None:
                     "arm's output folder.")
     ap.add_argument("--job", required=True, help="path of job.json")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    job = TrainJob.load(args.job)
+    # Log lines (ours and TorchRec's planner, gloo, fbgemm) go to the rank's log file; the
+    # console (rank 0 under `qarm train`) keeps the progress bar and any traceback.
+    rank = os.environ.get("RANK", "0")
+    Path(job.out_dir).mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(Path(job.out_dir) / f"rank{rank}.log", mode="a")
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    run_rank(TrainJob.load(args.job))
+    logging.captureWarnings(True)
+    run_rank(job)
 
 
 if __name__ == "__main__":
