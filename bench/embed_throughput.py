@@ -28,7 +28,7 @@ import pyarrow as pa  # noqa: E402
 
 
 def synthetic_items(n: int, seed: int = 0) -> pa.Table:
-    from jobs.config import WorldConfig
+    from pipelines.config import WorldConfig
     from pipelines import synthetic as syn
 
     w = WorldConfig(n_items=n, seed=seed)
@@ -79,7 +79,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="qarm-bench-embed-"))
     cfg = load_config(None, [f"paths.root={tmp}", f"spark.master=local[{cores}]"])
-    spark = get_spark(cfg)
+    spark = get_spark(cfg.spark, cfg.root / "spark", cfg.root / "logs")
     spark.range(1).count()
     # Feed Spark from Parquet, as the stage reads its snapshot.
     import pyarrow.parquet as pq

@@ -136,7 +136,7 @@ def assign_case(n, d, pool, k_vq):
     tmp = Path(tempfile.mkdtemp(prefix="qarm-bench-rq-"))
     pq.write_table(table, tmp / "emb.parquet")
     cfg = load_config(None, [f"paths.root={tmp}", f"spark.master=local[{cores}]"])
-    spark = get_spark(cfg)
+    spark = get_spark(cfg.spark, cfg.root / "spark", cfg.root / "logs")
     df = spark.read.parquet(str(tmp / "emb.parquet"))
     df.count()
     t0 = time.perf_counter()

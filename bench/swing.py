@@ -33,7 +33,7 @@ import pandas as pd  # noqa: E402
 
 def make_events(n_events: int, n_items: int, seed: int = 0) -> pd.DataFrame:
     """Positive and negative impressions (user_id, item_id int64, ts, label) from the world."""
-    from jobs.config import WorldConfig
+    from pipelines.config import WorldConfig
     from pipelines import synthetic as syn
 
     n_users = max(100, n_events // 200)
@@ -151,7 +151,7 @@ def main() -> None:
     full = make_events(max(args.events, max(args.local_sizes)), args.items)
     cfg = load_config(None, [f"paths.root={tmp}", "spark.shuffle_partitions=16",
                              "spark.driver_memory=8g"])
-    spark = get_spark(cfg)
+    spark = get_spark(cfg.spark, cfg.root / "spark", cfg.root / "logs")
 
     local = []
     for n in sorted(args.local_sizes):
