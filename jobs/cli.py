@@ -30,7 +30,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from jobs.stage import DagError
     from mm_encoder.towers import ModelNotFound
     from pipelines.examples import ExamplesError
-    from pipelines.ingest import SchemaError
+    from pipelines.ingest_canonical import SchemaError
     from pipelines.sources import SourceError
     from pipelines.spark import SparkUnavailable
     from pipelines.split import SplitError

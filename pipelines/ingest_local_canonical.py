@@ -1,7 +1,7 @@
 """The canonical raw shape of the single-process ingest: the pandas twins of
-:func:`pipelines.ingest.canonical_items` / :func:`~pipelines.ingest.canonical_events`, with the
-same columns, the same type dispatch, the same :class:`~pipelines.ingest.SchemaError` for a
-column that cannot mean what its name says, and values parsed and rendered as Spark does."""
+:mod:`pipelines.ingest_canonical` (``canonical_items`` / ``canonical_events``), with the same
+columns, the same type dispatch, the same ``SchemaError`` for a column that cannot mean what its
+name says, and values parsed and rendered as Spark does."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.config import SourceConfig
-from pipelines.ingest import SchemaError
+from pipelines.ingest_canonical import SchemaError
 from pipelines.ingest_rules import label_mode_of
 
 
@@ -174,7 +174,7 @@ def _from_epoch_seconds(seconds: np.ndarray) -> pd.Series:
 
 def parse_timestamp(raw: pa.Table, table: str, col: str,
                     ts_format: Optional[str]) -> pd.Series:
-    """The pandas twin of :func:`pipelines.ingest.parse_timestamp`: a UTC time per row from a
+    """The pandas twin of :func:`pipelines.ingest_canonical.parse_timestamp`: a UTC time per row from a
     timestamp (naive ones are UTC, as in the Spark session), a date, epoch seconds, or an ISO-8601
     / epoch-second string; null where it does not parse."""
     arr = raw.column(col)

@@ -9,8 +9,8 @@ vocabulary of predicates (:class:`Blank`, :class:`Missing`, :class:`GivenButUnpa
 so that adding a check, reordering two, or changing what a word means changes both
 implementations at once.
 
-Rules run on the *canonical raw* columns (:func:`pipelines.ingest.canonical_items` /
-:func:`~pipelines.ingest.canonical_events` and their pandas twins): ``item_ext``, ``title``,
+Rules run on the *canonical raw* columns (:func:`pipelines.ingest_canonical.canonical_items` /
+:func:`~pipelines.ingest_canonical.canonical_events` and their pandas twins): ``item_ext``, ``title``,
 ``created_raw`` / ``created_ts``; ``user_ext``, ``item_ext``, ``ts``, ``value`` / ``value_raw``,
 ``weight`` / ``weight_raw``, ``__raw_ts``. Each table is checked in three phases:
 

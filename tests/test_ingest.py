@@ -20,8 +20,8 @@ import pipelines.ingest
 from feature_store.snapshots import SnapshotNotFound, SnapshotStore
 from jobs.config import load_config
 from pipelines.config import IngestConfig, SourceConfig
-from pipelines.ingest import (SchemaError, canonical_events, canonical_items, classify_events,
-                              classify_items, run_ingest)
+from pipelines.ingest import classify_events, classify_items, run_ingest
+from pipelines.ingest_canonical import SchemaError, canonical_events, canonical_items
 from pipelines.ingest_local import classify_events_frame, classify_items_frame, ingest_local
 from pipelines.ingest_local_canonical import (LocalIngestUnsupported, canonical_events_frame,
                                               canonical_items_frame)
