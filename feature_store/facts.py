@@ -47,6 +47,25 @@ class EventsFacts:
 
 
 @dataclass(frozen=True)
+class SplitFacts:
+    """How the events were split (``pipelines/split.py``)."""
+
+    mode: Literal["global_time", "per_user"]
+    #: global_time: start of the test part and of the validation part (ISO-8601, UTC).
+    test_start: Optional[str]
+    valid_start: Optional[str]
+    #: Events, positives and distinct users per part (train, valid, test).
+    rows: dict[str, int]
+    positives: dict[str, int]
+    users: dict[str, int]
+    #: Users with test events that also have training events (known) and that do not (new).
+    test_users_known: int
+    test_users_new: int
+    #: per_user: users with too few positives to be split (all their events are training).
+    users_too_short: int
+
+
+@dataclass(frozen=True)
 class EmbeddingFacts:
     dim: int
     encoder_version: str
@@ -67,8 +86,8 @@ class FeatureFacts:
 
 @dataclass(frozen=True)
 class PairsFacts:
-    #: End of the training period the pairs were mined from (ISO-8601, UTC).
-    train_end: str
+    #: The split whose training part the pairs were mined from.
+    split_mode: str
 
 
 @dataclass(frozen=True)
@@ -91,7 +110,7 @@ class ExamplesFacts:
     #: Rows of the per-item lookups (max item id + 1).
     n_items: int
     n_users: int
-    train_end: str
+    split_mode: str
     history_len: int
     #: The ``*_raw`` code columns are filled (the codes_raw arm can train).
     raw_codes: bool
@@ -120,6 +139,7 @@ TABLE_FACTS: dict[str, type] = {
                                "truth_events")},
     "items": ItemsFacts,
     "events": EventsFacts,
+    "split_events": SplitFacts,
     "item_embeddings": EmbeddingFacts,
     "aligned_item_embeddings": EmbeddingFacts,
     "item_features": FeatureFacts,
@@ -128,6 +148,7 @@ TABLE_FACTS: dict[str, type] = {
     "item_codes": CodesFacts,
     "item_codes_raw": CodesFacts,
     "train_examples": ExamplesFacts,
+    "valid_examples": ExamplesFacts,
     "eval_examples": ExamplesFacts,
     "ranker_predictions": PredictionsFacts,
 }

@@ -44,6 +44,28 @@ def events_schema() -> pa.Schema:
     )
 
 
+#: The parts of the split (``pipelines/split.py``): learning reads only ``train``.
+PARTS = ("train", "valid", "test")
+
+
+def split_events_schema() -> pa.Schema:
+    """``events`` with the part of the split each event belongs to."""
+    return pa.schema(list(events_schema()) + [pa.field("part", pa.string(), nullable=False)])
+
+
+def item_tags_schema() -> pa.Schema:
+    """Dated item attributes (MovieLens user tags): who wrote which tag on which item, when.
+    ``user_id`` is null when the author is unknown or has no events."""
+    return pa.schema(
+        [
+            pa.field("item_id", pa.int64(), nullable=False),
+            pa.field("user_id", pa.int64()),
+            pa.field("tag", pa.string(), nullable=False),
+            pa.field("ts", TS, nullable=False),
+        ]
+    )
+
+
 def item_pairs_schema() -> pa.Schema:
     return pa.schema(
         [
@@ -99,8 +121,12 @@ def examples_schema(levels: int) -> pa.Schema:
             pa.field("item_id", pa.int64(), nullable=False),
             pa.field("ts", TS, nullable=False),
             pa.field("label", pa.int8(), nullable=False),
-            # The target item first appeared (created or first event) in the evaluation period.
+            # The part of the split the example belongs to (train, valid, test).
+            pa.field("part", pa.string(), nullable=False),
+            # The target item has no event in the training part (new, or never shown before).
             pa.field("cold", pa.bool_(), nullable=False),
+            # The user has no event in the training part.
+            pa.field("new_user", pa.bool_(), nullable=False),
             # A negative drawn by the sampler (implicit feedback), not an observed impression.
             pa.field("sampled", pa.bool_(), nullable=False),
             # The user's last N positives strictly before ``ts``, oldest first.
@@ -117,7 +143,7 @@ def examples_schema(levels: int) -> pa.Schema:
 
 
 #: The examples columns each prediction row carries (which impression it scores).
-PREDICTION_KEYS = ("user_id", "item_id", "ts", "label", "cold", "sampled")
+PREDICTION_KEYS = ("user_id", "item_id", "ts", "label", "part", "cold", "new_user", "sampled")
 
 
 def predictions_schema() -> pa.Schema:

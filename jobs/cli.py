@@ -29,18 +29,18 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from feature_store.snapshots import SnapshotNotFound
     from jobs.stage import DagError
     from mm_encoder.towers import ModelNotFound
+    from pipelines.accounting import UnusableData
     from pipelines.examples import ExamplesError
     from pipelines.ingest_canonical import SchemaError
     from pipelines.sources import SourceError
     from pipelines.spark import SparkUnavailable
-    from pipelines.split import SplitError
     from quantizer.codebook import CodebookExists, CodebookNotFound
     from quantizer.kmeans import TooFewPoints
     from recsys.features import FeatureSpecError
     from recsys.train import TrainError
 
     return (ConfigError, DagError, FactsError, SchemaError, SchemaMismatch, SnapshotNotFound,
-            SourceError, SparkUnavailable, SplitError, CodebookExists, CodebookNotFound,
+            SourceError, SparkUnavailable, UnusableData, CodebookExists, CodebookNotFound,
             ModelNotFound, TooFewPoints, ExamplesError, FeatureSpecError, TrainError)
 
 

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 #: Part of every skip key: bump when what stages write changes shape (typed manifest facts),
 #: so that a new version re-runs stages instead of skipping onto snapshots it cannot read.
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 
 
 @dataclass

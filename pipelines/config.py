@@ -80,6 +80,12 @@ class SourceConfig:
     ts_format: Optional[str] = None
     #: Separator of ``tags`` in CSV files.
     tag_separator: str = "|"
+    #: ``auto``: labels from ``label`` or ``rating`` when present; ``implicit``: every event is a
+    #: positive whatever columns it has (e.g. MovieLens ratings read as plain interactions).
+    feedback: Literal["auto", "implicit"] = "auto"
+    #: generic: optional dated item tags (CSV or Parquet: item_id, tag, ts[, user_id]). They
+    #: reach an item's text only when dated before the split point of whoever wrote them.
+    item_tags: Optional[str] = None
 
 
 @dataclass
@@ -102,12 +108,27 @@ class EmbedConfig:
 
 @dataclass
 class SplitConfig:
-    """The training / evaluation time split shared by pairs, alignment and the ranker."""
+    """How events divide into training, validation and test parts (``pipelines/split.py``).
 
-    #: Explicit training end (ISO-8601, UTC); events at or after it are evaluation.
+    Every stage that learns from behaviour (pairs, alignment, examples, training) sees only the
+    training part; validation and test events are only ever scored."""
+
+    #: ``global_time``: one time cut for everyone (test = the last ``1 - train_share`` of the
+    #: time range or from ``train_end``; validation = the last ``valid_share`` of the training
+    #: period). ``per_user``: each user's last ``test_last_n`` positives (and what follows them)
+    #: are test, the ``valid_last_n`` before them validation, the rest training; for data whose
+    #: timestamps only order each user's sequence.
+    mode: Literal["global_time", "per_user"] = "global_time"
+    #: global_time: explicit test start (ISO-8601, UTC); events at or after it are test.
     train_end: Optional[str] = None
-    #: Otherwise: this share of the events' time range is training.
+    #: global_time: otherwise this share of the events' time range precedes the test part.
     train_share: float = 0.8
+    #: global_time: the last share of the period before the test part that is validation.
+    valid_share: float = 0.1
+    #: per_user: positives per user in the test part, and in the validation part.
+    test_last_n: int = 1
+    valid_last_n: int = 1
+
 
 @dataclass
 class PairsConfig:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from jobs.stage import Stage
 from jobs.stages import (align, embed, evaluate, examples, ingest, pairs, quantize, quantize_raw,
-                         train, world)
+                         split, train, world)
 
 STAGES: tuple[Stage, ...] = (
-    world.STAGE, ingest.STAGE, embed.STAGE, pairs.STAGE, align.STAGE, quantize.STAGE,
-    quantize_raw.STAGE, examples.STAGE, train.STAGE, evaluate.STAGE,
+    world.STAGE, ingest.STAGE, split.STAGE, embed.STAGE, pairs.STAGE, align.STAGE,
+    quantize.STAGE, quantize_raw.STAGE, examples.STAGE, train.STAGE, evaluate.STAGE,
 )
 
 
