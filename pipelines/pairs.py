@@ -1,7 +1,7 @@
 """The pairs stage (Spark): behaviour pairs that alignment trains on.
 
-All three miners read positive events (``label = 1``) of the training period only and never
-collect to the driver.
+All three miners read positive events (``label = 1``) of the training part of the split only
+(``pipelines/split.py``) and never collect to the driver.
 
 **Swing** (item-item). With ``U_i`` the users who clicked item i, ``I_u`` the items user u
 clicked and the per-user weight ``w_u = 1 / sqrt(|I_u|)``::
@@ -44,10 +44,13 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
-def positives(events: DataFrame, train_end) -> DataFrame:
-    """Distinct (user_id, item_id, ts) positives before ``train_end`` (a timestamp literal)."""
-    return (events.where((F.col("label") == 1) & (F.col("ts") < F.lit(train_end)))
-            .select("user_id", "item_id", "ts"))
+def positives(events: DataFrame, before=None) -> DataFrame:
+    """Distinct (user_id, item_id, ts) positives (only those before ``before``, a timestamp
+    literal, when given)."""
+    pos = events.where(F.col("label") == 1)
+    if before is not None:
+        pos = pos.where(F.col("ts") < F.lit(before))
+    return pos.select("user_id", "item_id", "ts")
 
 
 def user_items(pos: DataFrame, cfg: PairsConfig) -> DataFrame:
@@ -152,10 +155,9 @@ def mine_u2i_pairs(pos: DataFrame, embeddings: DataFrame, cfg: PairsConfig) -> D
             .select("src", "dst", "score", F.lit("u2i").alias("source")))
 
 
-def mine_pairs(events: DataFrame, embeddings: DataFrame, train_end, cfg: PairsConfig
-               ) -> DataFrame:
-    """All configured pair sources, as ``item_pairs`` rows."""
-    pos = positives(events, train_end)
+def mine_pairs(train_events: DataFrame, embeddings: DataFrame, cfg: PairsConfig) -> DataFrame:
+    """All configured pair sources, as ``item_pairs`` rows, from the training part's events."""
+    pos = positives(train_events)
     ui = user_items(pos, cfg)
     parts = []
     for source in cfg.sources:
@@ -173,17 +175,6 @@ def mine_pairs(events: DataFrame, embeddings: DataFrame, train_end, cfg: PairsCo
     return out
 
 
-def next_positive_pairs(events: DataFrame, start, end=None) -> DataFrame:
-    """Held-out behaviour: (src, dst) = each user's consecutive positives in [start, end)."""
-    pos = events.where((F.col("label") == 1) & (F.col("ts") >= F.lit(start)))
-    if end is not None:
-        pos = pos.where(F.col("ts") < F.lit(end))
-    w = Window.partitionBy("user_id").orderBy("ts", "item_id")
-    return (pos.withColumn("src", F.lag("item_id").over(w))
-            .where(F.col("src").isNotNull() & (F.col("src") != F.col("item_id")))
-            .select("src", F.col("item_id").alias("dst"), "user_id"))
-
-
 def pair_summary(pairs: DataFrame) -> dict[str, tuple[int, float]]:
     """Pairs per source and their mean score: ``{source: (count, mean score)}``."""
     return {r["source"]: (int(r["n"]), float(r["mean"])) for r in
@@ -191,13 +182,21 @@ def pair_summary(pairs: DataFrame) -> dict[str, tuple[int, float]]:
             .collect()}
 
 
-def heldout_pair_sets(events: DataFrame, train_end) -> dict[str, "pd.DataFrame"]:
-    """Held-out behaviour of the evaluation period (at or after ``train_end``), as pandas frames
-    with columns src, dst: each user's consecutive positives (``next-click``), and Swing pairs
-    mined on that period alone (``held-out swing``)."""
-    nxt = next_positive_pairs(events, train_end).select("src", "dst").toPandas()
-    heldout = events.where(F.col("ts") >= F.lit(train_end))
+def heldout_next_pairs(split: DataFrame, part: str = "test") -> DataFrame:
+    """Held-out next clicks: for each positive of ``part`` (of ``split_events``), the user's
+    previous positive in any part, as (src, dst, user_id): the pair is never in training."""
+    pos = split.where(F.col("label") == 1)
+    w = Window.partitionBy("user_id").orderBy("ts", "item_id")
+    return (pos.withColumn("src", F.lag("item_id").over(w))
+            .where((F.col("part") == part) & F.col("src").isNotNull()
+                   & (F.col("src") != F.col("item_id")))
+            .select("src", F.col("item_id").alias("dst"), "user_id"))
+
+
+def heldout_pair_sets(split: DataFrame) -> dict[str, "pd.DataFrame"]:
+    """Held-out behaviour of the test part, as pandas frames with columns src, dst: next clicks
+    (:func:`heldout_next_pairs`), and Swing pairs mined on the test part alone."""
     cfg = PairsConfig(min_support=1)
-    far_future = train_end.replace(year=train_end.year + 100)
-    swing = swing_scores(user_items(positives(heldout, far_future), cfg), cfg)
-    return {"next-click": nxt, "held-out swing": swing.select("src", "dst").toPandas()}
+    swing = swing_scores(user_items(positives(split.where(F.col("part") == "test")), cfg), cfg)
+    return {"next-click": heldout_next_pairs(split).select("src", "dst").toPandas(),
+            "held-out swing": swing.select("src", "dst").toPandas()}

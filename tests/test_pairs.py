@@ -6,9 +6,10 @@ import datetime as dt
 import math
 
 import pytest
+from pyspark.sql import functions as F
 
 from pipelines.pairs import (PairsConfig, itemcf_scores, mine_pairs, mine_u2i_pairs, positives,
-                             swing_scores, user_items, next_positive_pairs)
+                             swing_scores, user_items, heldout_next_pairs)
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 END = dt.datetime(2026, 2, 1, tzinfo=dt.timezone.utc)
@@ -59,7 +60,7 @@ def test_itemcf_equals_hand_computed_values(literal):
 
 def test_min_support_and_top_n(literal):
     cfg = PairsConfig(sources=["itemcf"], min_support=2, top_n=1)
-    rows = mine_pairs(literal, None, END, cfg).collect()
+    rows = mine_pairs(literal.where(F.col('ts') < F.lit(END)), None, cfg).collect()
     assert {(r["src"], r["dst"]) for r in rows} <= {(A, B), (B, A), (B, C), (C, B)}
     assert len([r for r in rows if r["src"] == B]) == 1
 
@@ -88,6 +89,13 @@ def test_u2i_window_limits_how_far_back(spark):
     assert got == {(A, B), (B, C)}  # C cannot reach back to A with a window of 1
 
 
-def test_next_positive_pairs_are_in_order_and_in_period(literal):
-    got = {(r["src"], r["dst"]) for r in next_positive_pairs(literal, T0).collect()}
-    assert got == {(A, B), (B, C)}
+def test_heldout_next_pairs_end_in_the_test_part_and_start_anywhere_before(spark):
+    parts = {(1, C): "test", (1, B): "valid", (2, B): "test", (3, C): "test"}
+    ev = _events(spark, [(1, A, 0, 1), (1, B, 1, 1), (1, D, 2, 0), (1, C, 3, 1),
+                         (2, A, 0, 1), (2, B, 5, 1),
+                         (3, C, 3, 1)])                        # no earlier positive: no pair
+    split = ev.withColumn("part", F.udf(lambda u, i: parts.get((u, i), "train"))(
+        "user_id", "item_id"))
+    got = {(r["user_id"], r["src"], r["dst"]) for r in heldout_next_pairs(split).collect()}
+    # u1's test click C follows its validation click B (the negative D is not a click).
+    assert got == {(1, B, C), (2, A, B)}

@@ -7,15 +7,16 @@ from dataclasses import dataclass
 
 from jobs.report import text_table
 from jobs.stage import Stage, StageContext, StageReport
+from jobs.stages.embed import has_dated_tags, item_content
 from jobs.stages.world import is_synthetic
 
 K = 10
 
 
 def inputs(cfg) -> tuple[str, ...]:
-    ins = ("item_pairs", "item_features", "item_embeddings", "events")
-    if cfg.align.tune_text_layers:
-        ins += ("items",)              # the texts the tuned text tower reads
+    ins = ("item_pairs", "item_features", "item_embeddings", "split_events")
+    if cfg.align.tune_text_layers:     # the texts the tuned text tower reads, as embed read them
+        ins += ("items",) + (("item_tags",) if has_dated_tags(cfg) else ())
     if is_synthetic(cfg):
         ins += ("truth_items", "item_id_map")
     return ins
@@ -84,7 +85,6 @@ def run(ctx: StageContext) -> AlignReport:
     from pipelines.accounting import check_rows
     from pipelines.embed import reembed_features_spark
     from pipelines.pairs import heldout_pair_sets
-    from pipelines.split import train_end
 
     cfg, io, spark = ctx.cfg, ctx.io, ctx.spark
     raw_facts = io.facts("item_embeddings", EmbeddingFacts)
@@ -94,8 +94,8 @@ def run(ctx: StageContext) -> AlignReport:
     feats = list_matrix(feats_t.column("features"), np.float32)
     present = list_matrix(feats_t.column("present"), bool)
     src, dst = pair_rows(io.arrow("item_pairs").to_pandas(), ids, cfg.align.sources)
-    texts = (item_texts(io.arrow("items", ["item_id", "title", "text", "tags"]).to_pandas(), ids)
-             if cfg.align.tune_text_layers else None)
+    texts = (item_texts(item_content(ctx).select("item_id", "title", "text", "tags").toPandas(),
+                        ids) if cfg.align.tune_text_layers else None)
     result = align_encoder(encoder, feats, present, src, dst, cfg.align, texts)
     aligned, history = result.encoder, result.history
     folder = aligned.save(str(ctx.artifacts / "encoders"))
@@ -127,9 +127,8 @@ def run(ctx: StageContext) -> AlignReport:
     check_rows("align: items with features re-embedded", len(ids), m.row_count)
 
     # Raw vs aligned on behaviour the alignment never saw.
-    events = io.spark(spark, "events")
     pair_sets = {name: (p.src.to_numpy(), p.dst.to_numpy())
-                 for name, p in heldout_pair_sets(events, train_end(cfg.split, events)).items()}
+                 for name, p in heldout_pair_sets(io.spark(spark, "split_events")).items()}
     raw = ids_and_matrix(io.arrow("item_embeddings"), "embedding")
     ali = ids_and_matrix(io.written_arrow(m), "embedding")
     purity = []
@@ -145,5 +144,5 @@ def run(ctx: StageContext) -> AlignReport:
 
 
 STAGE = Stage(
-    "align", run, inputs=inputs, outputs=outputs, config=("align", "split", "encoder"),
+    "align", run, inputs=inputs, outputs=outputs, config=("align", "encoder"),
     help="train the fusion on behaviour pairs, re-embed every item, evaluate raw vs aligned")

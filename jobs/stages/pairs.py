@@ -1,4 +1,4 @@
-"""``pairs``: mine behaviour pairs from the training period: Swing, ItemCF, U2I triggers (Spark)."""
+"""``pairs``: mine behaviour pairs from the training part: Swing, ItemCF, U2I triggers (Spark)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from jobs.stage import Stage, StageContext, StageReport
 
 @dataclass
 class PairsReport(StageReport):
-    train_end: str
+    train_events: int
     by_source: dict[str, tuple[int, float]]
 
     def text(self) -> str:
-        return f"training period ends {self.train_end}\n" + text_table(
+        return f"mined from the {self.train_events} events of the training part\n" + text_table(
             [("source", "s"), ("pairs", "d"), ("mean score", ".4f")],
             [(s, n, m) for s, (n, m) in sorted(self.by_source.items())])
 
@@ -24,21 +24,22 @@ class PairsReport(StageReport):
 
 def run(ctx: StageContext) -> PairsReport:
     from feature_store import schemas
-    from feature_store.facts import PairsFacts
+    from pyspark.sql import functions as F
+
+    from feature_store.facts import PairsFacts, SplitFacts
     from pipelines.pairs import mine_pairs, pair_summary
-    from pipelines.split import train_end
 
     spark, io = ctx.spark, ctx.io
-    events = io.spark(spark, "events")
-    end = train_end(ctx.cfg.split, events)
-    pairs = mine_pairs(events, io.spark(spark, "item_embeddings"), end, ctx.cfg.pairs)
+    train = io.spark(spark, "split_events").where(F.col("part") == "train")
+    pairs = mine_pairs(train, io.spark(spark, "item_embeddings"), ctx.cfg.pairs)
+    split = io.facts("split_events", SplitFacts)
     out = io.write_spark("item_pairs", pairs, schemas.item_pairs_schema(),
-                         facts=PairsFacts(end.isoformat()))
-    return PairsReport({"item_pairs": out}, end.isoformat(),
+                         facts=PairsFacts(split.mode))
+    return PairsReport({"item_pairs": out}, split.rows["train"],
                        pair_summary(io.written_spark(spark, out)))
 
 
 STAGE = Stage(
-    "pairs", run, inputs=("events", "item_embeddings"), outputs=("item_pairs",),
-    config=("pairs", "split"),
-    help="mine behaviour pairs from the training period: Swing, ItemCF, U2I triggers (Spark)")
+    "pairs", run, inputs=("split_events", "item_embeddings"), outputs=("item_pairs",),
+    config=("pairs",),
+    help="mine behaviour pairs from the training part: Swing, ItemCF, U2I triggers (Spark)")

@@ -16,7 +16,7 @@ class RawCodebookReport(CodebookReport):
     sharing: list[dict] = None
 
     def text(self) -> str:
-        return super().text() + "\nheld-out next-click pairs sharing an RQ prefix\n" + text_table(
+        return super().text() + "\nheld-out next clicks sharing an RQ prefix\n" + text_table(
             [("prefix", "d"), ("pairs", "d"), ("aligned", ".4f"), ("raw", ".4f"),
              ("random: aligned", ".4f"), ("raw", ".4f")],
             [(r["prefix"], r["pairs"], r["aligned"], r["raw"], r["aligned_random"],
@@ -35,14 +35,12 @@ def run(ctx: StageContext) -> RawCodebookReport:
     import dataclasses
 
     from feature_store.arrays import ids_and_matrix
-    from pipelines.pairs import next_positive_pairs
-    from pipelines.split import train_end
+    from pipelines.pairs import heldout_next_pairs
     from quantizer.metrics import behaviour_sharing
 
     io = ctx.io
     base = quantize_table(ctx, "item_embeddings", "item_codes_raw")
-    events = io.spark(ctx.spark, "events")
-    pairs = next_positive_pairs(events, train_end(ctx.cfg.split, events)).select(
+    pairs = heldout_next_pairs(io.spark(ctx.spark, "split_events")).select(
         "src", "dst").toPandas()
     codes = {"aligned": ids_and_matrix(io.arrow("item_codes"), "rq", dtype="int32"),
              "raw": ids_and_matrix(io.written_arrow(base.outputs["item_codes_raw"]), "rq",
@@ -53,8 +51,8 @@ def run(ctx: StageContext) -> RawCodebookReport:
 
 
 STAGE = Stage(
-    "quantize_raw", run, inputs=("item_embeddings", "item_codes", "events"),
-    outputs=("item_codes_raw",), config=("quantize", "split"),
+    "quantize_raw", run, inputs=("item_embeddings", "item_codes", "split_events"),
+    outputs=("item_codes_raw",), config=("quantize",),
     applies=lambda cfg: cfg.quantize.raw_arm,
     help="codes from the raw (unaligned) embeddings: the codes_raw arm, and how much held-out "
          "behaviour aligned vs raw codes share")
