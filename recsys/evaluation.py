@@ -1,73 +1,102 @@
-"""The ablation table: ranking metrics of every arm's evaluation scores, overall and on the
-cold-item slice; on the synthetic world also the ground truth's (the true click probabilities
-scored as a model: the ceiling no ranker can beat in expectation)."""
+"""The ablation table: ranking metrics of every arm's scores on the test part and, beside it, the
+validation part, overall and on slices: cold items (no event in the training part), known users
+(with training events) and new users (without). On the synthetic world the ground truth (the
+true click probabilities scored as a model) is the ceiling no ranker can beat in expectation."""
 
 from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
 import pandas as pd
 
 from recsys.metrics import ranking_metrics
 
-SLICES = ("all", "cold")
+PARTS = ("test", "valid")
+SLICES = ("all", "cold", "known_users", "new_users")
 TRUTH_ARM = "truth (ceiling)"
+METRICS = ("auc", "gauc", "logloss", "ne")
+
+
+def _slice(p: pd.DataFrame, name: str) -> pd.DataFrame:
+    if name == "cold":
+        return p[p.cold]
+    if name == "known_users":
+        return p[~p.new_user]
+    if name == "new_users":
+        return p[p.new_user]
+    return p
 
 
 def ablation_metrics(preds: pd.DataFrame, truth: Optional[pd.DataFrame] = None) -> pd.DataFrame:
-    """One row per (arm, slice) with ``ranking_metrics``; ``preds`` is ``ranker_predictions``.
-
-    ``truth`` (user_id, item_id, ts, p_click, dense ids) adds the ground truth's row when it
-    covers every evaluation example."""
+    """One row per (arm, part, slice) with ``ranking_metrics``; ``preds`` is
+    ``ranker_predictions``. ``truth`` (user_id, item_id, ts, p_click, dense ids) adds the ground
+    truth's rows when it covers every scored example."""
     arms = list(dict.fromkeys(preds.arm))
-    rows = []
-    for arm in arms:
-        p = preds[preds.arm == arm]
-        for sl in SLICES:
-            q = p[p.cold] if sl == "cold" else p
-            if len(q):
-                rows.append({"arm": arm, "slice": sl,
-                             **ranking_metrics(q.user_id, q.label, q.score)})
+    scored = {arm: preds[preds.arm == arm] for arm in arms}
     if truth is not None:
-        first = preds[preds.arm == arms[0]].reset_index(drop=True)
+        first = scored[arms[0]].reset_index(drop=True)
         p_click = first[["user_id", "item_id", "ts"]].merge(
             truth.drop_duplicates(["user_id", "item_id", "ts"]), on=["user_id", "item_id", "ts"],
             how="left").p_click
         if p_click.notna().all():
-            for sl in SLICES:
-                mask = first.cold.to_numpy() if sl == "cold" else np.ones(len(first), bool)
-                if mask.any():
-                    q = first[mask]
-                    rows.append({"arm": TRUTH_ARM, "slice": sl,
-                                 **ranking_metrics(q.user_id, q.label, p_click[mask])})
+            scored[TRUTH_ARM] = first.assign(score=p_click.to_numpy())
+    rows = []
+    for arm, p in scored.items():
+        for part in PARTS:
+            in_part = p[p.part == part]
+            for name in SLICES:
+                q = _slice(in_part, name)
+                if len(q):
+                    rows.append({"arm": arm, "part": part, "slice": name,
+                                 **ranking_metrics(q.user_id, q.label, q.score)})
     return pd.DataFrame(rows)
 
 
 def flat_metrics(df: pd.DataFrame) -> dict[str, float]:
-    """``<arm>.<slice>.<metric>`` → value (for MLflow)."""
-    return {f"{r.arm}.{r.slice}.{k}": float(getattr(r, k)) for r in df.itertuples()
-            for k in ("auc", "gauc", "logloss", "ne")}
+    """``<arm>.<part>.<slice>.<metric>`` → value (for MLflow)."""
+    return {f"{r.arm}.{r.part}.{r.slice}.{k}": float(getattr(r, k)) for r in df.itertuples()
+            for k in METRICS}
 
 
 def format_table(df: pd.DataFrame) -> str:
-    def get(arm, sl, k):
-        v = df[(df.arm == arm) & (df.slice == sl)]
+    """The test part's table (overall, cold items, known and new users), then the validation
+    part's (overall, cold items)."""
+    def get(arm, part, sl, k):
+        v = df[(df.arm == arm) & (df.part == part) & (df.slice == sl)]
         return float(v[k].iloc[0]) if len(v) else float("nan")
 
+    def count(part, sl):
+        v = df[(df.part == part) & (df.slice == sl)]
+        return int(v.examples.iloc[0]) if len(v) else 0
+
     arms = list(dict.fromkeys(df.arm))
-    n_all = int(df[df.slice == "all"].examples.iloc[0])
-    n_cold = int(df[df.slice == "cold"].examples.iloc[0]) if (df.slice == "cold").any() else 0
-    lines = [f"evaluation examples: {n_all} ({n_cold} on cold items)",
+    lines = [f"evaluation examples (test part): {count('test', 'all')} ({count('test', 'cold')} "
+             f"on cold items; {count('test', 'known_users')} of known users, "
+             f"{count('test', 'new_users')} of new users)",
              f"{'arm':<16} {'AUC':>7} {'GAUC':>7} {'LogLoss':>8} {'NE':>7}   "
-             f"{'cold AUC':>8} {'cold GAUC':>9} {'cold LL':>8}"]
+             f"{'cold AUC':>8} {'cold GAUC':>9} {'cold LL':>8}   {'known AUC':>9} {'new AUC':>7}"]
     for a in arms:
-        lines.append(f"{a:<16} {get(a, 'all', 'auc'):>7.4f} {get(a, 'all', 'gauc'):>7.4f} "
-                     f"{get(a, 'all', 'logloss'):>8.4f} {get(a, 'all', 'ne'):>7.4f}   "
-                     f"{get(a, 'cold', 'auc'):>8.4f} {get(a, 'cold', 'gauc'):>9.4f} "
-                     f"{get(a, 'cold', 'logloss'):>8.4f}")
-    r = df[df.slice == "all"].iloc[0]
+        lines.append(f"{a:<16} {get(a, 'test', 'all', 'auc'):>7.4f} "
+                     f"{get(a, 'test', 'all', 'gauc'):>7.4f} "
+                     f"{get(a, 'test', 'all', 'logloss'):>8.4f} {get(a, 'test', 'all', 'ne'):>7.4f}"
+                     f"   {get(a, 'test', 'cold', 'auc'):>8.4f} "
+                     f"{get(a, 'test', 'cold', 'gauc'):>9.4f} "
+                     f"{get(a, 'test', 'cold', 'logloss'):>8.4f}   "
+                     f"{get(a, 'test', 'known_users', 'auc'):>9.4f} "
+                     f"{get(a, 'test', 'new_users', 'auc'):>7.4f}")
+    if count("valid", "all"):
+        lines.append(f"validation examples (valid part): {count('valid', 'all')} "
+                     f"({count('valid', 'cold')} on cold items)")
+        lines.append(f"{'arm':<16} {'AUC':>7} {'GAUC':>7} {'LogLoss':>8} {'NE':>7}   "
+                     f"{'cold AUC':>8}")
+        for a in arms:
+            lines.append(f"{a:<16} {get(a, 'valid', 'all', 'auc'):>7.4f} "
+                         f"{get(a, 'valid', 'all', 'gauc'):>7.4f} "
+                         f"{get(a, 'valid', 'all', 'logloss'):>8.4f} "
+                         f"{get(a, 'valid', 'all', 'ne'):>7.4f}   "
+                         f"{get(a, 'valid', 'cold', 'auc'):>8.4f}")
+    r = df[(df.part == "test") & (df.slice == "all")].iloc[0]
     lines.append(f"GAUC: impression-weighted mean of per-user AUC; users with one class only are "
                  f"left out ({int(r.gauc_users_one_class)} of "
-                 f"{int(r.gauc_users + r.gauc_users_one_class)} users overall).")
+                 f"{int(r.gauc_users + r.gauc_users_one_class)} test users).")
     return "\n".join(lines)

@@ -45,7 +45,8 @@ def random_examples(n: int, *, n_items: int = 50, n_users: int = 20, levels: int
     cols = {
         "user_id": pa.array(users, pa.int64()), "item_id": pa.array(items, pa.int64()),
         "ts": pa.array(np.arange(n) * 1000, pa.timestamp("ms", tz="UTC")),
-        "label": pa.array(label, pa.int8()), "cold": pa.array(items >= n_items - 5),
+        "label": pa.array(label, pa.int8()), "part": pa.array(["test"] * n, pa.string()),
+        "cold": pa.array(items >= n_items - 5), "new_user": pa.array(users >= n_users - 2),
         "sampled": pa.array(np.zeros(n, bool)),
         "hist_item_ids": pa.array([h.tolist() for h in hist_items], pa.list_(pa.int64())),
         "hist_rq": pa.array([item_rq[h].tolist() for h in hist_items], pa.list_(rq_t)),

@@ -62,22 +62,23 @@ def _own_args(root, *extra):
 
 def test_every_stage_ran_and_printed_its_report(run):
     _, _, dag, out = run
-    for stage in ("world", "ingest", "embed", "pairs", "align", "quantize", "quantize_raw",
-                  "examples", "train", "evaluate"):
+    for stage in ("world", "ingest", "split", "embed", "pairs", "align", "quantize",
+                  "quantize_raw", "examples", "train", "evaluate"):
         assert dag.state.last_success(DS, stage) is not None, stage
     for needle in ("rows_in", "embedded 120 of 120", "mean score", "aligned encoder",
                    "10-NN purity", "utilization", "sharing an RQ prefix", "mean history",
-                   "examples/s", "cold AUC", "truth (ceiling)", "codes+frozen"):
+                   "examples/s", "cold AUC", "truth (ceiling)", "codes+frozen",
+                   "split global_time", "validation examples (valid part)", "known AUC"):
         assert needle in out, needle
 
 
 def test_examples_account_for_every_event_and_never_leak_history(run):
     _, store, _, _ = run
-    tr, ev = store.get("train_examples"), store.get("eval_examples")
+    tables = ("train_examples", "valid_examples", "eval_examples")
     events = store.read_arrow("events").to_pandas()
-    both = pd.concat([store.read_arrow("train_examples").to_pandas(),
-                      store.read_arrow("eval_examples").to_pandas()])
-    assert (~both.sampled).sum() == len(events) == tr.row_count + ev.row_count
+    both = pd.concat([store.read_arrow(t).to_pandas() for t in tables])
+    assert (~both.sampled).sum() == len(events) == sum(store.get(t).row_count for t in tables)
+    tr = store.get("train_examples")
     assert tr.facts.levels == 2 and tr.facts.codebook_version == store.get(
         "item_codes").facts.codebook_version
     pos = events[events.label == 1]
@@ -92,12 +93,17 @@ def test_every_arm_is_scored_evaluated_and_registered_with_its_versions(run):
     root, store, _, _ = run
     preds = store.read_arrow("ranker_predictions").to_pandas()
     n_eval = store.get("eval_examples").row_count
+    n_scored = n_eval + store.get("valid_examples").row_count
     assert preds.groupby("arm").size().to_dict() == {
-        a: n_eval for a in ("id_only", "frozen_mm", "codes", "codes_raw", "codes+frozen")}
+        a: n_scored for a in ("id_only", "frozen_mm", "codes", "codes_raw", "codes+frozen")}
+    assert set(preds.part) == {"valid", "test"}
     assert preds.score.between(0, 1).all()
     metrics = store.read_arrow("ranker_metrics").to_pandas()
     assert set(metrics.arm) == set(preds.arm) | {"truth (ceiling)"}
-    ceiling = metrics[(metrics.arm == "truth (ceiling)") & (metrics.slice == "all")].auc.item()
+    assert set(metrics.part) == {"valid", "test"}
+    assert {"all", "cold", "known_users"} <= set(metrics.slice)
+    ceiling = metrics[(metrics.arm == "truth (ceiling)") & (metrics.slice == "all")
+                      & (metrics.part == "test")].auc.item()
     assert ceiling > 0.6
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     versions = mlflow.MlflowClient().search_model_versions("name='qarm-ranker'")
@@ -197,7 +203,7 @@ def test_rerun_skips_everything(own_run, capsys):
     root, _ = own_run
     assert main(["run", *_own_args(root, "--until", "align")]) == 0
     out = capsys.readouterr().out
-    assert out.count("skipped") == 5 and " done " not in out
+    assert out.count("skipped") == 6 and " done " not in out
 
 
 def test_disambiguation_level_makes_every_code_unique(own_run, capsys):

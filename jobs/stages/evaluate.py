@@ -1,5 +1,6 @@
-"""``evaluate``: the ablation table: AUC, GAUC, LogLoss, NE per arm on all evaluation examples and
-on the cold-item slice, with the synthetic world's ground truth as the ceiling."""
+"""``evaluate``: the ablation table: AUC, GAUC, LogLoss, NE per arm on the test part (overall,
+cold items, known and new users) and the validation part, with the synthetic world's ground
+truth as the ceiling."""
 
 from __future__ import annotations
 
@@ -48,5 +49,6 @@ def run(ctx: StageContext) -> EvaluateReport:
 
 STAGE = Stage(
     "evaluate", run, inputs=inputs, outputs=("ranker_metrics",), config=(),
-    help="AUC, GAUC, LogLoss, NE per arm on all evaluation examples and the cold-item slice "
-         "(the ablation table), with the synthetic ground truth as the ceiling")
+    help="AUC, GAUC, LogLoss, NE per arm on the test part (overall, cold items, known and new "
+         "users) and the validation part: the ablation table, with the synthetic ground truth "
+         "as the ceiling")

@@ -1,5 +1,6 @@
-"""``train``: train the TorchRec ranker for every ablation arm (sharded, fused optimizers, local
-ranks or torchrun), score the evaluation examples, register each arm in MLflow."""
+"""``train``: train the TorchRec ranker for every ablation arm on the training part (sharded,
+fused optimizers, local ranks or torchrun), score the validation and test examples, register
+each arm in MLflow."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def uses_frozen_table(cfg) -> bool:
 
 def inputs(cfg) -> tuple[str, ...]:
     # The frozen arms look the history items' content vectors up in the embeddings table.
-    return ("train_examples", "eval_examples") + (
+    return ("train_examples", "valid_examples", "eval_examples") + (
         ("item_embeddings",) if uses_frozen_table(cfg) else ())
 
 
@@ -62,9 +63,10 @@ def run(ctx: StageContext) -> TrainReport:
                                           runs / f"frozen_table_{emb.snapshot_id}.npy")
     preds, rows = [], []
     for arm in t.arms:
+        # Validation and test examples are both scored; the predictions carry their part.
         res = train_arm(spec_for_examples(arm, t.model, facts), t, io.files("train_examples"),
-                        io.files("eval_examples"), runs / arm.replace("+", "_"),
-                        frozen_table=frozen_table)
+                        io.files("valid_examples") + io.files("eval_examples"),
+                        runs / arm.replace("+", "_"), frozen_table=frozen_table)
         curve = res.result["loss_curve"]
         for step in range(0, len(curve), max(1, len(curve) // 200)):
             ctx.tracker.metrics({f"{arm}.train_loss": curve[step]}, step=step)
@@ -93,4 +95,4 @@ def run(ctx: StageContext) -> TrainReport:
 STAGE = Stage(
     "train", run, inputs=inputs, outputs=("ranker_predictions",), config=("train",),
     help="train the TorchRec ranker for every ablation arm (sharded, fused optimizers, local "
-         "ranks or torchrun), score the evaluation examples, register in MLflow")
+         "ranks or torchrun), score the validation and test examples, register in MLflow")
