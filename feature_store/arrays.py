@@ -33,7 +33,9 @@ def list_matrix(column: pa.Array | pa.ChunkedArray, dtype=np.float32) -> np.ndar
         if (lengths != out.shape[1]).any():
             raise ValueError(f"rows have {lengths.min()} to {lengths.max()} values; expected "
                              "one length")
-    return np.ascontiguousarray(out, dtype=dtype)
+    out = np.ascontiguousarray(out, dtype=dtype)
+    # Arrow hands out read-only views; callers (torch.from_numpy) expect an array they own.
+    return out if out.flags.writeable else out.copy()
 
 
 def matrix_column(matrix: np.ndarray, value_type: pa.DataType = pa.float32(),

@@ -1,5 +1,6 @@
-"""The ingest stage (Spark): raw items and events → validated ``items`` and ``events`` snapshots,
-dense int64 id maps, and a ``quarantine`` table with a machine-readable reason per rejected row.
+"""The ingest stage (Spark): raw items, events and dated item tags → validated ``items``,
+``events`` and ``item_tags`` snapshots, dense int64 id maps, and a ``quarantine`` table with a
+machine-readable reason per rejected row.
 
 Raw input, whatever its source (the generic file format, MovieLens, the synthetic world), is first
 brought to one *canonical raw* shape by :mod:`pipelines.ingest_canonical`; a column that is
@@ -22,6 +23,10 @@ single-process :mod:`pipelines.ingest_local` is built from the same tables; this
   unknown_item (item_id not in the items input), item_quarantined (item_id not in the items that
   passed validation), then duplicate_key (same user_id, item_id, ts; the row with the highest
   label, then highest weight is kept).
+* item_tags: missing_item_id (item_id blank), missing_tag (tag blank), unparseable_timestamp (ts
+  missing or not a time), unknown_item (item_id not in the items input), item_quarantined (item_id
+  not in the items that passed validation), then duplicate_key (same item_id, user_id, tag; the row
+  with the smallest ts is kept).
 
 The functions take and return DataFrames; the caller (the ``ingest`` stage) reads the raw input
 and writes the snapshots.
@@ -40,11 +45,12 @@ from pyspark.sql import types as T
 
 from feature_store import schemas
 from feature_store.facts import EventsFacts, ItemsFacts
-from pipelines.accounting import check_rows
+from feature_store.schemas import spark_schema
+from pipelines.accounting import UnusableData, check_rows
 from pipelines.config import IngestConfig, SourceConfig
-from pipelines.ingest_canonical import canonical_events, canonical_items
-from pipelines.ingest_rules import (EVENT_RULES, ITEM_RULES, KeepOnePerKey, Rule, TableRules,
-                                    label_mode)
+from pipelines.ingest_canonical import canonical_events, canonical_items, canonical_tags
+from pipelines.ingest_rules import (EVENT_RULES, ITEM_RULES, TAG_RULES, KeepOnePerKey, Rule,
+                                    TableRules, label_mode)
 from pipelines.media import Reason, validate_media
 
 log = logging.getLogger(__name__)
@@ -142,20 +148,35 @@ def classify_events(events: DataFrame, mode: str, source: SourceConfig,
     those that passed validation (the id sets ``raw_item_ids`` / ``valid_item_ids`` of the
     rules' :class:`~pipelines.ingest_rules.NotAmong` checks).
     """
-    id_sets = {"raw_item_ids": raw_item_ids, "valid_item_ids": valid_item_ids}
-    active = rules.rules_for(mode)
-    df = events
-    for among in rules.id_sets(mode):  # both id sets hold item ids, as ``item_ext``
-        ids = id_sets[among.id_set].select(F.col("item_ext").alias(among.column),
-                                          F.lit(True).alias(among.flag)).distinct()
-        df = df.join(ids, among.column, "left")
-    reason, detail = _first_failure(df, active)
+    df = _with_id_sets(events, rules, mode, raw_item_ids, valid_item_ids)
+    reason, detail = _first_failure(df, rules.rules_for(mode))
     label = label_mode(mode).spark_label(F.col("value"), source.rating_threshold)
     df = (df.withColumn("_reason", reason).withColumn("_detail", detail)
           # Only valid rows get a label; NaN or 2.0 must not reach the (ANSI, failing) cast.
           .withColumn("label", F.when(F.col("_reason").isNull(), label.try_cast("byte")))
           .drop(*[among.flag for among in rules.id_sets(mode)]))
     return _keep_one_per_key(df, rules.keep_one)
+
+
+def classify_tags(tags: DataFrame, raw_item_ids: DataFrame, valid_item_ids: DataFrame, *,
+                  rules: TableRules = TAG_RULES) -> DataFrame:
+    """Add ``_reason`` / ``_detail`` to canonical raw dated item tags by ``rules``."""
+    df = _with_id_sets(tags, rules, None, raw_item_ids, valid_item_ids)
+    reason, detail = _first_failure(df, rules.rules_for())
+    df = (df.withColumn("_reason", reason).withColumn("_detail", detail)
+          .drop(*[among.flag for among in rules.id_sets()]))
+    return _keep_one_per_key(df, rules.keep_one)
+
+
+def _with_id_sets(df: DataFrame, rules: TableRules, mode: Optional[str],
+                  raw_item_ids: DataFrame, valid_item_ids: DataFrame) -> DataFrame:
+    """``df`` with the flag column of each id set its rules check (both hold item ids)."""
+    id_sets = {"raw_item_ids": raw_item_ids, "valid_item_ids": valid_item_ids}
+    for among in rules.id_sets(mode):
+        ids = id_sets[among.id_set].select(F.col("item_ext").alias(among.column),
+                                          F.lit(True).alias(among.flag)).distinct()
+        df = df.join(ids, among.column, "left")
+    return df
 
 
 def quarantine_rows(classified: DataFrame, table: str) -> DataFrame:
@@ -209,10 +230,12 @@ class IngestFrames:
 
     items: DataFrame
     events: DataFrame
+    #: Dated item tags (empty when the source has none).
+    item_tags: DataFrame
     quarantine: DataFrame
     item_id_map: DataFrame
     user_id_map: DataFrame
-    #: Raw rows read per input table (``items``, ``events``).
+    #: Raw rows read per input table (``items``, ``events``, and ``item_tags`` when given).
     rows_in: dict[str, int]
     label_mode: str
     _persisted: list = field(default_factory=list, repr=False)
@@ -223,6 +246,7 @@ class IngestFrames:
             "items": (self.items, schemas.items_schema(), ItemsFacts(self.rows_in["items"])),
             "events": (self.events, schemas.events_schema(),
                        EventsFacts(self.rows_in["events"], self.label_mode)),
+            "item_tags": (self.item_tags, schemas.item_tags_schema(), None),
             "quarantine": (self.quarantine, schemas.quarantine_schema(), None),
             "item_id_map": (self.item_id_map, schemas.id_map_schema(), None),
             "user_id_map": (self.user_id_map, schemas.id_map_schema(), None),
@@ -237,7 +261,7 @@ class IngestFrames:
         """Rows in / out / quarantined per input table, given the rows written; raises
         :class:`RowAccountingError` when they do not add up."""
         out = {}
-        for table in ("items", "events"):
+        for table in self.rows_in:
             q = sum(v for k, v in reasons.items() if k.startswith(f"{table}."))
             check_rows(f"ingest {table}", self.rows_in[table], rows_out[table], q)
             out[table] = {"in": self.rows_in[table], "out": rows_out[table], "quarantined": q}
@@ -250,10 +274,12 @@ class IngestFrames:
 
 def run_ingest(spark: SparkSession, raw_items: DataFrame, raw_events: DataFrame,
                source: SourceConfig, ingest: IngestConfig, *,
+               raw_tags: Optional[DataFrame] = None,
                previous_item_map: Optional[DataFrame] = None,
                previous_user_map: Optional[DataFrame] = None) -> IngestFrames:
-    """Validate raw items and events, quarantine bad rows, and map ids to dense int64 ids,
-    keeping every id the previous maps gave (pass them for ids stable across runs)."""
+    """Validate raw items, events and (optional) dated item tags, quarantine bad rows, and map
+    ids to dense int64 ids, keeping every id the previous maps gave (pass them for ids stable
+    across runs). Raises :class:`~pipelines.accounting.UnusableData` when no event is left."""
     from pyspark import StorageLevel
 
     items = canonical_items(raw_items, source)
@@ -272,23 +298,45 @@ def run_ingest(spark: SparkSession, raw_items: DataFrame, raw_events: DataFrame,
         StorageLevel.MEMORY_AND_DISK)
     n_events_in = events_c.count()
     valid_events = events_c.where(F.col("_reason").isNull())
+    if n_events_in == 0:
+        raise UnusableData("the events input has no rows: there is no behaviour to learn from "
+                           "or evaluate; check source.events")
+    if valid_events.limit(1).count() == 0:
+        reasons = ", ".join(f"{r['_reason']}={r['count']}" for r in
+                            events_c.groupBy("_reason").count().collect())
+        raise UnusableData(f"all {n_events_in} events were quarantined ({reasons}): nothing is "
+                           "left to learn from")
     user_map = assign_dense_ids(
         spark, valid_events.select(F.col("user_ext").alias("external_id")), previous_user_map
     ).persist(StorageLevel.MEMORY_AND_DISK)
+    item_ids = item_map.withColumnRenamed("external_id", "item_ext").withColumnRenamed(
+        "id", "item_id")
+    user_ids = user_map.withColumnRenamed("external_id", "user_ext").withColumnRenamed(
+        "id", "user_id")
 
     items_out = (valid_items.join(item_map.withColumnRenamed("external_id", "item_ext"), "item_ext")
                  .select(F.col("id").alias("item_id"), "title", "text", "tags", "image",
                          "image_path", "video", F.col("created_ts")))
-    events_out = (valid_events
-                  .join(F.broadcast(item_map.withColumnRenamed("external_id", "item_ext")
-                                    .withColumnRenamed("id", "item_id")), "item_ext")
-                  .join(user_map.withColumnRenamed("external_id", "user_ext")
-                        .withColumnRenamed("id", "user_id"), "user_ext")
+    events_out = (valid_events.join(F.broadcast(item_ids), "item_ext").join(user_ids, "user_ext")
                   .select("user_id", "item_id", "ts", "label",
                           F.col("weight").cast("float").alias("weight"))
                   .sortWithinPartitions("user_id", "ts"))
     quarantine = quarantine_rows(items_c, "items").unionByName(
         quarantine_rows(events_c, "events"))
-    return IngestFrames(items_out, events_out, quarantine.coalesce(1), item_map.coalesce(1),
-                        user_map.coalesce(1), {"items": n_items_in, "events": n_events_in}, mode,
-                        [items_c, events_c, item_map, user_map])
+    persisted = [items_c, events_c, item_map, user_map]
+    rows_in = {"items": n_items_in, "events": n_events_in}
+    if raw_tags is None:
+        tags_out = spark.createDataFrame([], spark_schema(schemas.item_tags_schema()))
+    else:
+        tags_c = classify_tags(canonical_tags(raw_tags, source), items.select("item_ext"),
+                               valid_items.select("item_ext")).persist(
+            StorageLevel.MEMORY_AND_DISK)
+        rows_in["item_tags"] = tags_c.count()
+        # Authors are users of the events; a tag by anybody else keeps a null author.
+        tags_out = (tags_c.where(F.col("_reason").isNull()).join(F.broadcast(item_ids), "item_ext")
+                    .join(user_ids, "user_ext", "left")
+                    .select("item_id", "user_id", "tag", "ts"))
+        quarantine = quarantine.unionByName(quarantine_rows(tags_c, "item_tags"))
+        persisted.append(tags_c)
+    return IngestFrames(items_out, events_out, tags_out, quarantine.coalesce(1),
+                        item_map.coalesce(1), user_map.coalesce(1), rows_in, mode, persisted)

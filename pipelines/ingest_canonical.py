@@ -12,6 +12,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from pipelines.config import SourceConfig
+from pipelines.ingest_rules import label_mode_of
 
 
 class SchemaError(ValueError):
@@ -148,20 +149,16 @@ def canonical_items(df: DataFrame, source: SourceConfig) -> DataFrame:
 
 
 def canonical_events(df: DataFrame, source: SourceConfig) -> tuple[DataFrame, str]:
-    """Raw events → canonical columns; returns the frame and the label mode used
-    (``label``, ``rating`` or ``implicit``)."""
+    """Raw events → canonical columns; returns the frame and the label mode used (``label``,
+    ``rating`` or ``implicit``: see :func:`~pipelines.ingest_rules.label_mode_of`)."""
     _require(df, "events", ["user_id", "item_id", "ts"])
     raw = [F.col(c).alias(f"__raw_{c}") for c in df.columns]
-    if "label" in df.columns:
-        mode = "label"
-        value = _as_number(df, "events", "label")
-    elif "rating" in df.columns:
-        mode = "rating"
-        value = _as_number(df, "events", "rating")
+    mode = label_mode_of(df.columns, source.feedback)
+    if mode.column is None:
+        value, value_raw = F.lit(1.0), F.lit("1")
     else:
-        mode = "implicit"
-        value = F.lit(1.0)
-    value_raw = F.col(mode).cast("string") if mode != "implicit" else F.lit("1")
+        value = _as_number(df, "events", mode.column)
+        value_raw = F.col(mode.column).cast("string")
     weight = _as_number(df, "events", "weight") if "weight" in df.columns else F.lit(None).cast(
         "double")
     weight_raw = F.col("weight").cast("string") if "weight" in df.columns else F.lit(None).cast(
@@ -176,7 +173,23 @@ def canonical_events(df: DataFrame, source: SourceConfig) -> tuple[DataFrame, st
         weight_raw.alias("weight_raw"),
         *raw,
     )
-    return out, mode
+    return out, mode.name
+
+
+def canonical_tags(df: DataFrame, source: SourceConfig) -> DataFrame:
+    """Raw dated item tags (item_id, tag, ts[, user_id]) → canonical columns: ``item_ext``,
+    ``user_ext`` (null when absent), the tag trimmed and lower-cased, ``ts``."""
+    _require(df, "item_tags", ["item_id", "tag", "ts"])
+    raw = [F.col(c).alias(f"__raw_{c}") for c in df.columns]
+    user = (_as_id(df, "item_tags", "user_id") if "user_id" in df.columns
+            else F.lit(None).cast("string"))
+    return df.select(
+        _as_id(df, "item_tags", "item_id").alias("item_ext"),
+        user.alias("user_ext"),
+        F.lower(F.trim(_as_string(df, "item_tags", "tag"))).alias("tag"),
+        parse_timestamp(df, "item_tags", "ts", source.ts_format).alias("ts"),
+        *raw,
+    )
 
 
 def _regex_quote(s: str) -> str:

@@ -261,10 +261,10 @@ def canonical_items_frame(raw: pa.Table, source: SourceConfig) -> pd.DataFrame:
 
 def canonical_events_frame(raw: pa.Table, source: SourceConfig) -> tuple[pd.DataFrame, str]:
     """Raw events → canonical columns and the label mode (``label``, ``rating`` or
-    ``implicit``)."""
+    ``implicit``: see :func:`~pipelines.ingest_rules.label_mode_of`)."""
     _require(raw, "events", ["user_id", "item_id", "ts"])
     n = raw.num_rows
-    mode = label_mode_of(raw.column_names)
+    mode = label_mode_of(raw.column_names, source.feedback)
     if mode.column is None:
         value = pd.Series(np.ones(n), dtype=np.float64)
         value_raw = pd.Series(["1"] * n, dtype=object)

@@ -291,8 +291,11 @@ LABEL_MODES = (LabelMode("label", "label"), LabelMode("rating", "rating"),
                LabelMode("implicit", None))
 
 
-def label_mode_of(columns) -> LabelMode:
-    """The label mode of raw events with these columns: the first whose column is present."""
+def label_mode_of(columns, feedback: str = "auto") -> LabelMode:
+    """The label mode of raw events with these columns: the first whose column is present, or
+    implicit feedback whatever the columns when ``feedback`` (``source.feedback``) says so."""
+    if feedback == "implicit":
+        return label_mode("implicit")
     for mode in LABEL_MODES:
         if mode.column is None or mode.column in columns:
             return mode
@@ -374,10 +377,27 @@ EVENT_RULES = TableRules(
 )
 
 
+TAG_RULES = TableRules(
+    table="item_tags",
+    rules=(
+        Rule(Reason.MISSING_ITEM_ID, Blank("item_ext")),
+        Rule(Reason.MISSING_TAG, Blank("tag")),
+        Rule(Reason.UNPARSEABLE_TIMESTAMP, Unparsed("ts"), detail="__raw_ts"),
+        Rule(Reason.UNKNOWN_ITEM, NotAmong("item_ext", "raw_item_ids", "the items input"),
+             detail="item_ext"),
+        Rule(Reason.ITEM_QUARANTINED,
+             NotAmong("item_ext", "valid_item_ids", "the items that passed validation"),
+             detail="item_ext"),
+    ),
+    keep_one=KeepOnePerKey(key=("item_ext", "user_ext", "tag"), order=(SortKey("ts"),),
+                           detail="same item, author, tag"),
+)
+
+
 def describe_rules(width: int = 99) -> str:
     """The rule tables as the bulleted list of :mod:`pipelines.ingest`'s docstring."""
     lines = []
-    for table in (ITEM_RULES, EVENT_RULES):
+    for table in (ITEM_RULES, EVENT_RULES, TAG_RULES):
         lines += textwrap.wrap(table.describe(), width=width, initial_indent="* ",
                                subsequent_indent="  ", break_on_hyphens=False)
     return "\n".join(lines)

@@ -35,6 +35,7 @@ class Reason:
     IMAGE_TOO_SMALL = "image_too_small"
     VIDEO_NOT_FOUND = "video_not_found"
     UNDECODABLE_VIDEO = "undecodable_video"
+    MISSING_TAG = "missing_tag"
 
 
 def check_image(data: bytes, max_bytes: int, min_side: int) -> tuple[Optional[str], Optional[str]]:

@@ -1,5 +1,5 @@
-"""Raw-data adapters: every source becomes (raw items, raw events) DataFrames in the generic
-input format that :mod:`pipelines.ingest` validates.
+"""Raw-data adapters: every source becomes (raw items, raw events, raw dated item tags or None)
+DataFrames in the generic input format that :mod:`pipelines.ingest` validates.
 
 The generic format (README "Bring your own data"):
 
@@ -11,7 +11,11 @@ items file (CSV or Parquet)
 events file (CSV or Parquet)
     ``user_id``, ``item_id``, ``ts``; and ``label`` (0/1), or ``rating`` (positive when
     >= ``source.rating_threshold``), or neither (implicit feedback: every event is a positive);
-    optional ``weight``.
+    optional ``weight``. ``source.feedback: implicit`` reads every event as a positive whatever
+    its columns.
+item tags file (optional, CSV or Parquet)
+    ``item_id``, ``tag``, ``ts``; optional ``user_id`` (who wrote it). Dated attributes: a tag
+    reaches an item's text only when dated before its author's split point.
 """
 
 from __future__ import annotations
@@ -49,16 +53,20 @@ def read_table_file(spark: SparkSession, path: str, what: str) -> DataFrame:
     raise SourceError(f"source.{what}: {path} is neither .csv/.tsv nor .parquet")
 
 
-def generic_source(spark: SparkSession, source: SourceConfig) -> tuple[DataFrame, DataFrame]:
+def generic_source(spark: SparkSession, source: SourceConfig
+                   ) -> tuple[DataFrame, DataFrame, DataFrame | None]:
+    """(raw items, raw events, raw dated item tags or None) from ``source.items`` /
+    ``source.events`` / ``source.item_tags``."""
     items = read_table_file(spark, source.items, "items")
     events = read_table_file(spark, source.events, "events")
+    tags = read_table_file(spark, source.item_tags, "item_tags") if source.item_tags else None
     if source.images_dir:
         base = os.path.abspath(source.images_dir) if "://" not in source.images_dir else \
             source.images_dir
         for col in ("image", "video", "image_path"):
             if col in items.columns and dict(items.dtypes)[col] == "string":
                 items = items.withColumn(col, _resolve(F.col(col), base))
-    return items, events
+    return items, events, tags
 
 
 def _resolve(c, base: str):
@@ -67,11 +75,14 @@ def _resolve(c, base: str):
         F.concat(F.lit(base.rstrip("/") + "/"), c))
 
 
-def movielens_source(spark: SparkSession, source: SourceConfig) -> tuple[DataFrame, DataFrame]:
+def movielens_source(spark: SparkSession, source: SourceConfig
+                     ) -> tuple[DataFrame, DataFrame, DataFrame]:
     """MovieLens ``ml-latest-small`` (+ posters) in the generic format.
 
-    Items: title, text = title + genres + user tags, tags = genres + distinct lower-cased user
-    tags (at most 20), image = ``<posters_dir>/<movieId>.jpg`` when the file exists. Movies have
+    Items: title, text = title + genres, tags = genres, image = ``<posters_dir>/<movieId>.jpg``
+    when the file exists. The user tags of ``tags.csv`` are dated behaviour, not content: they
+    come back as the third table (item_id, user_id, tag, ts), and the embed stage adds to an
+    item's tags only those dated before the split point of the user who wrote them. Movies have
     no creation time in MovieLens, so ``created_at`` is left empty. Events: ratings with their
     epoch-second timestamps; ``rating`` becomes the label by ``source.rating_threshold`` (4.0).
     """
@@ -83,18 +94,12 @@ def movielens_source(spark: SparkSession, source: SourceConfig) -> tuple[DataFra
     movies = read_table_file(spark, os.path.join(base, "movies.csv"), "movielens_dir")
     ratings = read_table_file(spark, os.path.join(base, "ratings.csv"), "movielens_dir")
     tags = read_table_file(spark, os.path.join(base, "tags.csv"), "movielens_dir")
-    user_tags = (tags.select("movieId", F.lower(F.trim("tag")).alias("tag"))
-                 .where(F.col("tag") != "").groupBy("movieId")
-                 .agg(F.slice(F.array_sort(F.collect_set("tag")), 1, 20).alias("user_tags")))
     genres = F.filter(F.split(F.col("genres"), r"\|"),
                       lambda g: (g != "(no genres listed)") & (g != ""))
-    items = (movies.join(user_tags, "movieId", "left")
-             .select(F.col("movieId").alias("item_id"), "title",
-                     F.concat_ws(" | ", F.col("title"), F.array_join(genres, ", "),
-                                 F.array_join(F.coalesce("user_tags", F.array()), ", "))
-                     .alias("text"),
-                     F.concat(genres, F.coalesce("user_tags", F.array().cast("array<string>")))
-                     .alias("tags")))
+    items = movies.select(F.col("movieId").alias("item_id"), "title",
+                          F.concat_ws(" | ", F.col("title"), F.array_join(genres, ", "))
+                          .alias("text"),
+                          genres.alias("tags"))
     if source.posters_dir:
         if not os.path.isdir(source.posters_dir):
             raise SourceError(f"source.posters_dir: {source.posters_dir} is not a folder")
@@ -106,4 +111,6 @@ def movielens_source(spark: SparkSession, source: SourceConfig) -> tuple[DataFra
         items = items.join(posters, "item_id", "left")
     events = ratings.select(F.col("userId").alias("user_id"), F.col("movieId").alias("item_id"),
                             F.col("timestamp").alias("ts"), "rating")
-    return items, events
+    item_tags = tags.select(F.col("movieId").alias("item_id"), F.col("userId").alias("user_id"),
+                            "tag", F.col("timestamp").alias("ts"))
+    return items, events, item_tags

@@ -113,7 +113,7 @@ def _ingest_frames(spark, store: SnapshotStore, raw_items, raw_events, source: S
 
 
 def _ingest(spark, store, source, ingest=None) -> WrittenIngest:
-    items, events = generic_source(spark, source)
+    items, events, _ = generic_source(spark, source)
     return _ingest_frames(spark, store, items, events, source, ingest)
 
 

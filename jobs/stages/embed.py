@@ -1,10 +1,35 @@
-"""``embed``: encode every item with the content towers + fusion (Spark batch inference)."""
+"""``embed``: encode every item with the content towers + fusion (Spark batch inference); dated
+tags join an item's tags only when written before their author's split point."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from jobs.stage import Stage, StageContext, StageReport
+
+
+def has_dated_tags(cfg) -> bool:
+    """Whether the source has dated item tags (they then depend on the split)."""
+    return cfg.source.kind == "movielens" or (cfg.source.kind == "generic"
+                                              and bool(cfg.source.item_tags))
+
+
+def inputs(cfg) -> tuple[str, ...]:
+    return ("items",) + (("item_tags", "split_events") if has_dated_tags(cfg) else ())
+
+
+def item_content(ctx: StageContext):
+    """The items as the encoder reads them: with the dated tags allowed by the split."""
+    from feature_store.facts import SplitFacts
+    from pipelines.item_tags import allowed_tags, with_allowed_tags
+
+    io, spark = ctx.io, ctx.spark
+    items = io.spark(spark, "items")
+    if not io.has("item_tags"):
+        return items
+    return with_allowed_tags(items, allowed_tags(io.spark(spark, "item_tags"),
+                                                 io.spark(spark, "split_events"),
+                                                 io.facts("split_events", SplitFacts)))
 
 
 @dataclass
@@ -41,7 +66,7 @@ def run(ctx: StageContext) -> EmbedReport:
     encoder = ItemEncoder(cfg.encoder)
     folder = encoder.save(str(ctx.artifacts / "encoders"))
     ctx.tracker.artifact_dir(folder, "encoder")
-    frames = embed_items(ctx.spark, io.spark(ctx.spark, "items"), encoder, cfg.embed)
+    frames = embed_items(ctx.spark, item_content(ctx), encoder, cfg.embed)
     emb = io.write_spark("item_embeddings", frames.embeddings,
                          schemas.item_embeddings_schema(cfg.encoder.dim),
                          facts=EmbeddingFacts(cfg.encoder.dim, encoder.version, folder))
@@ -60,7 +85,7 @@ def run(ctx: StageContext) -> EmbedReport:
 
 
 STAGE = Stage(
-    "embed", run, inputs=("items",),
+    "embed", run, inputs=inputs,
     outputs=("item_embeddings", "item_features", "embed_quarantine"),
     config=("encoder", "embed"),
     help="encode every item with the content towers + fusion (Spark batch inference)")

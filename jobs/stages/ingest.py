@@ -1,4 +1,5 @@
-"""``ingest``: validate raw items and events, map ids, quarantine bad rows (Spark)."""
+"""``ingest``: validate raw items, events and dated item tags, map ids, quarantine bad rows
+(Spark)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from jobs.report import text_table
 from jobs.stage import Stage, StageContext, StageReport, files_fingerprint
 from jobs.stages.world import is_synthetic
 
-OUTPUTS = ("items", "events", "quarantine", "item_id_map", "user_id_map")
+OUTPUTS = ("items", "events", "item_tags", "quarantine", "item_id_map", "user_id_map")
 
 
 def inputs(cfg) -> tuple[str, ...]:
@@ -54,18 +55,19 @@ def run(ctx: StageContext) -> IngestReport:
     spark, io, source = ctx.spark, ctx.io, ctx.cfg.source
     if source.kind == "synthetic":
         raw_items, raw_events = io.spark(spark, "raw_items"), io.spark(spark, "raw_events")
+        raw_tags = None
     elif source.kind == "generic":
-        raw_items, raw_events = generic_source(spark, source)
+        raw_items, raw_events, raw_tags = generic_source(spark, source)
     else:
-        raw_items, raw_events = movielens_source(spark, source)
+        raw_items, raw_events, raw_tags = movielens_source(spark, source)
     # Ids stay stable across runs: the previous maps' ids are kept, new ids continue after them.
-    frames = run_ingest(spark, raw_items, raw_events, source, ctx.cfg.ingest,
+    frames = run_ingest(spark, raw_items, raw_events, source, ctx.cfg.ingest, raw_tags=raw_tags,
                         previous_item_map=io.previous_spark(spark, "item_id_map"),
                         previous_user_map=io.previous_spark(spark, "user_id_map"))
     out = {t: io.write_spark(t, df, schema, facts=facts)
            for t, (df, schema, facts) in frames.tables().items()}
     reasons = frames.quarantine_reasons()
-    counts = frames.counts({t: out[t].row_count for t in ("items", "events")}, reasons)
+    counts = frames.counts({t: m.row_count for t, m in out.items()}, reasons)
     frames.release()
     return IngestReport(out, counts, reasons, frames.label_mode)
 
@@ -73,4 +75,4 @@ def run(ctx: StageContext) -> IngestReport:
 STAGE = Stage(
     "ingest", run, inputs=inputs, outputs=OUTPUTS, config=("source", "ingest"),
     external_fingerprint=source_fingerprint, continues=("item_id_map", "user_id_map"),
-    help="validate raw items/events, map ids, quarantine bad rows (Spark)")
+    help="validate raw items/events/tags, map ids, quarantine bad rows (Spark)")
