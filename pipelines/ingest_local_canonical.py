@@ -174,7 +174,7 @@ def _from_epoch_seconds(seconds: np.ndarray) -> pd.Series:
 
 def parse_timestamp(raw: pa.Table, table: str, col: str,
                     ts_format: Optional[str]) -> pd.Series:
-    """The pandas twin of :func:`pipelines.ingest_canonical.parse_timestamp`: a UTC time per row from a
+    """The pandas twin of ``pipelines.ingest_canonical.parse_timestamp``: a UTC time per row from a
     timestamp (naive ones are UTC, as in the Spark session), a date, epoch seconds, or an ISO-8601
     / epoch-second string; null where it does not parse."""
     arr = raw.column(col)

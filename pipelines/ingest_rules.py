@@ -9,10 +9,10 @@ vocabulary of predicates (:class:`Blank`, :class:`Missing`, :class:`GivenButUnpa
 so that adding a check, reordering two, or changing what a word means changes both
 implementations at once.
 
-Rules run on the *canonical raw* columns (:func:`pipelines.ingest_canonical.canonical_items` /
-:func:`~pipelines.ingest_canonical.canonical_events` and their pandas twins): ``item_ext``, ``title``,
-``created_raw`` / ``created_ts``; ``user_ext``, ``item_ext``, ``ts``, ``value`` / ``value_raw``,
-``weight`` / ``weight_raw``, ``__raw_ts``. Each table is checked in three phases:
+Rules run on the *canonical raw* columns (:mod:`pipelines.ingest_canonical` and its pandas
+twin): ``item_ext``, ``title``, ``created_raw`` / ``created_ts``; ``user_ext``, ``item_ext``,
+``ts``, ``value`` / ``value_raw``, ``weight`` / ``weight_raw``, ``__raw_ts``; ``tag``. Each table
+is checked in three phases:
 
 1. the row rules, in order; a row gets the reason of the first rule that holds;
 2. among rows still valid, one per key is kept (:class:`KeepOnePerKey`), the others are

@@ -89,7 +89,8 @@ def test_schema_is_checked_on_write_and_names_the_column(tmp_path):
     with pytest.raises(SchemaMismatch, match="events.user_id is string, expected int64"):
         store.write_table("events", bad, schema=schemas.events_schema(), facts=EV)
     with pytest.raises(SchemaMismatch, match="events.label is missing"):
-        store.write_table("events", _events(3).drop(["label"]), schema=schemas.events_schema(), facts=EV)
+        store.write_table("events", _events(3).drop(["label"]), schema=schemas.events_schema(),
+                          facts=EV)
     assert store.list("events") == []  # nothing half-written became visible
 
 
