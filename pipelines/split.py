@@ -26,13 +26,12 @@ import datetime as dt
 from typing import TYPE_CHECKING
 
 from feature_store.facts import SplitFacts
+from feature_store.schemas import PARTS
 from pipelines.accounting import UnusableData
 from pipelines.config import SplitConfig
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
-
-PARTS = ("train", "valid", "test")
 
 
 def _utc(t: dt.datetime) -> dt.datetime:

@@ -11,7 +11,8 @@ import pandas as pd
 
 from recsys.metrics import ranking_metrics
 
-PARTS = ("test", "valid")
+#: The scored parts of the split, in the order the table shows them.
+SCORED_PARTS = ("test", "valid")
 SLICES = ("all", "cold", "known_users", "new_users")
 TRUTH_ARM = "truth (ceiling)"
 METRICS = ("auc", "gauc", "logloss", "ne")
@@ -42,7 +43,7 @@ def ablation_metrics(preds: pd.DataFrame, truth: Optional[pd.DataFrame] = None) 
             scored[TRUTH_ARM] = first.assign(score=p_click.to_numpy())
     rows = []
     for arm, p in scored.items():
-        for part in PARTS:
+        for part in SCORED_PARTS:
             in_part = p[p.part == part]
             for name in SLICES:
                 q = _slice(in_part, name)
