@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 #: The ablation arms one model definition serves (see ``recsys/features.py``).
-Arm = Literal["id_only", "frozen_mm", "codes", "codes_raw", "codes+frozen"]
+Arm = Literal["id_only", "frozen_mm", "frozen_aligned", "codes", "codes_raw", "codes+frozen"]
 ARMS: tuple[str, ...] = get_args(Arm)
 
 
@@ -24,6 +24,27 @@ class ModelConfig:
     cross_layers: int = 2
     cross_rank: int = 32
     mlp: list[int] = field(default_factory=lambda: [128, 64])
+    #: Standard deviation of every embedding table's initial values (one scale for all).
+    init_scale: float = 0.1
+    #: Add an explicit user x item dot product to the logit.
+    dot: bool = True
+    #: L2 penalty on the looked-up rows of the user and target tables (per example).
+    l2: float = 0.03
+    #: Dropout on the dense input of the cross layers (training only).
+    dropout: float = 0.3
+
+
+@dataclass
+class MFConfig:
+    """The logistic matrix factorisation baseline (plain PyTorch, ``recsys/baselines.py``)."""
+    dim: int = 32
+    lr: float = 3e-3
+    #: L2 on the looked-up user and item rows (per example).
+    l2: float = 1e-2
+    init_scale: float = 0.01
+    batch_size: int = 1024
+    max_epochs: int = 100
+    patience: int = 3
 
 
 @dataclass
@@ -31,6 +52,10 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     #: Ablation arms to train (see recsys.features).
     arms: list[Arm] = field(default_factory=lambda: list(ARMS))
+    #: Baselines scored beside the arms: ``popularity`` and ``mf`` (see recsys.baselines).
+    baselines: list[Literal["popularity", "mf"]] = field(
+        default_factory=lambda: ["popularity", "mf"])
+    mf: MFConfig = field(default_factory=MFConfig)
     #: Ranks (processes); each takes micro_batch rows per step.
     ranks: int = 2
     #: ``local`` spawns the ranks as subprocesses; ``torchrun`` runs them under torchrun.
@@ -39,13 +64,24 @@ class TrainConfig:
     device: Literal["cpu", "cuda"] = "cpu"
     #: Global batch (split evenly across ranks).
     batch_size: int = 512
-    epochs: int = 2
+    #: The most epochs; early stopping on the validation part usually ends training sooner.
+    epochs: int = 40
+    #: Validate every N global steps (0 = once per epoch); stop after ``patience`` validations
+    #: without improvement of ``valid_metric`` and keep the best weights (0 = no early stop).
+    valid_every: int = 0
+    patience: int = 4
+    valid_metric: Literal["auc", "logloss"] = "auc"
     #: Stop after this many global steps (0 = all epochs).
     max_steps: int = 0
     #: Row-wise Adagrad learning rate of the embedding tables (fused into the backward).
-    sparse_lr: float = 0.05
-    #: Adam learning rate of the dense layers.
+    sparse_lr: float = 0.3
+    #: Fused optimizer of the embedding tables (updates only the rows a batch looked up):
+    #: row-wise Adagrad (one state value per row) or Adagrad (one per value). fbgemm's CPU
+    #: kernels have no fused Adam.
+    sparse_optimizer: Literal["rowwise_adagrad", "adagrad"] = "rowwise_adagrad"
+    #: Adam learning rate of the dense layers, and their decoupled weight decay (AdamW).
     dense_lr: float = 2e-3
+    dense_weight_decay: float = 0.0
     seed: int = 0
     #: Save a checkpoint every N global steps (0 = never); resume from the newest.
     checkpoint_every: int = 0
@@ -55,3 +91,44 @@ class TrainConfig:
     register: bool = True
     #: Seconds a rank waits for the others in a collective before failing.
     timeout_s: int = 600
+    #: Per-arm settings that override the ones above (what ``qarm ablation``'s grid chose),
+    #: e.g. ``{codes: {sparse_lr: 0.1, dense_lr: 0.001}}``; keys: TUNABLE.
+    tuned: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def for_arm(self, arm: str) -> "TrainConfig":
+        """This config with ``arm``'s tuned settings applied."""
+        import dataclasses
+
+        over = self.tuned.get(arm, {})
+        bad = set(over) - set(TUNABLE)
+        if bad:
+            raise ValueError(f"train.tuned.{arm}: unknown settings {sorted(bad)}; "
+                             f"tunable: {', '.join(TUNABLE)}")
+        model = {k: v for k, v in over.items() if k in MODEL_TUNABLE}
+        top = {k: v for k, v in over.items() if k not in MODEL_TUNABLE}
+        return dataclasses.replace(self, model=dataclasses.replace(self.model, **model), **top)
+
+    def settings(self, arm: str) -> dict[str, float]:
+        """The TUNABLE settings ``arm`` trains with (its tuned overrides applied)."""
+        c = self.for_arm(arm)
+        return {k: getattr(c.model, k) if k in MODEL_TUNABLE else getattr(c, k)
+                for k in TUNABLE}
+
+
+#: Settings a grid may tune (TrainConfig's, then ModelConfig's).
+MODEL_TUNABLE = ("l2", "dropout")
+TUNABLE = ("sparse_lr", "dense_lr") + MODEL_TUNABLE
+
+
+@dataclass
+class AblationConfig:
+    """``qarm ablation``: one grid on seed 0 (chosen by the validation metric), then every arm
+    with ``seeds`` seeds at its chosen settings; and the evaluation's statistics."""
+    #: Seeds per arm (seed 0 is the grid's run at the chosen settings).
+    seeds: int = 3
+    #: Values to try, identical for every arm: TUNABLE keys -> lists. Every combination runs.
+    grid: dict[str, list[float]] = field(default_factory=lambda: {
+        "sparse_lr": [0.1, 0.3], "l2": [0.01, 0.03]})
+    #: Bootstrap resamples of users for the intervals (0 = no intervals), and their level.
+    bootstrap: int = 1000
+    level: float = 0.95

@@ -34,7 +34,8 @@ class RankerBatch(Pipelineable):
     [B, N, 2] marks history items sharing the target's level-1 / level-1..2 RQ prefix; ``valid``
     is 0 for padding rows (evaluation only)."""
 
-    dense: torch.Tensor
+    #: [B] raw item ids of the targets, for non-trainable lookups (the frozen table).
+    item_ids: torch.Tensor
     pooled: KeyedJaggedTensor
     seq: KeyedJaggedTensor
     labels: torch.Tensor
@@ -148,17 +149,9 @@ def to_batch(t: pa.Table, spec: FeatureSpec, pad_to: int | None = None) -> Ranke
             keys, torch.from_numpy(np.concatenate([values[k] for k in keys])),
             torch.from_numpy(np.concatenate([lengths[k] for k in keys])))
 
-    dense_parts = []
-    for d in spec.dense:
-        col = t.column(d.column)
-        arr = np.zeros((B, d.dim), np.float32)
-        ok = ~np.asarray(col.is_null().to_numpy(zero_copy_only=False), bool)
-        if ok.any():
-            arr[ok] = list_matrix(col.filter(pa.array(ok)), np.float32)
-        dense_parts.append(arr)
-    dense = np.concatenate(dense_parts, 1) if dense_parts else np.zeros((B, 0), np.float32)
     return RankerBatch(
-        dense=torch.from_numpy(dense), pooled=kjt(spec.features_of("bag")),
+        item_ids=torch.from_numpy(t.column("item_id").to_numpy().astype(np.int64)),
+        pooled=kjt(spec.features_of("bag")),
         seq=kjt(spec.features_of("sequence")),
         labels=torch.from_numpy(t.column("label").to_numpy().astype(np.float32)),
         hist_mask=torch.from_numpy(hist_mask), prefix_mask=torch.from_numpy(prefix),
@@ -189,6 +182,50 @@ def micro_batches(files: Sequence[str], columns: list[str], micro: int,
         yield pa.Table.from_batches(buf)
 
 
+def shuffled_tables(files: Sequence[str], columns: list[str], seed: int,
+                    buffer_rows: int = 65_536) -> Iterator[pa.Table]:
+    """The files' rows in a seeded order, streamed: row groups in a random order, then rows
+    shuffled within a buffer of ``buffer_rows``. The same seed gives the same order on every
+    rank, whatever the number of ranks."""
+    rng = np.random.default_rng(seed)
+    readers = {f: pq.ParquetFile(f) for f in files}
+    units = [(f, g) for f in files for g in range(readers[f].num_row_groups)]
+    buf: list[pa.Table] = []
+    have = 0
+    for i in rng.permutation(len(units)):
+        f, g = units[i]
+        t = readers[f].read_row_group(g, columns=columns)
+        buf.append(t)
+        have += t.num_rows
+        if have >= buffer_rows:
+            big = pa.concat_tables(buf)
+            yield big.take(rng.permutation(big.num_rows))
+            buf, have = [], 0
+    if have:
+        big = pa.concat_tables(buf)
+        yield big.take(rng.permutation(big.num_rows))
+
+
+def rechunk(tables: Iterator[pa.Table], micro: int) -> Iterator[pa.Table]:
+    """Consecutive tables of exactly ``micro`` rows (the last may be shorter)."""
+    buf: list[pa.Table] = []
+    have = 0
+    for t in tables:
+        buf.append(t)
+        have += t.num_rows
+        while have >= micro:
+            t = pa.concat_tables(buf)
+            yield t.slice(0, micro)
+            rest = t.slice(micro)
+            buf, have = [rest], rest.num_rows
+    if have:
+        yield pa.concat_tables(buf)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 1_000_003 + epoch
+
+
 @dataclass
 class ShardPlan:
     rows: int
@@ -211,15 +248,20 @@ class ShardPlan:
 
 
 def train_batches(files: Sequence[str], spec: FeatureSpec, plan: ShardPlan, rank: int,
-                  epochs: int, start_step: int = 0) -> Iterator[RankerBatch]:
-    """This rank's training micro-batches for global steps ``start_step ..``."""
+                  epochs: int, start_step: int = 0, end_step: int | None = None,
+                  seed: int = 0) -> Iterator[RankerBatch]:
+    """This rank's training micro-batches for global steps ``start_step .. end_step - 1``; each
+    epoch reads the rows in its own seeded order (``shuffled_tables``)."""
     cols = spec.columns()
     spe = plan.steps_per_epoch
-    for epoch in range(start_step // spe, epochs):
+    end = spe * epochs if end_step is None else min(end_step, spe * epochs)
+    for epoch in range(start_step // spe, -(-end // spe)):
         first = start_step - epoch * spe if epoch == start_step // spe else 0
-        for j, t in enumerate(micro_batches(files, cols, plan.micro)):
+        last = min(spe, end - epoch * spe)
+        rows = rechunk(shuffled_tables(files, cols, epoch_seed(seed, epoch)), plan.micro)
+        for j, t in enumerate(rows):
             step, r = divmod(j, plan.world)
-            if step >= spe:
+            if step >= last:
                 break
             if step < first or r != rank:
                 continue

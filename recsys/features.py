@@ -12,22 +12,35 @@ Arms (the ablation of the QARM paper, one model definition):
 
 =============  ==============================================================================
 ``id_only``    user id, item id, history of item ids
-``frozen_mm``  ``id_only`` + the frozen content embedding as a dense input: the target's from the
-               examples, the history items' from a frozen table (the usual cascade: content
-               vectors computed once, never updated by the ranker)
+``frozen_mm``  ``id_only`` + the frozen *raw* content embedding (the usual cascade: content
+               vectors computed once by the encoder, never updated by the ranker)
+``frozen_aligned`` ``id_only`` + the frozen *aligned* embedding (alignment without trainability)
 ``codes``      ``id_only`` + RQ code per level (target and history) + VQ code bag, from the
                aligned embeddings: QARM's trainable quantized codes
 ``codes_raw``  as ``codes`` with codes fitted on the unaligned embeddings
-``codes+frozen`` ``codes`` + the frozen embedding
+``codes+frozen`` ``codes`` + the frozen raw embedding
 =============  ==============================================================================
+
+``frozen_mm``/``frozen_aligned``/``codes_raw``/``codes`` are the 2x2 of raw/aligned x
+frozen/trainable. The frozen arms get the code arms' capacity: each item's frozen vector
+(looked up by item id in a non-trainable table, for the target and the history) is projected to
+the width of the RQ parts (plus, for the target, one more projection in place of the VQ bag),
+so every arm's dense input has the same width; and the prefix-matched
+history pools have a *similarity-matched* analogue: the history items whose cosine with the
+target passes the thresholds at which random item pairs match as often as they would share a
+level-1 (level-1..2) code of a uniform codebook of the same size.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from feature_store.facts import ExamplesFacts
 from recsys.config import ARMS, ModelConfig
+
+
+#: Which content vectors each frozen arm reads.
+FROZEN_SOURCE = {"frozen_mm": "raw", "frozen_aligned": "aligned", "codes+frozen": "raw"}
 
 
 class FeatureSpecError(ValueError):
@@ -65,13 +78,6 @@ class SparseFeature:
 
 
 @dataclass(frozen=True)
-class DenseFeature:
-    name: str
-    column: str
-    dim: int
-
-
-@dataclass(frozen=True)
 class FeatureSpec:
     arm: str
     dim: int
@@ -79,14 +85,25 @@ class FeatureSpec:
     levels: int
     tables: tuple[Table, ...]
     sparse: tuple[SparseFeature, ...]
-    dense: tuple[DenseFeature, ...] = field(default_factory=tuple)
-    #: Rows of the frozen content table (frozen arms: history items' content vectors are looked
-    #: up there by item id; never trained). 0 = no frozen content.
+    #: Rows and width of the frozen content table (frozen arms: the target's and the history
+    #: items' content vectors are looked up there by item id; never trained). 0 = none.
     frozen_rows: int = 0
+    frozen_dim: int = 0
+    #: ``raw`` or ``aligned`` content vectors in the frozen table ("" = none).
+    frozen_source: str = ""
+    #: Width of the frozen projection in an item's vector, in slots of ``dim`` (the RQ levels
+    #: for the frozen arms, 1 for ``codes+frozen``).
+    frozen_slots: int = 0
+    #: Cosine thresholds of the similarity-matched history pools (frozen arms without codes).
+    match_thresholds: tuple[float, ...] = ()
 
     @property
     def uses_codes(self) -> bool:
         return self.levels > 0
+
+    @property
+    def uses_frozen(self) -> bool:
+        return self.frozen_rows > 0
 
     def table(self, name: str) -> Table:
         return next(t for t in self.tables if t.name == name)
@@ -118,20 +135,20 @@ class FeatureSpec:
     def columns(self) -> list[str]:
         """Examples columns a batch of this spec reads."""
         cols = {"user_id", "item_id", "label", "hist_item_ids", "cold", "sampled", "ts"}
-        cols |= {f.column for f in self.sparse} | {d.column for d in self.dense}
+        cols |= {f.column for f in self.sparse}
         return sorted(cols)
 
 
 def build_spec(arm: str, *, dim: int, history_len: int, levels: int, codes_per_level: int,
                n_items: int, n_users: int, item_hash_size: int = 0, user_hash_size: int = 0,
                frozen_dim: int = 0, vq_size: int = 0, mean_history: float | None = None,
-               vq_k: float = 10.0) -> FeatureSpec:
-    """The spec of one arm. Hash sizes of 0 mean "one row per id" (ids are dense)."""
+               vq_k: float = 10.0, match_thresholds: tuple[float, ...] = ()) -> FeatureSpec:
+    """The spec of one arm. Hash sizes of 0 mean "one row per id" (ids are dense).
+    ``frozen_dim``: width of the frozen content vectors (frozen arms)."""
     if arm not in ARMS:
         raise FeatureSpecError(f"unknown arm {arm!r}; arms: {', '.join(ARMS)}")
-    if arm in ("frozen_mm", "codes+frozen") and frozen_dim <= 0:
-        raise FeatureSpecError(f"arm {arm} needs the frozen embedding in the examples "
-                               "(examples.frozen_embedding=true)")
+    if arm in FROZEN_SOURCE and frozen_dim <= 0:
+        raise FeatureSpecError(f"arm {arm} needs the frozen embedding table (its width is 0)")
     hist = float(mean_history if mean_history is not None else history_len)
     item_rows = item_hash_size or n_items
     user_rows = user_hash_size or n_users
@@ -153,22 +170,51 @@ def build_spec(arm: str, *, dim: int, history_len: int, levels: int, codes_per_l
             sparse.append(SparseFeature(f"hist_{t}", t, f"hist_rq{suffix}", "history", level=lv))
         tables.append(Table("vq", vq_size or item_rows, dim, ("vq",), "bag", "mean", (vq_k,)))
         sparse.append(SparseFeature("vq", "vq", f"vq{suffix}", "bag", hashed=True))
-    dense = ()
-    frozen_rows = 0
-    if arm in ("frozen_mm", "codes+frozen"):
-        dense = (DenseFeature("frozen", "frozen", frozen_dim),)
-        frozen_rows = n_items
+    source = FROZEN_SOURCE.get(arm, "")
+    slots = 0
+    if source:
+        slots = 1 if use_codes else max(levels, 1)
+    if source and not use_codes and len(match_thresholds) != 2:
+        raise FeatureSpecError(f"arm {arm} needs 2 similarity thresholds (match_thresholds)")
     return FeatureSpec(arm, dim, history_len, levels if use_codes else 0, tuple(tables),
-                       tuple(sparse), dense, frozen_rows)
+                       tuple(sparse), frozen_rows=n_items if source else 0,
+                       frozen_dim=frozen_dim if source else 0, frozen_source=source,
+                       frozen_slots=slots,
+                       match_thresholds=tuple(match_thresholds) if source and not use_codes
+                       else ())
 
 
-def spec_for_examples(arm: str, model: ModelConfig, facts: ExamplesFacts) -> FeatureSpec:
-    """The spec of one arm sized for an examples snapshot (its manifest's facts)."""
+def spec_for_examples(arm: str, model: ModelConfig, facts: ExamplesFacts, frozen_dim: int = 0,
+                      match_thresholds: tuple[float, ...] = ()) -> FeatureSpec:
+    """The spec of one arm sized for an examples snapshot (its manifest's facts); frozen arms
+    also need the width of their content table and the similarity thresholds."""
     if arm == "codes_raw" and not facts.raw_codes:
         raise FeatureSpecError("arm codes_raw needs raw codes in the examples "
                                "(quantize.raw_arm=true), or drop it from train.arms")
     return build_spec(arm, dim=model.dim, history_len=facts.history_len, levels=facts.levels,
                       codes_per_level=facts.codes_per_level, n_items=facts.n_items,
                       n_users=facts.n_users, item_hash_size=model.item_hash_size,
-                      user_hash_size=model.user_hash_size, frozen_dim=facts.frozen_dim,
-                      mean_history=facts.mean_history, vq_k=max(facts.mean_vq, 1.0))
+                      user_hash_size=model.user_hash_size, frozen_dim=frozen_dim,
+                      mean_history=facts.mean_history, vq_k=max(facts.mean_vq, 1.0),
+                      match_thresholds=match_thresholds)
+
+
+def match_thresholds(table, codes_per_level: int, seed: int = 0,
+                     pairs: int = 200_000) -> tuple[float, ...]:
+    """Cosine thresholds at which random pairs of distinct items match as often as they would
+    share a level-1 (level-1..2) code of a uniform codebook of ``codes_per_level`` codes: the
+    frozen arms' analogue of the prefix-matched history. ``table``: (items, D) content vectors
+    (zero rows, items without a vector, are left out)."""
+    import numpy as np
+
+    x = np.asarray(table, np.float32)
+    x = x[np.linalg.norm(x, axis=1) > 0]
+    if len(x) < 2:
+        raise FeatureSpecError("the frozen table has fewer than 2 non-zero vectors")
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    rng = np.random.default_rng(seed)
+    a, b = rng.integers(0, len(x), pairs), rng.integers(0, len(x), pairs)
+    keep = a != b
+    cos = np.einsum("ij,ij->i", x[a[keep]], x[b[keep]])
+    return tuple(float(np.quantile(cos, 1.0 - float(codes_per_level) ** -(k + 1)))
+                 for k in range(2))

@@ -134,20 +134,28 @@ class OverArch(nn.Module):
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig):
         super().__init__()
         self.spec = spec
+        self.dot = cfg.dot
         d = spec.dim
-        dense_dim = sum(f.dim for f in spec.dense)
-        item_w = d * (len(spec.item_parts) + (1 if dense_dim else 0))
+        self.n_parts = len(spec.item_parts) + spec.frozen_slots     # slots of width d per item
+        item_w = d * self.n_parts
         self.q = nn.Linear(item_w, cfg.attention_dim, bias=False)
         self.k = nn.Linear(item_w, cfg.attention_dim, bias=False)
         self.scale = 1.0 / math.sqrt(cfg.attention_dim)
         width = d + 2 * item_w + 1            # user, target, attention pool, log history length
-        if spec.uses_codes:
-            width += 2 * item_w + d           # two prefix-matched pools, VQ bag
-        # Dense content vectors arrive at whatever scale their encoder produced: normalise them.
-        self.frozen = nn.Sequential(nn.LayerNorm(dense_dim), nn.Linear(dense_dim, d)) \
-            if dense_dim else None
-        if dense_dim:
-            self.register_buffer("frozen_table", torch.zeros(spec.frozen_rows, dense_dim))
+        if spec.uses_codes or spec.uses_frozen:
+            # Two prefix- (or similarity-) matched pools, the VQ bag (or its frozen analogue).
+            width += 2 * item_w + d
+        self.frozen = self.frozen_bag = None
+        if spec.uses_frozen:
+            # Content vectors arrive at whatever scale their encoder produced: normalise them.
+            D = spec.frozen_dim
+            self.register_buffer("frozen_table", torch.zeros(spec.frozen_rows, D))
+            self.frozen = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, d * spec.frozen_slots))
+            if not spec.uses_codes:
+                self.frozen_bag = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, d))
+                self.register_buffer("thresholds", torch.tensor(list(spec.match_thresholds),
+                                                                dtype=torch.float32))
+        self.dropout = nn.Dropout(cfg.dropout)
         self.cross = CrossNet(width, cfg.cross_layers, cfg.cross_rank)
         layers: list[nn.Module] = []
         w = width
@@ -161,41 +169,78 @@ class OverArch(nn.Module):
         parts = self.spec.item_parts
         t_parts = [emb["item_id"]] + [emb[p] for p in parts[1:]]
         h_parts = [emb["hist_item_id"]] + [emb[f"hist_{p}"] for p in parts[1:]]
+        mask = batch.hist_mask                                                   # [B, N]
         if self.frozen is not None:
-            t_parts.append(self.frozen(batch.dense))
-            h_parts.append(self.frozen(self.frozen_table[batch.hist_ids]))
+            t_vec = self.frozen_table[batch.item_ids]                            # [B, D]
+            h_vec = self.frozen_table[batch.hist_ids]                            # [B, N, D]
+            t_parts.append(self.frozen(t_vec))
+            h_parts.append(self.frozen(h_vec))
         target = torch.cat(t_parts, dim=1)                                       # [B, W]
         hist = torch.cat(h_parts, dim=2)                                         # [B, N, W]
-        mask = batch.hist_mask                                                   # [B, N]
         scores = torch.einsum("bd,bnd->bn", self.q(target), self.k(hist)) * self.scale
         scores = scores.masked_fill(mask == 0, -1e9)
         weights = torch.softmax(scores, dim=1) * mask            # all-zero rows: no history
         att = torch.einsum("bn,bnd->bd", weights, hist)
         hist_len = mask.sum(1, keepdim=True)
-        feats = [emb["user_id"], target, att, torch.log1p(hist_len)]
+        user = emb["user_id"]
+        feats = [user, target, att, torch.log1p(hist_len)]
+        pm = None
         if self.spec.uses_codes:
             pm = batch.prefix_mask                                               # [B, N, 2]
+        elif self.frozen_bag is not None:
+            # Similarity-matched history: the frozen analogue of the code prefix match.
+            cos = torch.einsum("bd,bnd->bn", F.normalize(t_vec, dim=1),
+                               F.normalize(h_vec, dim=2))
+            pm = (cos.unsqueeze(2) >= self.thresholds).float() * mask.unsqueeze(2)
+            # Items without a content vector (zero rows) match nothing.
+            has_t = (t_vec.abs().sum(1) > 0).float()
+            has_h = (h_vec.abs().sum(2) > 0).float()
+            pm = pm * has_t[:, None, None] * has_h.unsqueeze(2)
+        if pm is not None:
             pooled = torch.einsum("bnk,bnd->bkd", pm, hist) / pm.sum(1).clamp(min=1.0
                                                                                ).unsqueeze(2)
-            feats += [pooled.flatten(1), emb["vq"]]
+            feats.append(pooled.flatten(1))
+            feats.append(emb["vq"] if self.spec.uses_codes else self.frozen_bag(t_vec))
         x = torch.cat(feats, dim=1)
-        return self.mlp(self.cross(x)).squeeze(1)
+        logit = self.mlp(self.cross(self.dropout(x))).squeeze(1)
+        if self.dot:
+            # An explicit user x item term (an MLP learns dot products poorly): the user's
+            # vector against the sum of the target's parts.
+            d = self.spec.dim
+            logit = logit + (user * target.view(-1, self.n_parts, d).sum(1)).sum(1)
+        return logit
 
 
 class Ranker(nn.Module):
-    """Sparse arch + over arch + BCE; ``forward`` returns ``(loss, (loss, logits, labels))``."""
+    """Sparse arch + over arch + BCE (+ L2 on the looked-up trainable rows of the user and the
+    target); ``forward`` returns ``(loss, (loss, logits, labels))``."""
 
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig, sparse: nn.Module,
                  dense_device: torch.device | str = "cpu"):
         super().__init__()
         self.spec = spec
+        self.l2 = cfg.l2
         self.sparse = sparse
         self.over = OverArch(spec, cfg).to(dense_device)
+        self._l2_keys = ["user_id", "item_id"] + [p for p in spec.item_parts[1:]] + (
+            ["vq"] if spec.uses_codes else [])
 
     def forward(self, batch: RankerBatch):
-        logits = self.over(self.sparse(batch), batch)
+        emb = self.sparse(batch)
+        logits = self.over(emb, batch)
         loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
+        if self.l2 > 0:
+            penalty = sum(emb[k].pow(2).sum() for k in self._l2_keys)
+            loss = loss + self.l2 * penalty / batch.labels.shape[0]
         return loss, (loss.detach(), logits.detach(), batch.labels)
+
+
+def init_tables(sparse: nn.Module, scale: float) -> None:
+    """Every embedding table on one scale, N(0, scale^2): TorchRec's default, uniform within
+    +-sqrt(1/rows), would start a 33-row code table ~7x larger than a 1,500-row id table."""
+    with torch.no_grad():
+        for p in sparse.parameters():
+            nn.init.normal_(p, std=scale)
 
 
 def build_ranker(spec: FeatureSpec, cfg: ModelConfig, device: str = "cpu",
@@ -207,6 +252,8 @@ def build_ranker(spec: FeatureSpec, cfg: ModelConfig, device: str = "cpu",
     on ``cpu``)."""
     model = Ranker(spec, cfg, TorchRecSparse(spec, device, ec_device),
                    "cpu" if device == "meta" else device)
+    if device != "meta":
+        init_tables(model.sparse, cfg.init_scale)
     if frozen_table is not None:
         if model.over.frozen is None:
             raise ValueError(f"arm {spec.arm} takes no frozen table")

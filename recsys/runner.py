@@ -31,7 +31,10 @@ class ArmResult:
 
 
 def make_job(spec: FeatureSpec, cfg: TrainConfig, train_files: list[str],
-             eval_files: list[str], out_dir: Path, frozen_table: str = "") -> TrainJob:
+             eval_files: list[str], out_dir: Path, frozen_table: str = "",
+             valid_files: list[str] = ()) -> TrainJob:
+    """The job of one arm: trained on ``train_files``, early-stopped on ``valid_files`` (when
+    given), then both ``valid_files`` and ``eval_files`` are scored."""
     if spec.frozen_rows and not frozen_table:
         raise FeatureSpecError(f"arm {spec.arm} needs the frozen content table "
                                "(item embeddings by item id)")
@@ -45,7 +48,11 @@ def make_job(spec: FeatureSpec, cfg: TrainConfig, train_files: list[str],
                     max_steps=cfg.max_steps, sparse_lr=cfg.sparse_lr, dense_lr=cfg.dense_lr,
                     seed=cfg.seed, checkpoint_every=cfg.checkpoint_every,
                     device=cfg.device, threads=cfg.threads_per_rank, timeout_s=cfg.timeout_s,
-                    frozen_table=frozen_table if spec.frozen_rows else "")
+                    frozen_table=frozen_table if spec.frozen_rows else "",
+                    valid_files=sorted(valid_files), valid_every=cfg.valid_every,
+                    patience=cfg.patience, valid_metric=cfg.valid_metric,
+                    sparse_optimizer=cfg.sparse_optimizer,
+                    dense_weight_decay=cfg.dense_weight_decay)
 
 
 def prepare_out_dir(job: TrainJob) -> bool:
@@ -63,8 +70,8 @@ def prepare_out_dir(job: TrainJob) -> bool:
 
 def train_arm(spec: FeatureSpec, cfg: TrainConfig, train_files: list[str],
               eval_files: list[str], out_dir: Path, quiet: bool = False,
-              frozen_table: str = "") -> ArmResult:
-    job = make_job(spec, cfg, train_files, eval_files, out_dir, frozen_table)
+              frozen_table: str = "", valid_files: list[str] = ()) -> ArmResult:
+    job = make_job(spec, cfg, train_files, eval_files, out_dir, frozen_table, valid_files)
     resumed = prepare_out_dir(job)
     if resumed:
         log.info("arm %s: resuming the unfinished run in %s", spec.arm, out_dir)

@@ -65,6 +65,18 @@ class TrainJob:
     timeout_s: int = 600
     #: .npy of the frozen content vectors by item id (frozen arms), else "".
     frozen_table: str = ""
+    #: Decoupled weight decay of the dense parameters (AdamW).
+    dense_weight_decay: float = 0.0
+    #: Fused optimizer of the embedding tables: ``rowwise_adagrad`` or ``adagrad``.
+    sparse_optimizer: str = "rowwise_adagrad"
+    #: Validation examples for early stopping ([] = train all epochs, no early stopping).
+    valid_files: list[str] = dataclasses.field(default_factory=list)
+    #: Validate every N global steps (0 = once per epoch).
+    valid_every: int = 0
+    #: Stop after this many validations without improvement; keep the best weights.
+    patience: int = 2
+    #: ``auc`` (higher is better) or ``logloss`` (lower is better) on the validation files.
+    valid_metric: str = "auc"
     #: Profile this many steps (after warm-up) with torch.profiler into profile.txt (0 = off).
     profile_steps: int = 0
 
@@ -80,7 +92,7 @@ class TrainJob:
 
 
 def spec_from_dict(d: dict):
-    from recsys.features import DenseFeature, FeatureSpec, SparseFeature, Table
+    from recsys.features import FeatureSpec, SparseFeature, Table
 
     return FeatureSpec(
         arm=d["arm"], dim=d["dim"], history_len=d["history_len"], levels=d["levels"],
@@ -88,7 +100,9 @@ def spec_from_dict(d: dict):
                               "ids_per_example": tuple(t["ids_per_example"])})
                      for t in d["tables"]),
         sparse=tuple(SparseFeature(**f) for f in d["sparse"]),
-        dense=tuple(DenseFeature(**f) for f in d["dense"]), frozen_rows=d.get("frozen_rows", 0))
+        frozen_rows=d["frozen_rows"], frozen_dim=d["frozen_dim"],
+        frozen_source=d["frozen_source"], frozen_slots=d["frozen_slots"],
+        match_thresholds=tuple(d["match_thresholds"]))
 
 
 def model_config(d: dict):
@@ -125,6 +139,7 @@ def build_dmp(job: TrainJob, device, pg):
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
     from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
     from torchrec.optim.optimizers import in_backward_optimizer_filter
+    from torchrec.optim import optimizers as trec_optim
     from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
     from recsys.model import build_ranker
@@ -132,8 +147,13 @@ def build_dmp(job: TrainJob, device, pg):
     spec, cfg = spec_from_dict(job.spec), model_config(job.model)
     world = torch.distributed.get_world_size(pg)
     model = build_ranker(spec, cfg, "meta", ec_device="cpu" if device.type == "cpu" else "meta")
-    apply_optimizer_in_backward(RowWiseAdagrad, list(model.sparse.parameters()),
-                                {"lr": job.sparse_lr, "eps": 1e-8})
+    # Fused into the backward: fbgemm updates only the rows a batch looked up.
+    if job.sparse_optimizer == "adagrad":
+        apply_optimizer_in_backward(trec_optim.Adagrad, list(model.sparse.parameters()),
+                                    {"lr": job.sparse_lr, "eps": 1e-8})
+    else:
+        apply_optimizer_in_backward(RowWiseAdagrad, list(model.sparse.parameters()),
+                                    {"lr": job.sparse_lr, "eps": 1e-8})
     topology = TopologyFactory.create_topology(
         trainer_config=TrainerConfig(
             world_size=world, local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world))),
@@ -144,7 +164,9 @@ def build_dmp(job: TrainJob, device, pg):
     plan = planner.collective_plan(model, None, pg)
     dmp = DistributedModelParallel(model, device=device, plan=plan)
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
-                                  lambda params: torch.optim.Adam(params, lr=job.dense_lr))
+                                  lambda params: torch.optim.AdamW(
+                                      params, lr=job.dense_lr,
+                                      weight_decay=job.dense_weight_decay))
     return dmp, CombinedOptimizer([dmp.fused_optimizer, dense]), dense, plan, spec
 
 
@@ -166,6 +188,89 @@ def load_frozen_table(job: TrainJob):
     if not job.frozen_table:
         return None
     return torch.from_numpy(np.load(job.frozen_table).astype(np.float32))
+
+
+class EarlyStopping:
+    """Tracks the validation metric; ``update`` says whether it improved. Its state is plain
+    data (kept in checkpoints)."""
+
+    def __init__(self, metric: str, patience: int, state: dict | None = None):
+        if metric not in ("auc", "logloss"):
+            raise ValueError(f"valid_metric must be auc or logloss, got {metric!r}")
+        self.metric, self.patience = metric, patience
+        st = state or {}
+        self.best = st.get("best")
+        self.best_step = st.get("best_step", 0)
+        self.bad = st.get("bad", 0)
+        self.history: list[list[float]] = st.get("history", [])
+
+    def update(self, step: int, value: float) -> bool:
+        """Record ``value`` at ``step``; True when it is the best so far (NaN never is)."""
+        import math
+
+        self.history.append([step, value])
+        better = not math.isnan(value) and (
+            self.best is None or (value > self.best + 1e-5 if self.metric == "auc"
+                                  else value < self.best - 1e-5))
+        if better:
+            self.best, self.best_step, self.bad = value, step, 0
+        else:
+            self.bad += 1
+        return better
+
+    @property
+    def stop(self) -> bool:
+        return self.patience > 0 and self.bad >= self.patience
+
+    def state(self) -> dict:
+        return {"best": self.best, "best_step": self.best_step, "bad": self.bad,
+                "history": self.history}
+
+
+def validate(dmp, job: TrainJob, spec, device, world: int, rank: int) -> float:
+    """The validation metric of the current weights (every rank returns the same value)."""
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from recsys.data import ShardPlan, count_rows, eval_batches
+    from recsys.metrics import auc, logloss
+
+    dmp.eval()
+    labels, scores = [], []
+    plan = ShardPlan(count_rows(job.valid_files), job.micro_batch, world)
+    with torch.no_grad():
+        for batch, rows_t in eval_batches(job.valid_files, spec, plan, rank):
+            _, (_, logits, _) = dmp(batch.to(device))
+            n = rows_t.num_rows
+            if n:
+                labels.append(batch.labels[:n].numpy())
+                scores.append(torch.sigmoid(logits[:n].float()).cpu().numpy())
+    mine = (np.concatenate(labels) if labels else np.zeros(0, np.float32),
+            np.concatenate(scores) if scores else np.zeros(0, np.float32))
+    every = [None] * world
+    dist.all_gather_object(every, mine)
+    y = np.concatenate([e[0] for e in every])
+    p = np.concatenate([e[1] for e in every])
+    dmp.train()
+    return auc(y, p) if job.valid_metric == "auc" else logloss(y, p)
+
+
+def restore_local(state: dict, pieces: dict[str, dict]) -> None:
+    """Copy rank-local pieces (``checkpoint.local_pieces`` of the same model) back in place."""
+    import torch
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    from recsys.checkpoint import _flatten
+
+    with torch.no_grad():
+        for path, v in _flatten(state).items():
+            e = pieces[path]
+            if isinstance(v, ShardedTensor):
+                for s, (_, piece) in zip(v.local_shards(), e["pieces"]):
+                    s.tensor.copy_(piece)
+            elif isinstance(v, torch.Tensor):
+                v.copy_(e["value"])
 
 
 def _plan_summary(plan) -> dict:
@@ -218,12 +323,23 @@ def run_rank(job: TrainJob) -> None:
                          f"{sp.global_batch}: lower train.batch_size")
     dense_opt.init_state()            # so a checkpoint's Adam state has tensors to land in
     start = 0
+    # Validation runs whenever there are validation files (keeping the best weights); patience
+    # 0 only turns off stopping.
+    validating = bool(job.valid_files)
+    stopper = EarlyStopping(job.valid_metric, job.patience)
+    best = None
     resume = ck.latest(ckpt_root)
     if resume is not None:
         meta, full = ck.load_folder(resume)
+        if "best" in full:
+            ck.fill(dmp.state_dict(), full["best"])
+            best = ck.local_pieces(dmp.state_dict())
         ck.fill(dmp.state_dict(), full["model"])
         ck.fill(opt.state_dict()["state"], full["optim"], strict=True)
+        if f"rank{rank}" in full.get("rng", {}):
+            torch.set_rng_state(full["rng"][f"rank{rank}"])
         start = meta["step"]
+        stopper = EarlyStopping(job.valid_metric, job.patience, meta.get("early_stopping"))
         if rank == 0:
             log.info("resumed from %s (step %d)", resume, start)
     else:
@@ -233,57 +349,98 @@ def run_rank(job: TrainJob) -> None:
             if torch.is_tensor(st.get("step")):
                 st["step"].zero_()
 
-    pipeline = TrainPipelineSparseDist(dmp, opt, device)
-    it = iter(train_batches(job.train_files, spec, sp, rank, job.epochs, start))
+    every = job.valid_every or sp.steps_per_epoch
     losses: list[float] = []
+    def save_checkpoint(done: int) -> None:
+        folder = ckpt_root / f"step_{done}"
+        payload = {"model": ck.local_pieces(dmp.state_dict()),
+                   "optim": ck.local_pieces(opt.state_dict()["state"]),
+                   # Each rank's RNG (dropout masks): a resumed run draws what the
+                   # uninterrupted one would have.
+                   "rng": {f"rank{rank}": {"kind": "tensor", "value": torch.get_rng_state()}}}
+        if best is not None:
+            payload["best"] = best
+        ck.save_rank(folder, rank, payload)
+        dist.barrier()
+        if rank == 0:
+            ck.mark_complete(folder, {"step": done, "world": world, "arm": job.arm,
+                                      "early_stopping": stopper.state()})
+
     bar = None
     if rank == 0:
         from tqdm.auto import tqdm
+
+        # disable=None: a bar on a terminal, none in a log file.
         bar = tqdm(total=total, initial=start, desc=f"train {job.arm} ({world} ranks)",
-                   unit="step", file=sys.stderr)
+                   unit="step", file=sys.stderr, disable=None)
     die_after = int(os.environ.get("QARM_TEST_DIE_AFTER_STEPS", "0"))
     warmup = min(5, max(0, total - start - 1))   # tracing and first-batch costs excluded
     prof = None
     t0 = t_warm = time.perf_counter()
     cpu_warm = time.process_time()
+    valid_s = 0.0
     dmp.train()
-    for step in range(start, total):
-        if step == start + warmup:
-            t_warm, cpu_warm = time.perf_counter(), time.process_time()
-            if job.profile_steps and rank == 0:
-                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
-                prof.__enter__()
-        if prof is not None and step == start + warmup + job.profile_steps:
-            prof.__exit__(None, None, None)
-            (out / "profile.txt").write_text(prof.key_averages().table(
-                sort_by="self_cpu_time_total", row_limit=40) + "\n" + prof.key_averages().table(
-                sort_by="cpu_time_total", row_limit=40))
-            prof = None
-        loss, _, _ = pipeline.progress(it)
-        losses.append(float(loss))
-        done = step + 1
-        if bar is not None:
-            bar.update(1)
-            if done % 20 == 0:
-                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-        if job.checkpoint_every and done % job.checkpoint_every == 0 and done < total:
-            folder = ckpt_root / f"step_{done}"
-            ck.save_rank(folder, rank, {"model": ck.local_pieces(dmp.state_dict()),
-                                        "optim": ck.local_pieces(opt.state_dict()["state"])})
-            dist.barrier()
-            if rank == 0:
-                ck.mark_complete(folder, {"step": done, "world": world, "arm": job.arm})
-        if die_after and done == die_after and rank == 0:
-            os._exit(17)   # test hook: a crash (no cleanup, like SIGKILL) between checkpoints
+    step = start
+    while step < total and not stopper.stop:
+        # Train up to the next validation point; the pipeline is rebuilt after each validation
+        # (its pipelined forwards must be detached before the model is called directly).
+        end = min(total, (step // every + 1) * every)
+        pipeline = TrainPipelineSparseDist(dmp, opt, device)
+        it = iter(train_batches(job.train_files, spec, sp, rank, job.epochs, step, end,
+                                seed=job.seed))
+        for step in range(step, end):
+            if step == start + warmup:
+                t_warm, cpu_warm = time.perf_counter(), time.process_time()
+                valid_s = 0.0
+                if job.profile_steps and rank == 0:
+                    prof = torch.profiler.profile(
+                        activities=[torch.profiler.ProfilerActivity.CPU])
+                    prof.__enter__()
+            if prof is not None and step == start + warmup + job.profile_steps:
+                prof.__exit__(None, None, None)
+                (out / "profile.txt").write_text(prof.key_averages().table(
+                    sort_by="self_cpu_time_total", row_limit=40) + "\n"
+                    + prof.key_averages().table(sort_by="cpu_time_total", row_limit=40))
+                prof = None
+            loss, _, _ = pipeline.progress(it)
+            losses.append(float(loss))
+            done = step + 1
+            if bar is not None:
+                bar.update(1)
+                if done % 20 == 0:
+                    bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+            # A checkpoint at a validation point is saved after that validation (below), so
+            # its early-stopping state includes it.
+            if (job.checkpoint_every and done % job.checkpoint_every == 0 and done < total
+                    and not (validating and done == end)):
+                save_checkpoint(done)
+            if die_after and done == die_after and rank == 0:
+                os._exit(17)   # test hook: a crash (no cleanup, like SIGKILL) between checkpoints
+        step = end
+        pipeline.detach()
+        if validating:
+            tv = time.perf_counter()
+            value = validate(dmp, job, spec, device, world, rank)
+            valid_s += time.perf_counter() - tv
+            if stopper.update(step, value):
+                best = ck.local_pieces(dmp.state_dict())
+            if bar is not None:
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}",
+                                **{f"valid_{job.valid_metric}": f"{value:.4f}"})
+            if (job.checkpoint_every and step % job.checkpoint_every == 0 and step < total
+                    and not stopper.stop):
+                save_checkpoint(step)
     t_end = time.perf_counter()
     train_s = t_end - t0
+    steps_run = step - start
     # Busy share of the timed window: below 1 means the rank waited (collectives, I/O).
     busy = (time.process_time() - cpu_warm) / max(t_end - t_warm, 1e-9)
     if prof is not None:
         prof.__exit__(None, None, None)
     if bar is not None:
         bar.close()
-    pipeline.detach()
+    if best is not None and stopper.best_step != step:
+        restore_local(dmp.state_dict(), best)     # the weights of the best validation
 
     # Local loss per step -> the global (mean over ranks) curve.
     curves = [None] * world
@@ -297,10 +454,11 @@ def run_rank(job: TrainJob) -> None:
 
     dmp.eval()
     scored = []
-    n_eval = count_rows(job.eval_files)
+    score_files = job.valid_files + job.eval_files
+    n_eval = count_rows(score_files)
     ep = ShardPlan(n_eval, job.micro_batch, world)
     with torch.no_grad():
-        for batch, rows_t in eval_batches(job.eval_files, spec, ep, rank, PREDICTION_KEYS):
+        for batch, rows_t in eval_batches(score_files, spec, ep, rank, PREDICTION_KEYS):
             _, (_, logits, _) = dmp(batch.to(device))
             n = rows_t.num_rows
             if n:
@@ -314,12 +472,16 @@ def run_rank(job: TrainJob) -> None:
     dist.barrier()
     if rank == 0:
         curve = np.mean(np.asarray(curves, dtype=np.float64), axis=0).tolist()
-        ck.mark_complete(final, {"step": total, "world": world, "arm": job.arm})
+        ck.mark_complete(final, {"step": step, "world": world, "arm": job.arm})
         (out / "result.json").write_text(json.dumps({
-            "arm": job.arm, "world": world, "steps": total, "resumed_from": start,
+            "arm": job.arm, "world": world, "steps": step, "max_steps": total,
+            "steps_per_epoch": sp.steps_per_epoch, "resumed_from": start,
             "loss_curve": curve, "train_seconds": train_s,
-            "examples_per_second": (total - start - warmup) * sp.global_batch
-            / max(t_end - t_warm, 1e-9),
+            "valid_metric": job.valid_metric if validating else None,
+            "valid_curve": stopper.history, "best_step": stopper.best_step if best is not None
+            else step, "best_valid": stopper.best, "stopped_early": stopper.stop,
+            "examples_per_second": (steps_run - warmup) * sp.global_batch
+            / max(t_end - t_warm - valid_s, 1e-9) if steps_run > warmup else float("nan"),
             "warmup_steps": warmup, "peak_rss_mb_per_rank": rss,
             "cpu_busy_per_rank": [round(b, 3) for b in busy_all],
             "global_batch": sp.global_batch, "train_rows": rows, "eval_rows": n_eval,

@@ -21,7 +21,7 @@ from recsys.train import TrainError, initial_state, launch
 from recsys.testing import frozen_table, random_examples, write_examples
 
 SPEC_ARGS = dict(dim=8, history_len=5, levels=2, codes_per_level=8, n_items=50, n_users=20,
-                 frozen_dim=4, vq_k=3)
+                 frozen_dim=4, vq_k=3, match_thresholds=(0.3, 0.8))
 
 
 def spec(arm="codes"):
@@ -50,12 +50,64 @@ def test_every_arm_has_its_tables_and_bad_arms_fail_clearly():
     tables = {a: {t.name for t in spec(a).tables} for a in ARMS}
     assert tables["id_only"] == tables["frozen_mm"] == {"user", "item"}
     assert tables["codes"] == tables["codes_raw"] == {"user", "item", "rq_l1", "rq_l2", "vq"}
-    assert spec("frozen_mm").dense[0].dim == 4 and not spec("codes").dense
+    assert tables["frozen_aligned"] == {"user", "item"}
+    assert [(spec(a).frozen_source, spec(a).frozen_dim) for a in
+            ("frozen_mm", "frozen_aligned", "codes+frozen", "codes")] == [
+        ("raw", 4), ("aligned", 4), ("raw", 4), ("", 0)]
     assert spec("codes_raw").table("rq_l1").num_embeddings == 9   # + the "no code" row
     with pytest.raises(FeatureSpecError, match="unknown arm"):
         build_spec("codez", **SPEC_ARGS)
     with pytest.raises(FeatureSpecError, match="frozen embedding"):
         build_spec("frozen_mm", **{**SPEC_ARGS, "frozen_dim": 0})
+    with pytest.raises(FeatureSpecError, match="similarity thresholds"):
+        build_spec("frozen_aligned", **{**SPEC_ARGS, "match_thresholds": ()})
+
+
+def test_the_2x2_arms_have_inputs_of_one_width_and_tables_on_one_scale():
+    from recsys.model import build_ranker
+
+    cfg = ModelConfig(dim=8, attention_dim=8, cross_rank=8, mlp=[16], init_scale=0.05)
+    torch.manual_seed(0)
+    widths = {}
+    for arm in ("frozen_mm", "frozen_aligned", "codes", "codes_raw"):
+        m = build_ranker(spec(arm), cfg)
+        widths[arm] = m.over.cross.v[0].in_features
+        for name, p in m.sparse.named_parameters():
+            assert abs(float(p.detach().std()) - 0.05) < 0.02, name
+    assert len(set(widths.values())) == 1, widths
+
+
+def test_the_frozen_arms_pool_the_history_items_similar_to_the_target():
+    from recsys.model import build_ranker
+
+    s = spec("frozen_aligned")
+    m = build_ranker(s, ModelConfig(dim=8, attention_dim=8, cross_rank=8, mlp=[16]),
+                     frozen_table=torch.eye(50, 4)[torch.arange(50) % 4]).eval()   # no dropout
+    seen = {}
+    m.over.cross.register_forward_hook(lambda mod, inp, out: seen.setdefault("x", inp[0]))
+    b = to_batch(random_examples(1, seed=0), s)
+    b.item_ids[:] = 4                                   # target vector e0
+    b.hist_ids[0, :3] = torch.tensor([8, 1, 12])        # e0, e1, e0
+    b.hist_mask[0] = torch.tensor([1.0, 1, 1, 0, 0])
+    m(b)
+    d, w = 8, 8 * 3                                     # item width: id + 2 frozen slots
+    pooled = seen["x"][0, d + 2 * w + 1: d + 4 * w + 1].view(2, w)
+    with torch.no_grad():
+        hist = torch.cat([m.sparse(b)["hist_item_id"],
+                          m.over.frozen(m.over.frozen_table[b.hist_ids])], dim=2)[0]
+    # Cosine 1 with items 8 and 12 (both e0), 0 with item 1: both pools average items 8, 12.
+    torch.testing.assert_close(pooled[0], (hist[0] + hist[2]) / 2)
+    torch.testing.assert_close(pooled[1], (hist[0] + hist[2]) / 2)
+    # An item without a content vector (a zero row) matches nothing, whatever the thresholds.
+    m.over.thresholds.fill_(-1.0)
+    m.over.frozen_table[12] = 0.0
+    seen.clear()
+    m(b)
+    pooled = seen["x"][0, d + 2 * w + 1: d + 4 * w + 1].view(2, w)
+    with torch.no_grad():
+        hist = torch.cat([m.sparse(b)["hist_item_id"],
+                          m.over.frozen(m.over.frozen_table[b.hist_ids])], dim=2)[0]
+    torch.testing.assert_close(pooled[0], (hist[0] + hist[1]) / 2)
 
 
 def test_batch_holds_the_right_ids_masks_and_prefix_matches():
@@ -106,9 +158,17 @@ def test_global_batches_do_not_depend_on_the_number_of_ranks(data):
     assert len(one) == len(two[0]) == len(two[1]) == 20
     for g, (a, b) in zip(one, zip(*two)):
         torch.testing.assert_close(g, torch.cat([a.labels, b.labels]))
-    resumed = [b.labels for b in train_batches(train, s, ShardPlan(1280, 64, 1), 0, 2, 27)]
+    both = [b.item_ids for b in train_batches(train, s, ShardPlan(1280, 64, 1), 0, 2)]
+    resumed = [b.item_ids for b in train_batches(train, s, ShardPlan(1280, 64, 1), 0, 2, 27)]
     assert len(resumed) == 13
-    torch.testing.assert_close(resumed[0], one[7])
+    torch.testing.assert_close(resumed[0], both[27])
+    # Each epoch reads every row once, in its own order; another seed, another order.
+    first, second = torch.cat(both[:20]), torch.cat(both[20:])
+    assert sorted(first.tolist()) == sorted(second.tolist())
+    assert not torch.equal(first, second)
+    other = torch.cat([b.item_ids for b in train_batches(train, s, ShardPlan(1280, 64, 1),
+                                                         0, 1, seed=1)])
+    assert not torch.equal(first, other)
 
 
 def test_eval_batches_score_every_row_once_and_pad_evenly(data):
@@ -135,6 +195,7 @@ def test_plain_pytorch_lookups_compute_the_same_model_as_torchrec():
                .replace("sparse.ebc.embedding_bags.", "sparse.bags."): v for k, v in state.items()}
     plain.load_state_dict(mapped)
     b = to_batch(random_examples(16, seed=4), s)
+    tr.eval(), plain.eval()                          # no dropout
     torch.testing.assert_close(tr(b)[1][1], plain(b)[1][1])
 
 
@@ -175,8 +236,9 @@ def test_a_step_updates_exactly_the_code_rows_in_the_batch(data, tmp_path):
     launch(job, 1, quiet=True)
     before = initial_state(job)
     after = load_trained(tmp_path / "one_step").state_dict()
-    first = next(micro_batches(job.train_files, spec("codes").columns(), 64))
-    b = to_batch(first, spec("codes"))
+    first_b = next(train_batches(job.train_files, spec("codes"), ShardPlan(1280, 64, 1), 0, 1,
+                                  seed=job.seed))
+    b = first_b
     ids = {**{k: v.values() for k, v in b.seq.to_dict().items()},
            **{k: v.values() for k, v in b.pooled.to_dict().items()}}
     touched = {"rq_l1": {"rq_l1", "hist_rq_l1"}, "rq_l2": {"rq_l2", "hist_rq_l2"},
@@ -190,9 +252,13 @@ def test_a_step_updates_exactly_the_code_rows_in_the_batch(data, tmp_path):
 
 
 def test_two_ranks_give_the_loss_curve_of_one_rank(data, tmp_path):
-    one = train_arm(spec("codes"), train_cfg(batch_size=64, ranks=1), data[0], data[1],
-                    tmp_path / "r1", quiet=True)
-    two = train_arm(spec("codes"), train_cfg(batch_size=64, ranks=2, launcher="torchrun"),
+    # Each rank draws its own dropout masks: only a model without dropout computes the same
+    # steps on 1 and 2 ranks.
+    model = ModelConfig(dim=8, attention_dim=8, cross_rank=8, mlp=[16], dropout=0.0)
+    one = train_arm(spec("codes"), train_cfg(batch_size=64, ranks=1, model=model), data[0],
+                    data[1], tmp_path / "r1", quiet=True)
+    two = train_arm(spec("codes"), train_cfg(batch_size=64, ranks=2, launcher="torchrun",
+                                             model=model),
                     data[0], data[1], tmp_path / "r2", quiet=True)
     c1, c2 = np.asarray(one.result["loss_curve"]), np.asarray(two.result["loss_curve"])
     assert len(c1) == len(c2) == 20 and c1[-1] < c1[0]
@@ -209,22 +275,45 @@ def test_two_ranks_give_the_loss_curve_of_one_rank(data, tmp_path):
 
 def test_a_killed_run_resumes_from_its_checkpoint_to_the_uninterrupted_result(
         data, tmp_path, monkeypatch):
-    cfg = train_cfg(ranks=2, batch_size=64, epochs=2, checkpoint_every=8)
-    full = train_arm(spec("codes"), cfg, data[0], data[1], tmp_path / "full", quiet=True)
+    # Validation every 6 steps (patience too large to stop): the checkpoints carry the early
+    # stopping state and the best weights, and the final model is the best validation's.
+    cfg = train_cfg(ranks=2, batch_size=64, epochs=2, checkpoint_every=8, valid_every=6,
+                    patience=50)
+    full = train_arm(spec("codes"), cfg, data[0], data[1], tmp_path / "full", quiet=True,
+                     valid_files=data[1])
     out = tmp_path / "killed"
     monkeypatch.setenv("QARM_TEST_DIE_AFTER_STEPS", "21")
     with pytest.raises(TrainError, match="exited"):
-        train_arm(spec("codes"), cfg, data[0], data[1], out, quiet=True)
+        train_arm(spec("codes"), cfg, data[0], data[1], out, quiet=True, valid_files=data[1])
     monkeypatch.delenv("QARM_TEST_DIE_AFTER_STEPS")
     assert ck.latest(out / "checkpoints").name == "step_16"
     assert not (out / "model" / "meta.json").exists()
-    resumed = train_arm(spec("codes"), cfg, data[0], data[1], out, quiet=True)
+    resumed = train_arm(spec("codes"), cfg, data[0], data[1], out, quiet=True,
+                        valid_files=data[1])
     assert resumed.resumed and resumed.result["resumed_from"] == 16
     np.testing.assert_allclose(resumed.result["loss_curve"], full.result["loss_curve"][16:],
                                atol=1e-5)
+    np.testing.assert_allclose(resumed.result["valid_curve"], full.result["valid_curve"],
+                               atol=1e-6)
+    assert resumed.result["best_step"] == full.result["best_step"]
     a, b = load_trained(tmp_path / "full").state_dict(), load_trained(out).state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5, msg=k)
+
+
+def test_early_stopping_keeps_the_weights_of_the_best_validation(data, tmp_path):
+    cfg = train_cfg(batch_size=64, epochs=30, valid_every=4, patience=2)
+    res = train_arm(spec("codes"), cfg, data[0], data[1], tmp_path / "es", quiet=True,
+                    valid_files=data[1])
+    r = res.result
+    assert r["stopped_early"] and r["steps"] < r["max_steps"] == 20 * 30
+    values = [v for _, v in r["valid_curve"]]
+    assert r["best_valid"] == max(values) and len(values) == r["steps"] // 4
+    # No improvement over the last `patience` validations; the model scored is the best one.
+    assert max(values[-2:]) <= r["best_valid"]
+    p = res.predictions.to_pandas()
+    valid = p[p.part == p.part.iloc[0]]            # data[1] is scored as valid and as eval
+    assert auc(valid.label[:300], valid.score[:300]) == pytest.approx(r["best_valid"], abs=1e-6)
 
 
 def test_a_changed_job_starts_clean_instead_of_resuming(data, tmp_path):
