@@ -131,6 +131,10 @@ class PredictionsFacts:
     ranks: int
     codebook_version: str
     encoder_version: str
+    #: Baselines scored beside the arms (popularity, mf).
+    baselines: tuple[str, ...] = ()
+    #: Click rate of the training part (NE against it is reported).
+    train_rate: float = float("nan")
 
 
 #: The facts kind of each table that has one.

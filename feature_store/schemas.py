@@ -147,12 +147,14 @@ PREDICTION_KEYS = ("user_id", "item_id", "ts", "label", "part", "cold", "new_use
 
 
 def predictions_schema() -> pa.Schema:
-    """Scores of the evaluation examples by each trained ranker arm."""
+    """Scores of the validation and test examples by each trained ranker arm and baseline."""
     examples = examples_schema(1)
     return pa.schema(
         [pa.field("arm", pa.string(), nullable=False)]
         + [examples.field(k) for k in PREDICTION_KEYS]
-        + [pa.field("score", pa.float32(), nullable=False)]
+        + [pa.field("score", pa.float32(), nullable=False),
+           # The training seed (initialisation and order) of the arm's run.
+           pa.field("seed", pa.int32(), nullable=False)]
     )
 
 

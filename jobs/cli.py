@@ -6,6 +6,7 @@ Examples::
     qarm run --config configs/movielens.yaml --until ingest
     qarm run --ds 2026-11-26 --only ingest --force       # one stage again
     qarm ingest --config configs/demo.yaml               # same as: run --only ingest
+    qarm ablation --config configs/demo.yaml             # grid, 3 seeds, intervals
     qarm status                                          # which stages of which run are done
     qarm config --config configs/demo.yaml --set world.n_items=500   # the effective config
 """
@@ -88,6 +89,21 @@ def build_parser() -> argparse.ArgumentParser:
                             help="the codebook version to assign with (see <root>/artifacts/"
                                  "codebooks/); same as --set quantize.codebook=VERSION")
 
+    p = sub.add_parser(
+        "ablation", help="the ablation with seeds and intervals: a learning-rate grid on seed 0, "
+                         "then every arm with ablation.seeds seeds, bootstrap intervals and "
+                         "paired differences",
+        description="Run the DAG up to `examples`, then train every arm of train.arms: once per "
+                    "combination of ablation.grid on seed 0 (chosen by the validation metric; "
+                    "the test part is never read to choose), then with seeds 1..ablation.seeds-1 "
+                    "at the chosen settings; score the baselines; report seed-averaged test "
+                    "metrics with 95%% bootstrap intervals over users and paired differences. "
+                    "Writes <root>/ablation/<ds>-<time>/ablation.json and logs to MLflow.")
+    _common(p)
+    p.add_argument("--no-grid", action="store_true",
+                   help="skip the grid: train with the config's settings (train.tuned)")
+    p.add_argument("--seeds", type=int, metavar="N", help="same as --set ablation.seeds=N")
+
     p = sub.add_parser("status", help="which stages of which run are done, with their outputs")
     p.add_argument("--config", "-c", metavar="FILE")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -156,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--assign-only needs --codebook VERSION (an existing codebook)")
         if getattr(args, "codebook", None):
             args.overrides.append(f"quantize.codebook={args.codebook}")
+        if getattr(args, "seeds", None) is not None:
+            args.overrides.append(f"ablation.seeds={args.seeds}")
         cfg = load_config(args.config, args.overrides)
         setup_logging(cfg, args.verbose)
         if args.command == "config":
@@ -181,6 +199,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nstore: {dag.store.root}")
             return 0
         ds = args.ds or today()
+        if args.command == "ablation":
+            from jobs.ablation import run_ablation, tuned_yaml
+
+            res = run_ablation(cfg, ds, grid=not args.no_grid, progress=not args.no_progress)
+            print(f"\n[ablation] {res['wall_seconds']:.0f} s; {res['out_dir']}/ablation.json\n"
+                  f"{res['table']}")
+            if res["grid"]:
+                print("\nchosen on the validation part (seed 0); to train with them:\n"
+                      + tuned_yaml(res["chosen"]))
+            return 0
         if args.command == "run":
             outcomes = dag.run(ds, until=args.until, only=args.only, force=args.force,
                                progress=not args.no_progress)

@@ -26,7 +26,7 @@ from mm_encoder.config import AlignConfig, ItemEncoderConfig
 from pipelines.config import (EmbedConfig, ExamplesConfig, IngestConfig, PairsConfig,
                               QuantizeConfig, SourceConfig, SparkConfig, SplitConfig,
                               WorldConfig)
-from recsys.config import TrainConfig
+from recsys.config import AblationConfig, TrainConfig
 
 
 class ConfigError(ValueError):
@@ -67,6 +67,7 @@ class QarmConfig:
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     examples: ExamplesConfig = field(default_factory=ExamplesConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ablation: AblationConfig = field(default_factory=AblationConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -130,14 +130,18 @@ class Dag:
         raise DagError(f"no stage of this DAG produces table '{table}'")
 
     def resolve_inputs(self, s: Stage, ds: str) -> dict[str, Manifest]:
+        return self.resolve_tables(s.input_tables(self.cfg), ds, f"stage '{s.name}'", s.name)
+
+    def resolve_tables(self, tables, ds: str, reader: str, until: str) -> dict[str, Manifest]:
+        """The snapshots of ``tables`` that this run's (``ds``) producing stages wrote."""
         inputs = {}
-        for table in s.input_tables(self.cfg):
+        for table in tables:
             up = self.producer(table)
             rec = self.state.last_success(ds, up.name)
             if rec is None or table not in rec["outputs"]:
-                raise DagError(f"stage '{s.name}' needs '{table}' from stage '{up.name}', which "
+                raise DagError(f"{reader} needs '{table}' from stage '{up.name}', which "
                                f"has not run for ds={ds}; run `qarm run --ds {ds} --until "
-                               f"{s.name}`")
+                               f"{until}`")
             inputs[table] = self.store.resolve(rec["outputs"][table])
         return inputs
 

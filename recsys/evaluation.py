@@ -1,24 +1,32 @@
-"""The ablation table: ranking metrics of every arm's scores on the test part and, beside it, the
-validation part, overall and on slices: cold items (no event in the training part), known users
-(with training events) and new users (without). On the synthetic world the ground truth (the
-true click probabilities scored as a model) is the ceiling no ranker can beat in expectation."""
+"""The ablation table: ranking metrics of every arm's scores (and the baselines') on the test part
+and, beside it, the validation part, overall and on slices: cold items (no event in the training
+part), known users (with training events) and new users (without). Test metrics are averaged
+over seeds and carry 95% bootstrap intervals over users; paired differences between arms resample
+the same users (``recsys/ablation.py``). Each arm-seed is calibrated on the validation part
+(Platt, fitted on one half of its users, judged on the other) and the map is applied to the test
+part. On the synthetic world the ground truth (the true click probabilities scored as a model) is
+the ceiling no ranker can beat in expectation."""
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
+import numpy as np
 import pandas as pd
 
+from recsys.ablation import (ABLATION_SLICES, DEFAULT_PAIRS, STAT_METRICS, ablation_stats,
+                             calibrate, entropy)
 from recsys.metrics import ranking_metrics
 
 #: The scored parts of the split, in the order the table shows them.
 SCORED_PARTS = ("test", "valid")
-SLICES = ("all", "cold", "known_users", "new_users")
+SLICES = ABLATION_SLICES
 TRUTH_ARM = "truth (ceiling)"
 METRICS = ("auc", "gauc", "logloss", "ne")
 
 
-def _slice(p: pd.DataFrame, name: str) -> pd.DataFrame:
+def slice_of(p: pd.DataFrame, name: str) -> pd.DataFrame:
     if name == "cold":
         return p[p.cold]
     if name == "known_users":
@@ -28,76 +36,175 @@ def _slice(p: pd.DataFrame, name: str) -> pd.DataFrame:
     return p
 
 
-def ablation_metrics(preds: pd.DataFrame, truth: Optional[pd.DataFrame] = None) -> pd.DataFrame:
-    """One row per (arm, part, slice) with ``ranking_metrics``; ``preds`` is
-    ``ranker_predictions``. ``truth`` (user_id, item_id, ts, p_click, dense ids) adds the ground
-    truth's rows when it covers every scored example."""
+def with_truth(preds: pd.DataFrame, truth: Optional[pd.DataFrame]) -> pd.DataFrame:
+    """``preds`` plus the ground truth's rows (seed 0) when ``truth`` covers every example."""
+    if truth is None or preds.empty:
+        return preds
+    first_arm = preds.arm.iloc[0]
+    first = preds[(preds.arm == first_arm) & (preds.seed == preds[preds.arm == first_arm]
+                                               .seed.min())].reset_index(drop=True)
+    p_click = first[["user_id", "item_id", "ts"]].merge(
+        truth.drop_duplicates(["user_id", "item_id", "ts"]), on=["user_id", "item_id", "ts"],
+        how="left").p_click
+    if not p_click.notna().all():
+        return preds
+    return pd.concat([preds, first.assign(arm=TRUTH_ARM, seed=0, score=p_click.to_numpy())],
+                     ignore_index=True)
+
+
+def evaluate(preds: pd.DataFrame, truth: Optional[pd.DataFrame] = None,
+             train_rate: float = math.nan, bootstrap: int = 1000, level: float = 0.95,
+             pairs=DEFAULT_PAIRS, seed: int = 0, settings: dict | None = None) -> dict:
+    """The whole evaluation as plain data (``ablation.json``): per arm and slice of the test
+    part the seed-averaged metrics with intervals, calibrated LogLoss/NE, NE against the
+    training base rate, n; the paired differences; the validation part's metrics; and the
+    calibration of each arm-seed. ``preds``: ``ranker_predictions`` (arm, seed, part, ...)."""
+    preds = with_truth(preds.assign(seed=preds.seed if "seed" in preds else 0), truth)
     arms = list(dict.fromkeys(preds.arm))
-    scored = {arm: preds[preds.arm == arm] for arm in arms}
-    if truth is not None:
-        first = scored[arms[0]].reset_index(drop=True)
-        p_click = first[["user_id", "item_id", "ts"]].merge(
-            truth.drop_duplicates(["user_id", "item_id", "ts"]), on=["user_id", "item_id", "ts"],
-            how="left").p_click
-        if p_click.notna().all():
-            scored[TRUTH_ARM] = first.assign(score=p_click.to_numpy())
+    test = preds[preds.part == "test"].copy()
+    valid = preds[preds.part == "valid"]
+    # Calibration per arm-seed: fitted on the validation part, applied to the test part.
+    calib = {}
+    test["cal_score"] = test.score
+    for (arm, s), v in valid.groupby(["arm", "seed"], sort=False):
+        cal = calibrate(v.user_id.to_numpy(), v.label.to_numpy(), v.score.to_numpy())
+        calib[f"{arm}/{s}"] = {"a": cal.a, "b": cal.b, "applied": cal.kept,
+                               "holdout_logloss_before": cal.holdout_before,
+                               "holdout_logloss_after": cal.holdout_after}
+        m = (test.arm == arm) & (test.seed == s)
+        test.loc[m, "cal_score"] = cal.apply(test.loc[m, "score"].to_numpy())
+    extra = {}
+    h_train = entropy(train_rate) if not math.isnan(train_rate) else math.nan
+    for arm in arms:
+        for sl in SLICES:
+            q = slice_of(test[test.arm == arm], sl)
+            if q.empty:
+                continue
+            cal_ll = float(np.mean([ranking_metrics(g.user_id, g.label, g.cal_score)["logloss"]
+                                    for _, g in q.groupby("seed")]))
+            ll = float(np.mean([ranking_metrics(g.user_id, g.label, g.score)["logloss"]
+                                for _, g in q.groupby("seed")]))
+            base = entropy(float(q.label.mean()))
+            extra[(arm, sl)] = {"cal_logloss": cal_ll, "cal_ne": cal_ll / base,
+                                "ne_train": ll / h_train, "cal_ne_train": cal_ll / h_train,
+                                **({"settings": settings[arm]} if settings and arm in settings
+                                   else {})}
+    stats = ablation_stats(test, bootstrap, seed, level, pairs, SLICES, extra)
+    valid_rows = []
+    for arm in arms:
+        for sl in ("all", "cold"):
+            q = slice_of(valid[valid.arm == arm], sl)
+            if q.empty:
+                continue
+            per = [ranking_metrics(g.user_id, g.label, g.score) for _, g in q.groupby("seed")]
+            valid_rows.append({"arm": arm, "slice": sl, "n": per[0]["examples"],
+                               **{k: float(np.mean([p[k] for p in per])) for k in METRICS}})
+    first = test[test.arm == arms[0]] if arms else test
+    first = first[first.seed == first.seed.min()] if len(first) else first
+    gm = ranking_metrics(first.user_id, first.label, first.score) if len(first) else {}
+    return {"arms": arms, "seeds": stats.seeds, "bootstrap": bootstrap, "level": level,
+            "train_base_rate": train_rate, "test": stats.rows, "pairs": stats.pairs,
+            "valid": valid_rows, "calibration": calib,
+            "gauc_users": gm.get("gauc_users", 0),
+            "gauc_users_one_class": gm.get("gauc_users_one_class", 0)}
+
+
+def metrics_frame(result: dict) -> pd.DataFrame:
+    """One row per (arm, part, slice) with the metrics and interval bounds (the
+    ``ranker_metrics`` table)."""
     rows = []
-    for arm, p in scored.items():
-        for part in SCORED_PARTS:
-            in_part = p[p.part == part]
-            for name in SLICES:
-                q = _slice(in_part, name)
-                if len(q):
-                    rows.append({"arm": arm, "part": part, "slice": name,
-                                 **ranking_metrics(q.user_id, q.label, q.score)})
+    for r in result["test"]:
+        row = {"arm": r["arm"], "part": "test", "slice": r["slice"], "n": r["n"],
+               "seeds": r["seeds"]}
+        for k in STAT_METRICS:
+            row[k] = r[k]
+            row[f"{k}_lo"], row[f"{k}_hi"] = r[f"{k}_ci"]
+        for k in ("cal_logloss", "cal_ne", "ne_train", "cal_ne_train"):
+            row[k] = r.get(k, math.nan)
+        rows.append(row)
+    for r in result["valid"]:
+        rows.append({"arm": r["arm"], "part": "valid", "slice": r["slice"], "n": r["n"],
+                     **{k: r[k] for k in METRICS}})
     return pd.DataFrame(rows)
 
 
-def flat_metrics(df: pd.DataFrame) -> dict[str, float]:
-    """``<arm>.<part>.<slice>.<metric>`` → value (for MLflow)."""
-    return {f"{r.arm}.{r.part}.{r.slice}.{k}": float(getattr(r, k)) for r in df.itertuples()
-            for k in METRICS}
+def flat_metrics(result: dict) -> dict[str, float]:
+    """``<arm>.<part>.<slice>.<metric>`` and ``diff.<a>-<b>.<slice>.<metric>`` → value."""
+    out = {}
+    for part in ("test", "valid"):
+        for r in result[part]:
+            for k in METRICS + (("cal_ne", "ne_train") if part == "test" else ()):
+                if k in r and r[k] is not None and not (isinstance(r[k], float)
+                                                        and math.isnan(r[k])):
+                    out[f"{r['arm']}.{part}.{r['slice']}.{k}"] = float(r[k])
+    for p in result["pairs"]:
+        out[f"diff.{p['a']}-{p['b']}.{p['slice']}.{p['metric']}"] = float(p["diff"])
+    return out
 
 
-def format_table(df: pd.DataFrame) -> str:
-    """The test part's table (overall, cold items, known and new users), then the validation
-    part's (overall, cold items)."""
-    def get(arm, part, sl, k):
-        v = df[(df.arm == arm) & (df.part == part) & (df.slice == sl)]
-        return float(v[k].iloc[0]) if len(v) else float("nan")
+def _get(rows, arm, sl, k):
+    r = next((r for r in rows if r["arm"] == arm and r["slice"] == sl), None)
+    return math.nan if r is None else r.get(k, math.nan)
 
-    def count(part, sl):
-        v = df[(df.part == part) & (df.slice == sl)]
-        return int(v.examples.iloc[0]) if len(v) else 0
 
-    arms = list(dict.fromkeys(df.arm))
-    lines = [f"evaluation examples (test part): {count('test', 'all')} ({count('test', 'cold')} "
-             f"on cold items; {count('test', 'known_users')} of known users, "
-             f"{count('test', 'new_users')} of new users)",
-             f"{'arm':<16} {'AUC':>7} {'GAUC':>7} {'LogLoss':>8} {'NE':>7}   "
-             f"{'cold AUC':>8} {'cold GAUC':>9} {'cold LL':>8}   {'known AUC':>9} {'new AUC':>7}"]
+def _ci(rows, arm, sl, k):
+    r = next((r for r in rows if r["arm"] == arm and r["slice"] == sl), None)
+    if r is None:
+        return "".rjust(16)
+    lo, hi = r[f"{k}_ci"]
+    return f"[{lo:.3f}, {hi:.3f}]"
+
+
+def format_table(result: dict) -> str:
+    """The test part's table (with intervals), the paired differences, then the validation
+    part's table."""
+    t, arms = result["test"], result["arms"]
+    n = {sl: _get(t, arms[0], sl, "n") for sl in SLICES} if arms else {}
+    seeds = max((len(v) for v in result["seeds"].values()), default=1)
+    pct = int(round(result["level"] * 100))
+
+    def count(sl):
+        v = n.get(sl, math.nan)
+        return 0 if isinstance(v, float) and math.isnan(v) else int(v)
+
+    lines = [f"test part: {count('all')} examples ({count('cold')} on cold items; "
+             f"{count('known_users')} of known users, {count('new_users')} of new users); "
+             f"metrics averaged over {seeds} seed(s), [{pct}% bootstrap interval over users, "
+             f"{result['bootstrap']} resamples]",
+             f"{'arm':<16} {'AUC':>7} {'interval':>16} {'GAUC':>7} {'LogLoss':>8} {'NE':>6} "
+             f"{'cal NE':>6} {'NEtrn':>6}   {'cold AUC':>8} {'interval':>16}   "
+             f"{'known AUC':>9} {'new AUC':>7}"]
     for a in arms:
-        lines.append(f"{a:<16} {get(a, 'test', 'all', 'auc'):>7.4f} "
-                     f"{get(a, 'test', 'all', 'gauc'):>7.4f} "
-                     f"{get(a, 'test', 'all', 'logloss'):>8.4f} {get(a, 'test', 'all', 'ne'):>7.4f}"
-                     f"   {get(a, 'test', 'cold', 'auc'):>8.4f} "
-                     f"{get(a, 'test', 'cold', 'gauc'):>9.4f} "
-                     f"{get(a, 'test', 'cold', 'logloss'):>8.4f}   "
-                     f"{get(a, 'test', 'known_users', 'auc'):>9.4f} "
-                     f"{get(a, 'test', 'new_users', 'auc'):>7.4f}")
-    if count("valid", "all"):
-        lines.append(f"validation examples (valid part): {count('valid', 'all')} "
-                     f"({count('valid', 'cold')} on cold items)")
+        lines.append(
+            f"{a:<16} {_get(t, a, 'all', 'auc'):>7.4f} {_ci(t, a, 'all', 'auc'):>16} "
+            f"{_get(t, a, 'all', 'gauc'):>7.4f} {_get(t, a, 'all', 'logloss'):>8.4f} "
+            f"{_get(t, a, 'all', 'ne'):>6.3f} {_get(t, a, 'all', 'cal_ne'):>6.3f} "
+            f"{_get(t, a, 'all', 'ne_train'):>6.3f}   {_get(t, a, 'cold', 'auc'):>8.4f} "
+            f"{_ci(t, a, 'cold', 'auc'):>16}   {_get(t, a, 'known_users', 'auc'):>9.4f} "
+            f"{_get(t, a, 'new_users', 'auc'):>7.4f}")
+    pairs = [p for p in result["pairs"] if p["metric"] == "auc"
+             and p["slice"] in ("all", "cold")]
+    if pairs:
+        lines.append(f"paired differences of test AUC (same resampled users for both arms), "
+                     f"{pct}% interval:")
+        for p in pairs:
+            lo, hi = p["ci"]
+            lines.append(f"  {p['a'] + ' - ' + p['b']:<28} {p['slice']:<5} {p['diff']:+.4f}  "
+                         f"[{lo:+.4f}, {hi:+.4f}]")
+    v = result["valid"]
+    if v:
+        lines.append(f"validation part: {int(_get(v, arms[0], 'all', 'n'))} examples "
+                     f"(early stopping and calibration read it)")
         lines.append(f"{'arm':<16} {'AUC':>7} {'GAUC':>7} {'LogLoss':>8} {'NE':>7}   "
                      f"{'cold AUC':>8}")
         for a in arms:
-            lines.append(f"{a:<16} {get(a, 'valid', 'all', 'auc'):>7.4f} "
-                         f"{get(a, 'valid', 'all', 'gauc'):>7.4f} "
-                         f"{get(a, 'valid', 'all', 'logloss'):>8.4f} "
-                         f"{get(a, 'valid', 'all', 'ne'):>7.4f}   "
-                         f"{get(a, 'valid', 'cold', 'auc'):>8.4f}")
-    r = df[(df.part == "test") & (df.slice == "all")].iloc[0]
+            lines.append(f"{a:<16} {_get(v, a, 'all', 'auc'):>7.4f} "
+                         f"{_get(v, a, 'all', 'gauc'):>7.4f} "
+                         f"{_get(v, a, 'all', 'logloss'):>8.4f} {_get(v, a, 'all', 'ne'):>7.4f}"
+                         f"   {_get(v, a, 'cold', 'auc'):>8.4f}")
     lines.append(f"GAUC: impression-weighted mean of per-user AUC; users with one class only are "
-                 f"left out ({int(r.gauc_users_one_class)} of "
-                 f"{int(r.gauc_users + r.gauc_users_one_class)} test users).")
+                 f"left out ({result['gauc_users_one_class']} of "
+                 f"{result['gauc_users'] + result['gauc_users_one_class']} test users). cal NE: "
+                 f"after Platt calibration on the validation part; NEtrn: NE against the "
+                 f"training base rate.")
     return "\n".join(lines)

@@ -1,5 +1,6 @@
 """The DAG end to end on a tiny synthetic world: world → ingest → embed → pairs → align →
-quantize → quantize_raw → examples → train (five arms, two gloo ranks each) → evaluate, then
+quantize → quantize_raw → examples → train (six arms, two gloo ranks each, and the baselines) →
+evaluate, then
 assign-only coding with the fitted codebook."""
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def test_every_stage_ran_and_printed_its_report(run):
     for needle in ("rows_in", "embedded 120 of 120", "mean score", "aligned encoder",
                    "10-NN purity", "utilization", "sharing an RQ prefix", "mean history",
                    "examples/s", "cold AUC", "truth (ceiling)", "codes+frozen",
-                   "split global_time", "validation examples (valid part)", "known AUC"):
+                   "split global_time", "validation part:", "known AUC", "frozen_aligned",
+                   "paired differences", "codes - frozen_aligned", "cal NE", "best step"):
         assert needle in out, needle
 
 
@@ -94,20 +96,23 @@ def test_every_arm_is_scored_evaluated_and_registered_with_its_versions(run):
     preds = store.read_arrow("ranker_predictions").to_pandas()
     n_eval = store.get("eval_examples").row_count
     n_scored = n_eval + store.get("valid_examples").row_count
+    arms = ("id_only", "frozen_mm", "frozen_aligned", "codes", "codes_raw", "codes+frozen")
     assert preds.groupby("arm").size().to_dict() == {
-        a: n_scored for a in ("id_only", "frozen_mm", "codes", "codes_raw", "codes+frozen")}
-    assert set(preds.part) == {"valid", "test"}
+        a: n_scored for a in arms + ("popularity", "mf")}
+    assert set(preds.part) == {"valid", "test"} and set(preds.seed) == {0}
     assert preds.score.between(0, 1).all()
     metrics = store.read_arrow("ranker_metrics").to_pandas()
     assert set(metrics.arm) == set(preds.arm) | {"truth (ceiling)"}
     assert set(metrics.part) == {"valid", "test"}
     assert {"all", "cold", "known_users"} <= set(metrics.slice)
+    test_all = metrics[(metrics.part == "test") & (metrics.slice == "all")]
+    assert (test_all.auc_lo <= test_all.auc).all() and (test_all.auc <= test_all.auc_hi).all()
     ceiling = metrics[(metrics.arm == "truth (ceiling)") & (metrics.slice == "all")
                       & (metrics.part == "test")].auc.item()
     assert ceiling > 0.6
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     versions = mlflow.MlflowClient().search_model_versions("name='qarm-ranker'")
-    assert {v.tags["arm"] for v in versions} == set(preds.arm)
+    assert {v.tags["arm"] for v in versions} == set(arms)
     codebook = store.get("train_examples").facts.codebook_version
     encoder = store.get("aligned_item_embeddings").facts.encoder_version
     for v in versions:

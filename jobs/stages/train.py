@@ -1,98 +1,187 @@
 """``train``: train the TorchRec ranker for every ablation arm on the training part (sharded,
-fused optimizers, local ranks or torchrun), score the validation and test examples, register
-each arm in MLflow."""
+fused optimizers, local ranks or torchrun), early-stopped on the validation part, score the
+validation and test examples, score the baselines (popularity, logistic MF) beside them, and
+register each arm in MLflow. ``qarm ablation`` reuses the helpers here for its grid and seeds."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from jobs.report import text_table
-from jobs.stage import DagError, Stage, StageContext, StageReport
+from jobs.stage import Stage, StageContext, StageIO, StageReport
 
-FROZEN_ARMS = ("frozen_mm", "codes+frozen")
+#: The embeddings table each frozen-content source reads.
+FROZEN_TABLES = {"raw": "item_embeddings", "aligned": "aligned_item_embeddings"}
 
 
-def uses_frozen_table(cfg) -> bool:
-    return cfg.examples.frozen_embedding and any(a in FROZEN_ARMS for a in cfg.train.arms)
+def frozen_sources(cfg) -> list[str]:
+    from recsys.features import FROZEN_SOURCE
+
+    return sorted({FROZEN_SOURCE[a] for a in cfg.train.arms if a in FROZEN_SOURCE})
 
 
 def inputs(cfg) -> tuple[str, ...]:
-    # The frozen arms look the history items' content vectors up in the embeddings table.
-    return ("train_examples", "valid_examples", "eval_examples") + (
-        ("item_embeddings",) if uses_frozen_table(cfg) else ())
+    # The frozen arms look the content vectors up by item id in the embeddings tables.
+    return ("train_examples", "valid_examples", "eval_examples") + tuple(
+        FROZEN_TABLES[s] for s in frozen_sources(cfg))
+
+
+@dataclass
+class TrainingData:
+    """What every arm's training reads: the examples' files and facts and, per frozen source,
+    the content table (``.npy`` by item id), its width and similarity thresholds."""
+    facts: object
+    train_files: list[str]
+    valid_files: list[str]
+    eval_files: list[str]
+    train_rate: float
+    frozen: dict[str, tuple[str, int, tuple[float, ...]]]
+    examples_ref: str
+
+
+def training_data(io: StageIO, cfg, work: Path) -> TrainingData:
+    import numpy as np
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from feature_store.arrays import ids_and_matrix
+    from feature_store.facts import ExamplesFacts
+    from recsys.features import match_thresholds
+    from recsys.runner import write_frozen_table
+
+    facts = io.facts("train_examples", ExamplesFacts)
+    frozen = {}
+    for source in frozen_sources(cfg):
+        table = FROZEN_TABLES[source]
+        m = io.manifest(table)
+        ids, vecs = ids_and_matrix(io.arrow(table), "embedding")
+        path = write_frozen_table(ids, vecs, facts.n_items,
+                                  work / f"frozen_{source}_{m.snapshot_id}.npy")
+        frozen[source] = (path, int(vecs.shape[1]),
+                          match_thresholds(np.load(path), max(facts.codes_per_level, 2)))
+    train_files = io.files("train_examples")
+    labels = [pq.read_table(f, columns=["label"]).column("label") for f in train_files]
+    n = sum(len(c) for c in labels)
+    rate = sum(pc.sum(c).as_py() or 0 for c in labels) / max(n, 1)
+    return TrainingData(facts, train_files, io.files("valid_examples"),
+                        io.files("eval_examples"), float(rate), frozen,
+                        io.manifest("train_examples").ref)
+
+
+def train_one(data: TrainingData, arm: str, tcfg, out_dir: Path, quiet: bool = False):
+    """Train one arm (``tcfg``: the train config with this arm's settings and seed)."""
+    from recsys.features import FROZEN_SOURCE, spec_for_examples
+    from recsys.runner import train_arm
+
+    path, dim, thresholds = data.frozen.get(FROZEN_SOURCE.get(arm, ""), ("", 0, ()))
+    spec = spec_for_examples(arm, tcfg.model, data.facts, dim, thresholds)
+    return train_arm(spec, tcfg, data.train_files, data.eval_files, out_dir, quiet=quiet,
+                     frozen_table=path, valid_files=data.valid_files)
+
+
+def with_seed(table, seed: int):
+    import pyarrow as pa
+
+    return table.append_column("seed", pa.array([seed] * table.num_rows, pa.int32()))
+
+
+def run_baselines(data: TrainingData, cfg, seed: int):
+    """(predictions, info per baseline) of the configured baselines."""
+    from recsys.baselines import baseline_predictions
+
+    out, info = [], {}
+    for name in cfg.train.baselines:
+        t, i = baseline_predictions(name, data.train_files, data.valid_files, data.eval_files,
+                                    cfg.train.mf, seed)
+        out.append(with_seed(t, seed))
+        info[name] = i
+    return out, info
 
 
 @dataclass
 class TrainReport(StageReport):
-    #: One row per arm: arm, steps, final loss, examples/s, registered version (or None).
+    #: One row per arm: arm, steps, best step, valid AUC, final loss, examples/s, version.
     arms: list[dict]
     setup: str
 
     def text(self) -> str:
-        return text_table([("arm", "s"), ("steps", "d"), ("final loss", ".4f"),
-                           ("examples/s", ".0f"), ("registered", "s")],
-                          [(a["arm"], a["steps"], a["final_loss"], a["examples_per_s"],
+        return text_table([("arm", "s"), ("steps", "d"), ("best step", "d"),
+                           ("valid AUC", ".4f"), ("final loss", ".4f"), ("examples/s", ".0f"),
+                           ("registered", "s")],
+                          [(a["arm"], a["steps"], a["best_step"], a["valid_auc"],
+                            a["final_loss"], a["examples_per_s"],
                             f"qarm-ranker v{a['version']}" if a["version"] else "-")
                            for a in self.arms]) + "\n" + self.setup
 
     def metrics(self) -> dict[str, float]:
         return {f"{a['arm']}.{k}": a[k] for a in self.arms
-                for k in ("final_loss", "steps", "examples_per_s")}
+                for k in ("final_loss", "steps", "best_step", "valid_auc", "examples_per_s")}
+
+
+def arm_row(arm: str, res, version=None) -> dict:
+    curve = res.result["loss_curve"]
+    return {"arm": arm, "steps": res.result["steps"], "best_step": res.result["best_step"],
+            # The best validation metric (AUC unless train.valid_metric says logloss).
+            "valid_auc": res.result["best_valid"] if res.result["best_valid"] is not None
+            else float("nan"),
+            "final_loss": float(sum(curve[-20:]) / len(curve[-20:])) if curve
+            else float("nan"),
+            "examples_per_s": res.result["examples_per_second"], "version": version}
 
 
 def run(ctx: StageContext) -> TrainReport:
     import pyarrow as pa
 
     from feature_store import schemas
-    from feature_store.arrays import ids_and_matrix
-    from feature_store.facts import ExamplesFacts, PredictionsFacts
-    from recsys.features import spec_for_examples
-    from recsys.runner import load_trained, train_arm, write_frozen_table
+    from feature_store.facts import PredictionsFacts
+    from recsys.runner import load_trained
 
     io, t = ctx.io, ctx.cfg.train
-    facts = io.facts("train_examples", ExamplesFacts)
     runs = ctx.run_dir("train")
-    frozen_table = ""
-    if io.has("item_embeddings"):
-        emb = io.manifest("item_embeddings")
-        if facts.frozen_embeddings != emb.ref:
-            raise DagError(f"the examples were built with {facts.frozen_embeddings}, but the "
-                           f"embeddings are now {emb.ref}: re-run the examples stage")
-        ids, vecs = ids_and_matrix(io.arrow("item_embeddings"), "embedding")
-        frozen_table = write_frozen_table(ids, vecs, facts.n_items,
-                                          runs / f"frozen_table_{emb.snapshot_id}.npy")
+    data = training_data(io, ctx.cfg, runs)
+    facts = data.facts
     preds, rows = [], []
     for arm in t.arms:
-        # Validation and test examples are both scored; the predictions carry their part.
-        res = train_arm(spec_for_examples(arm, t.model, facts), t, io.files("train_examples"),
-                        io.files("valid_examples") + io.files("eval_examples"),
-                        runs / arm.replace("+", "_"), frozen_table=frozen_table)
+        tcfg = t.for_arm(arm)
+        res = train_one(data, arm, tcfg, runs / arm.replace("+", "_"))
         curve = res.result["loss_curve"]
         for step in range(0, len(curve), max(1, len(curve) // 200)):
             ctx.tracker.metrics({f"{arm}.train_loss": curve[step]}, step=step)
+        for step, value in res.result["valid_curve"]:
+            ctx.tracker.metrics({f"{arm}.valid_{res.result['valid_metric']}": value}, step=step)
         version = None
         if t.register:
             version = ctx.tracker.register_torch_model(
                 load_trained(res.out_dir), f"ranker_{arm.replace('+', '_')}", "qarm-ranker",
                 tags={"arm": arm, "codebook_version": facts.codebook_version,
                       "encoder_version": facts.encoder_version,
-                      "examples": io.manifest("train_examples").ref,
-                      "world_size": res.result["world"]})
-        preds.append(res.predictions)
-        rows.append({"arm": arm, "steps": res.result["steps"],
-                     "final_loss": (float(sum(curve[-20:]) / len(curve[-20:])) if curve
-                                    else float("nan")),
-                     "examples_per_s": res.result["examples_per_second"], "version": version})
+                      "examples": data.examples_ref, "world_size": res.result["world"],
+                      **{f"setting.{k}": str(v) for k, v in t.tuned.get(arm, {}).items()}})
+        preds.append(with_seed(res.predictions, t.seed))
+        rows.append(arm_row(arm, res, version))
+    base, _ = run_baselines(data, ctx.cfg, t.seed)
+    preds += base
     out = io.write_arrow("ranker_predictions", pa.concat_tables(preds),
                          schema=schemas.predictions_schema(),
                          facts=PredictionsFacts(tuple(t.arms), t.ranks, facts.codebook_version,
-                                                facts.encoder_version))
+                                                facts.encoder_version,
+                                                tuple(t.baselines), data.train_rate))
     setup = (f"ranks: {t.ranks} ({t.launcher}, {t.device}); global batch {t.batch_size}; "
-             f"{t.epochs} epochs; runs in {runs}")
+             f"at most {t.epochs} epochs, early stopping on validation {t.valid_metric} "
+             f"(patience {t.patience}); seed {t.seed}; baselines: "
+             f"{', '.join(t.baselines) or 'none'}; runs in {runs}")
     return TrainReport({"ranker_predictions": out}, rows, setup)
+
+
+def tuned_summary(cfg) -> dict[str, dict]:
+    """The settings each arm trains with (its tuned overrides applied)."""
+    return {arm: cfg.train.settings(arm) for arm in cfg.train.arms}
 
 
 STAGE = Stage(
     "train", run, inputs=inputs, outputs=("ranker_predictions",), config=("train",),
     help="train the TorchRec ranker for every ablation arm (sharded, fused optimizers, local "
-         "ranks or torchrun), score the validation and test examples, register in MLflow")
+         "ranks or torchrun, early stopping on the validation part), score the validation and "
+         "test examples and the baselines (popularity, MF), register in MLflow")
+

@@ -1,0 +1,214 @@
+"""The ablation's statistics (bootstrap intervals over users, paired differences, calibration),
+the baselines, and the grid's choice (real training runs on small examples)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from feature_store.facts import ExamplesFacts
+from recsys.ablation import (Scored, ablation_stats, calibrate, percentile_interval,
+                             user_resamples, weighted_auc)
+from recsys.config import MFConfig, ModelConfig, TrainConfig
+from recsys.evaluation import evaluate, format_table, metrics_frame
+from recsys.metrics import auc, gauc, logloss
+from recsys.testing import random_examples, write_examples
+
+
+def _preds(arm, users, labels, scores, seed=0, cold=None):
+    n = len(users)
+    return pd.DataFrame({"arm": arm, "seed": seed, "part": "test", "user_id": users,
+                         "item_id": np.arange(n), "ts": np.arange(n), "label": labels,
+                         "score": scores, "cold": np.zeros(n, bool) if cold is None else cold,
+                         "new_user": np.zeros(n, bool)})
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+def test_the_bootstrap_interval_matches_a_hand_computed_case():
+    # User 1 is ranked perfectly (AUC 1), user 2 backwards (AUC 0). A resample of two users is
+    # {1,1} (AUC 1, probability 1/4), {1,2} (pooled AUC 0.5: of the 4 positive-negative pairs
+    # one is right, two are ties, one is wrong; probability 1/2) or {2,2} (AUC 0, 1/4).
+    p = _preds("a", [1, 1, 2, 2], [1, 0, 1, 0], [0.9, 0.1, 0.1, 0.9])
+    stats = ablation_stats(p, B=4000, seed=3, slices=("all",), pairs=())
+    row = stats.rows[0]
+    assert row["auc"] == 0.5 and row["n"] == 4 and row["users"] == 2
+    assert row["auc_ci"] == [0.0, 1.0]
+    # A 40% interval sits inside the middle half of the distribution: exactly 0.5.
+    narrow = ablation_stats(p, B=4000, seed=3, slices=("all",), pairs=(), level=0.4)
+    assert narrow.rows[0]["auc_ci"] == [0.5, 0.5]
+    # LogLoss per resample: {1,1}: -log 0.9, {2,2}: -log 0.1, {1,2}: their mean.
+    lo, hi = row["logloss_ci"]
+    assert lo == pytest.approx(-np.log(0.9)) and hi == pytest.approx(-np.log(0.1))
+
+
+def test_paired_differences_resample_the_same_users_for_both_arms():
+    rng = np.random.default_rng(0)
+    users = np.repeat(np.arange(200), 10)
+    y = rng.random(2000) < 0.3
+    base = rng.random(2000)
+    a = _preds("a", users, y, base)
+    b = _preds("b", users, y, base)                  # identical scores: the difference is 0
+    c = _preds("c", users, y, np.where(y, base + 0.2, base))    # better on every user
+    stats = ablation_stats(pd.concat([a, b, c]), B=300, slices=("all",),
+                           pairs=(("a", "b"), ("c", "a")))
+    ab = next(p for p in stats.pairs if p["a"] == "a" and p["metric"] == "auc")
+    assert ab["diff"] == 0 and ab["ci"] == [0.0, 0.0]
+    ca = next(p for p in stats.pairs if p["a"] == "c" and p["metric"] == "auc")
+    assert ca["diff"] > 0 and ca["ci"][0] > 0 and ca["p_le_0"] == 0.0
+    # Paired: the interval of the difference is narrower than either arm's own interval.
+    ra = next(r for r in stats.rows if r["arm"] == "a")
+    assert ca["ci"][1] - ca["ci"][0] < ra["auc_ci"][1] - ra["auc_ci"][0]
+
+
+def test_weighted_metrics_equal_the_plain_ones_on_repeated_rows():
+    rng = np.random.default_rng(1)
+    users = rng.integers(0, 30, 400)
+    y = (rng.random(400) < 0.4).astype(int)
+    s = np.round(rng.random(400), 2)                 # ties included
+    uniq, counts = user_resamples(users, 1, seed=5)
+    c = counts[0]
+    sc = Scored(np.searchsorted(uniq, users), y, s)
+    m = sc.metrics(c)
+    rep = np.repeat(np.arange(400), c[np.searchsorted(uniq, users)])
+    # A user drawn k times counts k times; GAUC's users are the resampled copies.
+    copies = np.concatenate([[f"{users[i]}-{j}" for j in range(c[np.searchsorted(uniq,
+                                                                                   [users[i]])[0]])]
+                             for i in range(400)])
+    assert m["auc"] == pytest.approx(auc(y[rep], s[rep]))
+    assert m["logloss"] == pytest.approx(logloss(y[rep], s[rep]))
+    order = np.argsort(copies, kind="stable")
+    g, _, _ = gauc(copies[order], y[np.sort(rep)][order] if False else y[rep][order],
+                   s[rep][order])
+    assert m["gauc"] == pytest.approx(g)
+    assert weighted_auc(y, s, np.full(400, 2.0)) == pytest.approx(auc(y, s))
+    assert percentile_interval(np.array([np.nan, 1.0, 2.0]), 0.0) == (1.5, 1.5)
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+@pytest.mark.parametrize("case", ["overconfident", "shifted", "calibrated", "adversarial"])
+def test_calibration_is_never_worse_on_the_held_out_half(case):
+    from recsys.ablation import _ll, user_half
+
+    rng = np.random.default_rng(7)
+    users = np.repeat(np.arange(400), 20)
+    p = rng.uniform(0.02, 0.6, len(users))
+    y = (rng.random(len(users)) < p).astype(float)
+    s = {"overconfident": p ** 3 / (p ** 3 + (1 - p) ** 3), "shifted": np.clip(p + 0.2, 0, 1),
+         "calibrated": p, "adversarial": p}[case]
+    if case == "adversarial":              # the halves disagree: the fit half's labels flip
+        half = user_half(users)
+        y = np.where(~half, 1 - y, y)
+    cal = calibrate(users, y, s)
+    hold = user_half(users)
+    assert _ll(y[hold], cal.apply(s)[hold]) <= _ll(y[hold], s[hold]) + 1e-12
+    assert cal.holdout_after <= cal.holdout_before
+    if case in ("overconfident", "shifted"):
+        assert cal.kept and cal.holdout_after < cal.holdout_before - 1e-3
+    if case == "adversarial":
+        assert not cal.kept and (cal.a, cal.b) == (1.0, 0.0)
+
+
+def test_evaluate_reports_intervals_calibration_and_the_training_rate():
+    rng = np.random.default_rng(2)
+    users = np.repeat(np.arange(60), 10)
+    y = rng.random(600) < 0.3
+    frames = []
+    for part in ("test", "valid"):
+        for arm, noise in (("codes", 0.3), ("frozen_aligned", 0.6)):
+            for seed in (0, 1):
+                sc = 1 / (1 + np.exp(-(y * 1.0 + rng.normal(0, noise, 600) - 1)))
+                frames.append(_preds(arm, users, y, sc, seed).assign(part=part))
+    res = evaluate(pd.concat(frames, ignore_index=True), train_rate=0.25, bootstrap=50)
+    assert res["seeds"] == {"codes": [0, 1], "frozen_aligned": [0, 1]}
+    row = next(r for r in res["test"] if r["arm"] == "codes" and r["slice"] == "all")
+    assert row["seeds"] == 2 and row["auc_ci"][0] <= row["auc"] <= row["auc_ci"][1]
+    assert row["ne_train"] == pytest.approx(row["logloss"] / -(0.25 * np.log(0.25)
+                                                                + 0.75 * np.log(0.75)))
+    assert set(res["calibration"]) == {"codes/0", "codes/1", "frozen_aligned/0",
+                                       "frozen_aligned/1"}
+    diff = next(p for p in res["pairs"] if p["a"] == "codes" and p["slice"] == "all"
+                and p["metric"] == "auc")
+    assert diff["diff"] > 0
+    table = format_table(res)
+    assert "codes - frozen_aligned" in table and "[" in table
+    frame = metrics_frame(res)
+    t = frame[(frame.part == "test") & (frame.arm == "codes") & (frame.slice == "all")].iloc[0]
+    assert t.auc == row["auc"] and t.auc_lo == row["auc_ci"][0]
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def test_mf_learns_the_signal_and_popularity_scores_cold_items_at_the_base_rate():
+    from recsys.baselines import popularity_scores, train_mf
+
+    rng = np.random.default_rng(0)
+    n_u, n_i = 100, 60
+    pu, qi = rng.normal(size=(n_u, 2)), rng.normal(size=(n_i, 2))
+
+    def draw(n, items=n_i):
+        u, i = rng.integers(0, n_u, n), rng.integers(0, items, n)
+        p = 1 / (1 + np.exp(-(2 * (pu[u] * qi[i]).sum(1) - 1)))
+        return pd.DataFrame({"user_id": u, "item_id": i, "label": (rng.random(n) < p)
+                             .astype(np.int8)})
+
+    tr, va, te = draw(8000, 50), draw(1500, 50), draw(1500)
+    res = train_mf(tr, va, te, MFConfig(dim=4, lr=1e-2, l2=1e-3, patience=3), seed=0)
+    assert auc(te.label, res.test_scores) > 0.7
+    assert res.best_epoch == int(np.argmax(res.valid_curve)) + 1
+    pop = popularity_scores(tr, te)
+    cold = te.item_id >= 50
+    assert np.allclose(pop[cold], tr.label.mean())
+
+
+# --------------------------------------------------------------------------- the grid
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    from jobs.stages.train import TrainingData
+
+    root = tmp_path_factory.mktemp("grid")
+    train = write_examples(root / "train", random_examples(1280, seed=1))
+    valid = write_examples(root / "valid", random_examples(320, seed=2))
+    test_t = random_examples(320, seed=3)
+    test = write_examples(root / "test", test_t)
+    rng = np.random.default_rng(9)
+    noisy_labels = np.where(rng.random(320) < 0.5, 1 - test_t.column("label").to_numpy(),
+                            test_t.column("label").to_numpy()).astype(np.int8)
+    i = test_t.schema.get_field_index("label")
+    noisy_t = test_t.set_column(i, test_t.schema.field(i), pa.array(noisy_labels))
+    noisy = write_examples(root / "noisy", noisy_t)
+    facts = ExamplesFacts(False, 2, 50, 20, "global_time", 5, True, False, 0, None, 8, 3.0,
+                          3.0, "cb", "enc")
+    data = TrainingData(facts, train, valid, test, 0.3, {}, "train_examples@x")
+    return data, dataclasses.replace(data, eval_files=noisy), root
+
+
+def test_the_grid_never_reads_the_evaluation_labels(small_data):
+    from jobs.ablation import grid_combos, run_grid
+
+    data, noisy, root = small_data
+    cfg = TrainConfig(model=ModelConfig(dim=8, attention_dim=8, cross_rank=8, mlp=[16]),
+                      ranks=1, batch_size=64, epochs=6, valid_every=10, patience=2)
+    combos = grid_combos({"sparse_lr": [0.02, 0.3], "l2": [0.0]})
+    assert combos == [{"l2": 0.0, "sparse_lr": 0.02}, {"l2": 0.0, "sparse_lr": 0.3}]
+    best, runs = run_grid(data, "codes", cfg, combos, root / "clean")
+    best_n, runs_n = run_grid(noisy, "codes", cfg, combos, root / "noisy")
+    assert best["settings"] == best_n["settings"]
+    assert [r["best_valid"] for r in runs] == [r["best_valid"] for r in runs_n]
+    assert best["best_valid"] == max(r["best_valid"] for r in runs)
+    # The evaluation examples were scored (by the chosen run), with their own labels.
+    p = best_n["result"].predictions.to_pandas()
+    assert (p.label.to_numpy()[-320:] != best["result"].predictions.to_pandas()
+            .label.to_numpy()[-320:]).any()
+    with pytest.raises(Exception, match="unknown settings"):
+        grid_combos({"learning_rate": [1.0]})
