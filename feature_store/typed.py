@@ -2,7 +2,8 @@
 
 One coercion for every typed record the system reads: the configuration (``jobs/config.py``) and
 the facts a snapshot's manifest carries (``feature_store/facts.py``). Supported field types: the
-scalars ``int``, ``float``, ``bool``, ``str``; ``Optional[...]``; ``Literal[...]`` (choices);
+scalars ``int``, ``float``, ``bool``, ``str``; ``Optional[...]`` and unions (the first
+alternative that accepts the value); ``Literal[...]`` (choices);
 ``list[...]``; ``dict[str, ...]``; nested dataclasses.
 """
 
@@ -55,7 +56,13 @@ def coerce(tp, value, key: str, error: type[Exception] = ValueError):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return coerce(inner[0], value, key, error)
+        problems = []
+        for alt in inner:          # the first alternative that accepts the value
+            try:
+                return coerce(alt, value, key, error)
+            except error as e:
+                problems.append(str(e))
+        raise error(" or ".join(problems))
     if origin is Literal:
         if value not in args:
             raise error(f"{key} must be one of {', '.join(map(repr, args))}, got {value!r}")

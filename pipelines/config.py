@@ -176,8 +176,10 @@ class ExamplesConfig:
     neg_ratio: int = 4
     #: Popularity exponent of the negative sampler (0 = uniform, 1 = proportional).
     neg_pop_power: float = 0.75
-    #: Attach the target's frozen content embedding (needed by the frozen_mm arms).
-    frozen_embedding: bool = True
+    #: Attach a copy of the target's raw content embedding (a ``frozen`` column) for users who
+    #: export the examples. The ranker's frozen arms do not need it: they look content vectors
+    #: up by item id in the embeddings tables.
+    frozen_embedding: bool = False
     seed: int = 0
     #: Spark partitions of the per-user work.
     partitions: int = 4

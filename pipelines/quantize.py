@@ -20,6 +20,7 @@ from feature_store.arrays import ids_and_matrix, list_matrix, matrix_column
 from feature_store.schemas import spark_schema
 from pipelines.config import QuantizeConfig
 from pipelines.spark import by_item
+from quantizer.config import resolve_rq
 from quantizer.codebook import Codebook, CodebookExists
 from quantizer.metrics import codebook_metrics
 from quantizer.rq import ResidualKMeans
@@ -127,7 +128,8 @@ def quantize_embeddings(spark, embeddings, n_rows: int, cfg: QuantizeConfig, cod
     if codebook_version:
         cb, fitted = Codebook.load(codebook_root, codebook_version), False
     else:
-        cb = Codebook(ResidualKMeans(cfg.rq).fit(vecs), NeighbourCodes(cfg.vq).fit(emb_ids, vecs),
+        # codes: auto is sized from the table's item count, not the fit sample's.
+        cb = Codebook(ResidualKMeans(resolve_rq(cfg.rq, n_rows)).fit(vecs), NeighbourCodes(cfg.vq).fit(emb_ids, vecs),
                       training_snapshot=training_snapshot)
         cb.version = cb.content_version()
         fitted = True

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from quantizer.config import RQConfig
+from quantizer.config import RQConfig, resolve_rq
 from quantizer.kmeans import KMeansSettings, nearest, train_kmeans
 
 
@@ -40,8 +40,9 @@ class ResidualKMeans:
     fit_record: dict = field(default_factory=dict)
 
     def fit(self, x: np.ndarray) -> "ResidualKMeans":
-        """Fit the codebooks on ``x`` (n, d) float32."""
+        """Fit the codebooks on ``x`` (n, d) float32 (``codes: auto`` is sized from n)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
+        self.cfg = resolve_rq(self.cfg, x.shape[0])
         c = self.cfg
         if c.backend == "faiss_rq":
             return self._fit_faiss_rq(x)

@@ -177,3 +177,17 @@ def test_prefix_stats_count_collisions():
     assert full["unique"] == 3 and full["collision_rate"] == pytest.approx(0.25)
     assert full["items_per_code_max"] == 2 and full["share_sharing_code"] == 0.5
     assert prefix_stats(codes)[0]["unique"] == 2
+
+
+def test_auto_codes_size_each_level_from_the_item_count():
+    from jobs.config import ConfigError, load_config
+    from quantizer.config import auto_codes
+
+    assert [auto_codes(n) for n in (10, 1500, 1682, 9742, 100_000, 10**7)] == [
+        8, 32, 32, 128, 256, 256]
+    assert load_config(None).quantize.rq.codes == "auto"
+    assert load_config(None, ["quantize.rq.codes=64"]).quantize.rq.codes == 64
+    with pytest.raises(ConfigError, match="quantize.rq.codes"):
+        load_config(None, ["quantize.rq.codes=lots"])
+    rq = ResidualKMeans(RQConfig(levels=2, niter=3)).fit(_data(n=1100))
+    assert rq.cfg.codes == 32 and rq.centroids.shape[:2] == (2, 32)
