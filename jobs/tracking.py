@@ -73,7 +73,8 @@ class Tracker:
 
     def params(self, params: dict) -> None:
         if self.enabled:
-            flat = {k: ("" if v is None else str(v))[:6000] for k, v in flatten(params).items()}
+            flat = {_metric_name(k): ("" if v is None else str(v))[:6000]
+                    for k, v in flatten(params).items()}
             self._mlflow.log_params(flat)
 
     def metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
@@ -117,5 +118,6 @@ class Tracker:
 
 
 def _metric_name(key: str) -> str:
-    """MLflow allows alphanumerics, ``_ - . / :`` and spaces in metric names."""
+    """MLflow allows alphanumerics, ``_ - . / :`` and spaces in metric and parameter names
+    (``codes+frozen`` becomes ``codes_plus_frozen``)."""
     return re.sub(r"[^\w\-./: ]", "_", key.replace("@", "_at_").replace("+", "_plus_"))

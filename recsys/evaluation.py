@@ -65,7 +65,7 @@ def evaluate(preds: pd.DataFrame, truth: Optional[pd.DataFrame] = None,
     valid = preds[preds.part == "valid"]
     # Calibration per arm-seed: fitted on the validation part, applied to the test part.
     calib = {}
-    test["cal_score"] = test.score
+    test["cal_score"] = test.score.astype("float64")
     for (arm, s), v in valid.groupby(["arm", "seed"], sort=False):
         cal = calibrate(v.user_id.to_numpy(), v.label.to_numpy(), v.score.to_numpy())
         calib[f"{arm}/{s}"] = {"a": cal.a, "b": cal.b, "applied": cal.kept,

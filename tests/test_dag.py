@@ -206,3 +206,17 @@ def test_declared_reads_are_exactly_the_skip_key_and_the_lineage(tmp_path):
     dag.run("2026-01-01", only="make", force=True, progress=False)
     again = dag.run("2026-01-01", only="use", progress=False)
     assert again[0].status == "done" and again[0].outputs != first[1].outputs
+
+
+def test_config_keys_mlflow_refuses_are_logged_under_clean_names(tmp_path):
+    from jobs.tracking import Tracker
+
+    cfg = load_config(None, [f"paths.root={tmp_path / 'q'}",
+                             "train.tuned={codes+frozen: {sparse_lr: 0.3}}"])
+    tracker = Tracker(cfg)
+    with tracker.run("names") as run_id:
+        tracker.params({"train": cfg.to_dict()["train"]})
+        tracker.metrics({"codes+frozen.test.all.auc": 0.7})
+    run = mlflow.get_run(run_id)
+    assert run.data.params["train.tuned.codes_plus_frozen.sparse_lr"] == "0.3"
+    assert run.data.metrics["codes_plus_frozen.test.all.auc"] == 0.7
