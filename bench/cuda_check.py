@@ -54,7 +54,7 @@ def main() -> None:
     from recsys.features import build_spec
     from recsys.runner import make_job
     from recsys.testing import random_examples, write_examples
-    from recsys.train import launch
+    from recsys.launch import launch
 
     tmp = Path(tempfile.mkdtemp(prefix="qarm-cuda-check-"))
     t = random_examples(args.examples, n_items=args.items, n_users=args.users, levels=3,

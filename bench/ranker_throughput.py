@@ -58,7 +58,7 @@ def plain_worker(args) -> None:
     from recsys.config import ModelConfig
     from recsys.data import ShardPlan, count_rows, train_batches
     from recsys.model import PlainSparse, Ranker, build_ranker
-    from recsys.train import spec_from_dict
+    from recsys.job import spec_from_dict
 
     job = json.loads(Path(args.job).read_text())
     torch.set_num_threads(args.threads)
@@ -132,7 +132,7 @@ def main() -> None:
     from recsys.features import build_spec
     from recsys.runner import make_job
     from recsys.testing import random_examples, write_examples
-    from recsys.train import launch
+    from recsys.launch import launch
 
     tmp = Path(tempfile.mkdtemp(prefix="qarm-bench-ranker-"))
     t = random_examples(args.examples, n_items=args.items, n_users=args.users,

@@ -38,7 +38,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from quantizer.codebook import CodebookExists, CodebookNotFound
     from quantizer.kmeans import TooFewPoints
     from recsys.features import FeatureSpecError
-    from recsys.train import TrainError
+    from recsys.job import TrainError
 
     return (ConfigError, DagError, FactsError, SchemaError, SchemaMismatch, SnapshotNotFound,
             SourceError, SparkUnavailable, UnusableData, CodebookExists, CodebookNotFound,

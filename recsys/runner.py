@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 
 from recsys.config import TrainConfig
 from recsys.features import FeatureSpec, FeatureSpecError
-from recsys.train import TrainJob, launch
+from recsys.job import TrainJob
+from recsys.launch import launch
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def load_trained(out_dir: Path):
     """The trained ranker of ``out_dir`` as one unsharded CPU module (for registry/scoring)."""
     from recsys import checkpoint as ck
     from recsys.model import build_ranker
-    from recsys.train import model_config, spec_from_dict
+    from recsys.job import model_config, spec_from_dict
 
     job = TrainJob.load(Path(out_dir) / "job.json")
     _, state = ck.load_folder(Path(out_dir) / "model")

@@ -24,91 +24,17 @@ Run by ``qarm train`` (which spawns the ranks, or calls ``torchrun``) or directl
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+from recsys.early_stopping import EarlyStopping, restore_local, validate
+from recsys.job import TrainJob, model_config, spec_from_dict
+
 log = logging.getLogger(__name__)
-
-
-class TrainError(RuntimeError):
-    """A rank failed; the message carries the tail of its log."""
-
-
-@dataclass
-class TrainJob:
-    """Everything a rank needs, as JSON (``job.json`` in the output folder)."""
-
-    arm: str
-    spec: dict
-    model: dict
-    train_files: list[str]
-    eval_files: list[str]
-    out_dir: str
-    micro_batch: int
-    epochs: int
-    max_steps: int
-    sparse_lr: float
-    dense_lr: float
-    seed: int
-    checkpoint_every: int
-    device: str = "cpu"
-    threads: int = 1
-    timeout_s: int = 600
-    #: .npy of the frozen content vectors by item id (frozen arms), else "".
-    frozen_table: str = ""
-    #: Decoupled weight decay of the dense parameters (AdamW).
-    dense_weight_decay: float = 0.0
-    #: Fused optimizer of the embedding tables: ``rowwise_adagrad`` or ``adagrad``.
-    sparse_optimizer: str = "rowwise_adagrad"
-    #: Validation examples for early stopping ([] = train all epochs, no early stopping).
-    valid_files: list[str] = dataclasses.field(default_factory=list)
-    #: Validate every N global steps (0 = once per epoch).
-    valid_every: int = 0
-    #: Stop after this many validations without improvement; keep the best weights.
-    patience: int = 2
-    #: ``auc`` (higher is better) or ``logloss`` (lower is better) on the validation files.
-    valid_metric: str = "auc"
-    #: Profile this many steps (after warm-up) with torch.profiler into profile.txt (0 = off).
-    profile_steps: int = 0
-
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(dataclasses.asdict(self), indent=1))
-
-    @classmethod
-    def load(cls, path: str | Path) -> "TrainJob":
-        return cls(**json.loads(Path(path).read_text()))
-
-
-# --------------------------------------------------------------------------- one rank
-
-
-def spec_from_dict(d: dict):
-    from recsys.features import FeatureSpec, SparseFeature, Table
-
-    return FeatureSpec(
-        arm=d["arm"], dim=d["dim"], history_len=d["history_len"], levels=d["levels"],
-        tables=tuple(Table(**{**t, "features": tuple(t["features"]),
-                              "ids_per_example": tuple(t["ids_per_example"])})
-                     for t in d["tables"]),
-        sparse=tuple(SparseFeature(**f) for f in d["sparse"]),
-        frozen_rows=d["frozen_rows"], frozen_dim=d["frozen_dim"],
-        frozen_source=d["frozen_source"], frozen_slots=d["frozen_slots"],
-        match_thresholds=tuple(d["match_thresholds"]))
-
-
-def model_config(d: dict):
-    from recsys.config import ModelConfig
-
-    return ModelConfig(**d)
 
 
 def _planner_constraints(spec, device_type: str = "cpu"):
@@ -188,89 +114,6 @@ def load_frozen_table(job: TrainJob):
     if not job.frozen_table:
         return None
     return torch.from_numpy(np.load(job.frozen_table).astype(np.float32))
-
-
-class EarlyStopping:
-    """Tracks the validation metric; ``update`` says whether it improved. Its state is plain
-    data (kept in checkpoints)."""
-
-    def __init__(self, metric: str, patience: int, state: dict | None = None):
-        if metric not in ("auc", "logloss"):
-            raise ValueError(f"valid_metric must be auc or logloss, got {metric!r}")
-        self.metric, self.patience = metric, patience
-        st = state or {}
-        self.best = st.get("best")
-        self.best_step = st.get("best_step", 0)
-        self.bad = st.get("bad", 0)
-        self.history: list[list[float]] = st.get("history", [])
-
-    def update(self, step: int, value: float) -> bool:
-        """Record ``value`` at ``step``; True when it is the best so far (NaN never is)."""
-        import math
-
-        self.history.append([step, value])
-        better = not math.isnan(value) and (
-            self.best is None or (value > self.best + 1e-5 if self.metric == "auc"
-                                  else value < self.best - 1e-5))
-        if better:
-            self.best, self.best_step, self.bad = value, step, 0
-        else:
-            self.bad += 1
-        return better
-
-    @property
-    def stop(self) -> bool:
-        return self.patience > 0 and self.bad >= self.patience
-
-    def state(self) -> dict:
-        return {"best": self.best, "best_step": self.best_step, "bad": self.bad,
-                "history": self.history}
-
-
-def validate(dmp, job: TrainJob, spec, device, world: int, rank: int) -> float:
-    """The validation metric of the current weights (every rank returns the same value)."""
-    import numpy as np
-    import torch
-    import torch.distributed as dist
-
-    from recsys.data import ShardPlan, count_rows, eval_batches
-    from recsys.metrics import auc, logloss
-
-    dmp.eval()
-    labels, scores = [], []
-    plan = ShardPlan(count_rows(job.valid_files), job.micro_batch, world)
-    with torch.no_grad():
-        for batch, rows_t in eval_batches(job.valid_files, spec, plan, rank):
-            _, (_, logits, _) = dmp(batch.to(device))
-            n = rows_t.num_rows
-            if n:
-                labels.append(batch.labels[:n].numpy())
-                scores.append(torch.sigmoid(logits[:n].float()).cpu().numpy())
-    mine = (np.concatenate(labels) if labels else np.zeros(0, np.float32),
-            np.concatenate(scores) if scores else np.zeros(0, np.float32))
-    every = [None] * world
-    dist.all_gather_object(every, mine)
-    y = np.concatenate([e[0] for e in every])
-    p = np.concatenate([e[1] for e in every])
-    dmp.train()
-    return auc(y, p) if job.valid_metric == "auc" else logloss(y, p)
-
-
-def restore_local(state: dict, pieces: dict[str, dict]) -> None:
-    """Copy rank-local pieces (``checkpoint.local_pieces`` of the same model) back in place."""
-    import torch
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
-
-    from recsys.checkpoint import _flatten
-
-    with torch.no_grad():
-        for path, v in _flatten(state).items():
-            e = pieces[path]
-            if isinstance(v, ShardedTensor):
-                for s, (_, piece) in zip(v.local_shards(), e["pieces"]):
-                    s.tensor.copy_(piece)
-            elif isinstance(v, torch.Tensor):
-                v.copy_(e["value"])
 
 
 def _plan_summary(plan) -> dict:
@@ -488,77 +331,6 @@ def run_rank(job: TrainJob) -> None:
             "plan": _plan_summary(plan)}, indent=1))
     dist.barrier()
     dist.destroy_process_group()
-
-
-# --------------------------------------------------------------------------- launching
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(job: TrainJob, ranks: int, launcher: str = "local", quiet: bool = False) -> dict:
-    """Run ``job`` on ``ranks`` local processes; returns ``result.json``. A failing rank stops
-    the others and raises TrainError with its log's tail."""
-    out = Path(job.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    job_path = out / "job.json"
-    job.save(job_path)
-    (out / "result.json").unlink(missing_ok=True)
-    port = free_port()
-    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": str(job.threads), "PYTHONUNBUFFERED": "1"}
-    logs = [out / f"rank{r}.log" for r in range(ranks)]
-    procs: list[subprocess.Popen] = []
-    if launcher == "torchrun":
-        log_f = open(logs[0], "w")
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
-               "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "recsys.train",
-               "--job", str(job_path)]
-        procs.append(subprocess.Popen(cmd, env=base, stdout=log_f, stderr=subprocess.STDOUT,
-                                      start_new_session=True))
-        logs = logs[:1]
-    elif launcher == "local":
-        for r in range(ranks):
-            env = {**base, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(ranks),
-                   "LOCAL_WORLD_SIZE": str(ranks)}
-            show = r == 0 and not quiet
-            f = None if show else open(logs[r], "w")
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "recsys.train", "--job", str(job_path)], env=env,
-                stdout=f, stderr=None if show else subprocess.STDOUT, start_new_session=True))
-    else:
-        raise ValueError(f"train.launcher must be local or torchrun, got {launcher!r}")
-    try:
-        failed = None
-        while procs and failed is None:
-            for i, p in enumerate(procs):
-                rc = p.poll()
-                if rc is not None and rc != 0:
-                    failed = (i, rc)
-                    break
-            if all(p.poll() == 0 for p in procs):
-                break
-            time.sleep(0.2)
-    finally:
-        for p in procs:
-            if p.poll() is None and failed is not None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-    if failed is not None:
-        i, rc = failed
-        tail = ""
-        path = logs[min(i, len(logs) - 1)]
-        if path.exists():
-            tail = "\n".join(path.read_text(errors="replace").splitlines()[-30:])
-        raise TrainError(f"rank {i} of arm {job.arm} exited with {rc}; log {path}:\n{tail}")
-    return json.loads((out / "result.json").read_text())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,12 +12,13 @@ import torch
 
 from recsys import checkpoint as ck
 from recsys.config import ModelConfig, TrainConfig
-from recsys.data import (ShardPlan, eval_batches, micro_batches, table_rows, to_batch,
-                         train_batches)
+from recsys.data import ShardPlan, eval_batches, table_rows, to_batch, train_batches
 from recsys.features import ARMS, FeatureSpecError, build_spec
 from recsys.metrics import auc, gauc, logloss, normalized_entropy
 from recsys.runner import load_trained, make_job, prepare_out_dir, train_arm
-from recsys.train import TrainError, initial_state, launch
+from recsys.job import TrainError
+from recsys.launch import launch
+from recsys.train import initial_state
 from recsys.testing import frozen_table, random_examples, write_examples
 
 SPEC_ARGS = dict(dim=8, history_len=5, levels=2, codes_per_level=8, n_items=50, n_users=20,

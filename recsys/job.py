@@ -1,0 +1,78 @@
+"""A training job: everything a rank needs, as JSON (``job.json`` in the arm's output folder),
+written by the driver (``recsys.runner``) and read by every rank (``recsys.train``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class TrainError(RuntimeError):
+    """A rank failed; the message carries the tail of its log."""
+
+
+@dataclass
+class TrainJob:
+    """Everything a rank needs, as JSON (``job.json`` in the output folder)."""
+
+    arm: str
+    spec: dict
+    model: dict
+    train_files: list[str]
+    eval_files: list[str]
+    out_dir: str
+    micro_batch: int
+    epochs: int
+    max_steps: int
+    sparse_lr: float
+    dense_lr: float
+    seed: int
+    checkpoint_every: int
+    device: str = "cpu"
+    threads: int = 1
+    timeout_s: int = 600
+    #: .npy of the frozen content vectors by item id (frozen arms), else "".
+    frozen_table: str = ""
+    #: Decoupled weight decay of the dense parameters (AdamW).
+    dense_weight_decay: float = 0.0
+    #: Fused optimizer of the embedding tables: ``rowwise_adagrad`` or ``adagrad``.
+    sparse_optimizer: str = "rowwise_adagrad"
+    #: Validation examples for early stopping ([] = train all epochs, no early stopping).
+    valid_files: list[str] = dataclasses.field(default_factory=list)
+    #: Validate every N global steps (0 = once per epoch).
+    valid_every: int = 0
+    #: Stop after this many validations without improvement; keep the best weights.
+    patience: int = 2
+    #: ``auc`` (higher is better) or ``logloss`` (lower is better) on the validation files.
+    valid_metric: str = "auc"
+    #: Profile this many steps (after warm-up) with torch.profiler into profile.txt (0 = off).
+    profile_steps: int = 0
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainJob":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def spec_from_dict(d: dict):
+    from recsys.features import FeatureSpec, SparseFeature, Table
+
+    return FeatureSpec(
+        arm=d["arm"], dim=d["dim"], history_len=d["history_len"], levels=d["levels"],
+        tables=tuple(Table(**{**t, "features": tuple(t["features"]),
+                              "ids_per_example": tuple(t["ids_per_example"])})
+                     for t in d["tables"]),
+        sparse=tuple(SparseFeature(**f) for f in d["sparse"]),
+        frozen_rows=d["frozen_rows"], frozen_dim=d["frozen_dim"],
+        frozen_source=d["frozen_source"], frozen_slots=d["frozen_slots"],
+        match_thresholds=tuple(d["match_thresholds"]))
+
+
+def model_config(d: dict):
+    from recsys.config import ModelConfig
+
+    return ModelConfig(**d)

@@ -1,0 +1,83 @@
+"""Launching the ranks of a training job: local subprocesses or ``torchrun``; a failing rank
+stops the others and its log's tail becomes the error."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from recsys.job import TrainError, TrainJob
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(job: TrainJob, ranks: int, launcher: str = "local", quiet: bool = False) -> dict:
+    """Run ``job`` on ``ranks`` local processes; returns ``result.json``. A failing rank stops
+    the others and raises TrainError with its log's tail."""
+    out = Path(job.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    job_path = out / "job.json"
+    job.save(job_path)
+    (out / "result.json").unlink(missing_ok=True)
+    port = free_port()
+    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": str(job.threads), "PYTHONUNBUFFERED": "1"}
+    logs = [out / f"rank{r}.log" for r in range(ranks)]
+    procs: list[subprocess.Popen] = []
+    if launcher == "torchrun":
+        log_f = open(logs[0], "w")
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
+               "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "recsys.train",
+               "--job", str(job_path)]
+        procs.append(subprocess.Popen(cmd, env=base, stdout=log_f, stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+        logs = logs[:1]
+    elif launcher == "local":
+        for r in range(ranks):
+            env = {**base, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(ranks),
+                   "LOCAL_WORLD_SIZE": str(ranks)}
+            show = r == 0 and not quiet
+            f = None if show else open(logs[r], "w")
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "recsys.train", "--job", str(job_path)], env=env,
+                stdout=f, stderr=None if show else subprocess.STDOUT, start_new_session=True))
+    else:
+        raise ValueError(f"train.launcher must be local or torchrun, got {launcher!r}")
+    try:
+        failed = None
+        while procs and failed is None:
+            for i, p in enumerate(procs):
+                rc = p.poll()
+                if rc is not None and rc != 0:
+                    failed = (i, rc)
+                    break
+            if all(p.poll() == 0 for p in procs):
+                break
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None and failed is not None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+    if failed is not None:
+        i, rc = failed
+        tail = ""
+        path = logs[min(i, len(logs) - 1)]
+        if path.exists():
+            tail = "\n".join(path.read_text(errors="replace").splitlines()[-30:])
+        raise TrainError(f"rank {i} of arm {job.arm} exited with {rc}; log {path}:\n{tail}")
+    return json.loads((out / "result.json").read_text())
