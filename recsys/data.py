@@ -166,20 +166,9 @@ def micro_batches(files: Sequence[str], columns: list[str], micro: int,
                   read_batch: int = 8192) -> Iterator[pa.Table]:
     """The files' rows, in order, as consecutive tables of exactly ``micro`` rows (the last may
     be shorter), streamed."""
-    buf: list[pa.RecordBatch] = []
-    have = 0
-    for f in files:
-        for rb in pq.ParquetFile(f).iter_batches(batch_size=read_batch, columns=columns):
-            buf.append(rb)
-            have += rb.num_rows
-            while have >= micro:
-                t = pa.Table.from_batches(buf)
-                yield t.slice(0, micro)
-                rest = t.slice(micro)
-                buf = rest.to_batches()
-                have = rest.num_rows
-    if have:
-        yield pa.Table.from_batches(buf)
+    return rechunk((pa.Table.from_batches([rb]) for f in files
+                    for rb in pq.ParquetFile(f).iter_batches(batch_size=read_batch,
+                                                             columns=columns)), micro)
 
 
 def shuffled_tables(files: Sequence[str], columns: list[str], seed: int,
