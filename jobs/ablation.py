@@ -42,8 +42,8 @@ def grid_combos(grid: dict[str, list[float]]) -> list[dict[str, float]]:
 
 def with_settings(train_cfg, settings: dict, seed: int):
     """``train_cfg`` (without its tuned overrides) at ``settings`` and ``seed``."""
-    base = dataclasses.replace(train_cfg, tuned={}, seed=seed, register=False)
-    return dataclasses.replace(base, tuned={"_": settings}).for_arm("_")
+    return dataclasses.replace(train_cfg, tuned={}, seed=seed, register=False).with_settings(
+        settings, "ablation.grid")
 
 
 def choose(runs: list[dict], metric: str) -> dict:

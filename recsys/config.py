@@ -97,12 +97,15 @@ class TrainConfig:
 
     def for_arm(self, arm: str) -> "TrainConfig":
         """This config with ``arm``'s tuned settings applied."""
+        return self.with_settings(self.tuned.get(arm, {}), f"train.tuned.{arm}")
+
+    def with_settings(self, over: dict[str, float], where: str = "settings") -> "TrainConfig":
+        """This config with TUNABLE settings ``over`` applied (``where`` names them in errors)."""
         import dataclasses
 
-        over = self.tuned.get(arm, {})
         bad = set(over) - set(TUNABLE)
         if bad:
-            raise ValueError(f"train.tuned.{arm}: unknown settings {sorted(bad)}; "
+            raise ValueError(f"{where}: unknown settings {sorted(bad)}; "
                              f"tunable: {', '.join(TUNABLE)}")
         model = {k: v for k, v in over.items() if k in MODEL_TUNABLE}
         top = {k: v for k, v in over.items() if k not in MODEL_TUNABLE}

@@ -17,7 +17,7 @@ import pandas as pd
 
 from recsys.ablation import (ABLATION_SLICES, DEFAULT_PAIRS, STAT_METRICS, ablation_stats,
                              calibrate, entropy)
-from recsys.metrics import ranking_metrics
+from recsys.metrics import logloss, ranking_metrics
 
 #: The scored parts of the split, in the order the table shows them.
 SCORED_PARTS = ("test", "valid")
@@ -80,10 +80,10 @@ def evaluate(preds: pd.DataFrame, truth: Optional[pd.DataFrame] = None,
             q = slice_of(test[test.arm == arm], sl)
             if q.empty:
                 continue
-            cal_ll = float(np.mean([ranking_metrics(g.user_id, g.label, g.cal_score)["logloss"]
-                                    for _, g in q.groupby("seed")]))
-            ll = float(np.mean([ranking_metrics(g.user_id, g.label, g.score)["logloss"]
-                                for _, g in q.groupby("seed")]))
+            # Seed-averaged LogLoss, calibrated and not (ranking_metrics would also compute
+            # the AUCs, which the bootstrap below does).
+            cal_ll = float(np.mean([logloss(g.label, g.cal_score) for _, g in q.groupby("seed")]))
+            ll = float(np.mean([logloss(g.label, g.score) for _, g in q.groupby("seed")]))
             base = entropy(float(q.label.mean()))
             extra[(arm, sl)] = {"cal_logloss": cal_ll, "cal_ne": cal_ll / base,
                                 "ne_train": ll / h_train, "cal_ne_train": cal_ll / h_train,
