@@ -1,17 +1,24 @@
-"""Sharded state on disk: each rank saves the pieces it holds, any reader reassembles them.
+"""Sharded training state on disk with ``torch.distributed.checkpoint`` (DCP).
 
-A state dict (model or optimizer, nested) is flattened to ``path → entry``; a ``ShardedTensor``
-entry keeps its global size and the rank's local shards with their offsets, a plain tensor is
-kept whole (dense parameters are replicated, rank 0's copy is used). Assembling all ranks' files
-gives full tensors, which can be
+Every rank writes only the shards it holds and reads only the pieces its own shards need: DCP
+records each ``ShardedTensor`` shard with its offsets, and a load fills the local shards of the
+model it is given, whatever that model's sharding is. A checkpoint written by N ranks therefore
+loads into M ranks (resume after changing ``train.ranks``) and into an unsharded CPU model
+(registration, scoring, with no process group). Replicated tensors (dense parameters, the
+frozen content table, Adam's state) are written once. The only pickled file is DCP's own
+``.metadata``; nothing here calls ``pickle`` or ``torch.load``.
 
-* copied into the local shards of a freshly sharded model of *any* world size (resume, even after
-  changing the number of ranks), or
-* loaded into an unsharded model (registration, scoring).
+Folders under an arm's output folder::
 
-A checkpoint folder ``step_<N>`` holds ``rank<r>.pt`` files (each written to a temporary name and
-renamed) and ``meta.json``, written by rank 0 after a barrier: only folders with ``meta.json`` are
-complete, so a run killed while saving resumes from the previous checkpoint.
+    checkpoints/step_<N>/   model, optimizer state and step (every ``checkpoint_every`` steps)
+    checkpoints/best_<N>/   the weights of the best validation so far (saved when it improves)
+    model/                  the final weights
+
+Each folder is complete once ``meta.json`` exists: it is written (to a temporary name, then
+renamed) by rank 0 after DCP has written every rank's data and its ``.metadata`` and after a
+barrier, so a run killed while saving resumes from the previous complete checkpoint. ``meta.json``
+holds the step, the world size that wrote it, the early-stopping state and the ``best_<N>``
+folder it goes with. Each rank's RNG state (dropout masks) is kept as ``rng_rank<r>.npy``.
 """
 
 from __future__ import annotations
@@ -20,111 +27,139 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
+import numpy as np
 import torch
-from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+META = "meta.json"
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+def _sharded_type():
+    # TorchRec's sharded tables are ShardedTensors; torchrec re-exports the class.
+    from torchrec.distributed.types import ShardedTensor
+
+    return ShardedTensor
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested state dict as ``path → value`` (paths joined with ``/``)."""
     out: dict[str, Any] = {}
     if isinstance(d, dict):
         for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}/"))
+            out.update(flatten(v, f"{prefix}{k}/"))
         return out
     out[prefix.rstrip("/")] = d
     return out
 
 
-def local_pieces(state: dict) -> dict[str, dict]:
-    """The rank-local content of a (nested) state dict, detached copies."""
-    out: dict[str, dict] = {}
-    for path, v in _flatten(state).items():
-        if isinstance(v, ShardedTensor):
-            out[path] = {"kind": "sharded", "size": list(v.size()),
-                         "pieces": [(list(s.metadata.shard_offsets),
-                                     s.tensor.detach().cpu().clone())
-                                    for s in v.local_shards()]}
+def local_pieces(state: dict) -> dict[str, Any]:
+    """Detached copies of the rank-local content of a (nested) state dict: the local shards of
+    every sharded tensor, the whole of every plain tensor (kept in memory, e.g. the best
+    validation's weights)."""
+    sharded = _sharded_type()
+    out: dict[str, Any] = {}
+    for path, v in flatten(state).items():
+        if isinstance(v, sharded):
+            out[path] = [s.tensor.detach().clone() for s in v.local_shards()]
         elif isinstance(v, torch.Tensor):
-            out[path] = {"kind": "tensor", "value": v.detach().cpu().clone()}
-        else:
-            out[path] = {"kind": "obj", "value": v}
+            out[path] = v.detach().clone()
     return out
 
 
-def assemble(rank_payloads: list[dict[str, dict]]) -> dict[str, Any]:
-    """Full tensors from every rank's pieces."""
-    full: dict[str, Any] = {}
-    for payload in rank_payloads:
-        for path, e in payload.items():
-            if e["kind"] == "sharded":
-                t = full.get(path)
-                if t is None:
-                    t = full[path] = torch.zeros(e["size"], dtype=e["pieces"][0][1].dtype
-                                                 if e["pieces"] else torch.float32)
-                for offsets, piece in e["pieces"]:
-                    t[_slices(offsets, piece.shape)] = piece
-            elif path not in full:
-                full[path] = e["value"]
-    return full
-
-
-def _slices(offsets, shape) -> tuple[slice, ...]:
-    return tuple(slice(o, o + s) for o, s in zip(offsets, shape))
-
-
-def fill(state: dict, full: dict[str, Any], strict: bool = True) -> list[str]:
-    """Copy ``full`` tensors into the (sharded) tensors of ``state`` in place. Returns the paths
-    of ``state`` that ``full`` lacked (an error when ``strict``)."""
-    missing = []
-    for path, v in _flatten(state).items():
-        if path not in full:
-            missing.append(path)
-            continue
-        src = full[path]
-        with torch.no_grad():
-            if isinstance(v, ShardedTensor):
-                for s in v.local_shards():
-                    s.tensor.copy_(src[_slices(s.metadata.shard_offsets, s.tensor.shape)])
+def restore_local(state: dict, pieces: dict[str, Any]) -> None:
+    """Copy :func:`local_pieces` of the same model back in place."""
+    sharded = _sharded_type()
+    with torch.no_grad():
+        for path, v in flatten(state).items():
+            if isinstance(v, sharded):
+                for s, piece in zip(v.local_shards(), pieces[path]):
+                    s.tensor.copy_(piece)
             elif isinstance(v, torch.Tensor):
-                if tuple(v.shape) != tuple(src.shape):
-                    raise ValueError(f"checkpoint tensor {path} has shape {tuple(src.shape)}, "
-                                     f"the model {tuple(v.shape)}: a different model config?")
-                v.copy_(src)
-    if missing and strict:
-        raise KeyError(f"checkpoint lacks {len(missing)} entries, e.g. {missing[:3]}")
-    return missing
+                v.copy_(pieces[path])
 
 
-def save_rank(folder: Path, rank: int, payload: dict) -> None:
+def copy_full(dst: Any, full: torch.Tensor) -> None:
+    """Copy a full (unsharded) tensor into ``dst``: the rank's shards of a sharded tensor (each
+    at its offsets), or the whole of a plain tensor. Used for the seeded initial state, which
+    every rank computes whole."""
+    if isinstance(dst, _sharded_type()):
+        for s in dst.local_shards():
+            idx = tuple(slice(o, o + n) for o, n in zip(s.metadata.shard_offsets,
+                                                         s.tensor.shape))
+            s.tensor.copy_(full[idx])
+    elif isinstance(dst, torch.Tensor):
+        if tuple(dst.shape) != tuple(full.shape):
+            raise CheckpointError(f"initial tensor of shape {tuple(full.shape)} does not fit "
+                                  f"{tuple(dst.shape)}")
+        dst.copy_(full)
+
+
+def save(folder: Path, state: dict, rank: int, meta: Optional[dict] = None,
+         rng: Optional[torch.Tensor] = None) -> None:
+    """Collective: every rank calls it with its (sharded) ``state``; rank 0 marks the folder
+    complete with ``meta`` once every rank's data and DCP's metadata are written."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".rank{rank}.pt.tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, folder / f"rank{rank}.pt")
+    dcp.save(state, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
+    if rng is not None:
+        np.save(folder / f"rng_rank{rank}.npy", rng.numpy(), allow_pickle=False)
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        tmp = folder / f".{META}.tmp"
+        tmp.write_text(json.dumps(meta or {}, indent=1))
+        os.replace(tmp, folder / META)
 
 
-def mark_complete(folder: Path, meta: dict) -> None:
-    tmp = folder / ".meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, folder / "meta.json")
+def load(folder: Path, state: dict) -> dict:
+    """Fill ``state`` (sharded on any number of ranks, or a plain unsharded state dict outside a
+    process group) in place from a complete folder; returns its ``meta.json``. Raises
+    :class:`CheckpointError` on an incomplete folder or when the model does not match."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    meta = read_meta(folder)
+    try:
+        dcp.load(state, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
+    except (CheckpointException, ValueError, RuntimeError, KeyError) as e:
+        # CheckpointException (a BaseException) carries each rank's traceback: keep the cause.
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        cause = lines[-1] if lines else repr(e)
+        raise CheckpointError(f"cannot load {folder} into this model ({cause}); was it written "
+                              "with a different model or feature config?") from None
+    return meta
 
 
-def load_folder(folder: Path) -> tuple[dict, dict[str, dict]]:
-    """(meta, full state by section) of a complete checkpoint or model folder."""
-    meta = json.loads((folder / "meta.json").read_text())
-    payloads = [torch.load(folder / f"rank{r}.pt", weights_only=False)
-                for r in range(meta["world"])]
-    sections = {k for p in payloads for k in p}
-    return meta, {s: assemble([p[s] for p in payloads if s in p]) for s in sections}
+def read_meta(folder: Path) -> dict:
+    path = Path(folder) / META
+    if not path.exists():
+        raise CheckpointError(f"{folder} is not a complete checkpoint (no {META})")
+    return json.loads(path.read_text())
 
 
-def latest(ckpt_root: Path) -> Path | None:
-    """The newest complete ``step_<N>`` folder, or None."""
+def load_rng(folder: Path, rank: int) -> Optional[torch.Tensor]:
+    """The RNG state rank ``rank`` saved in ``folder``, or None (e.g. more ranks now)."""
+    path = Path(folder) / f"rng_rank{rank}.npy"
+    if not path.exists():
+        return None
+    return torch.from_numpy(np.load(path, allow_pickle=False))
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder is incomplete or does not fit the model."""
+
+
+def latest(ckpt_root: Path, kind: str = "step") -> Path | None:
+    """The newest complete ``<kind>_<N>`` folder, or None."""
     best, best_step = None, -1
     if not ckpt_root.exists():
         return None
     for d in ckpt_root.iterdir():
-        m = re.fullmatch(r"step_(\d+)", d.name)
-        if m and (d / "meta.json").exists() and int(m.group(1)) > best_step:
+        m = re.fullmatch(rf"{kind}_(\d+)", d.name)
+        if m and (d / META).exists() and int(m.group(1)) > best_step:
             best, best_step = d, int(m.group(1))
     return best

@@ -1,6 +1,7 @@
 """Early stopping on the validation part, inside a distributed run: every rank scores its
 share of the validation examples, the scores are gathered so every rank computes the same metric
-and takes the same decision, and the best weights are kept as rank-local copies."""
+and takes the same decision; the best weights are kept as rank-local copies
+(``checkpoint.local_pieces``)."""
 
 from __future__ import annotations
 
@@ -71,20 +72,3 @@ def validate(dmp, job: TrainJob, spec, device, world: int, rank: int) -> float:
     p = np.concatenate([e[1] for e in every])
     dmp.train()
     return auc(y, p) if job.valid_metric == "auc" else logloss(y, p)
-
-
-def restore_local(state: dict, pieces: dict[str, dict]) -> None:
-    """Copy rank-local pieces (``checkpoint.local_pieces`` of the same model) back in place."""
-    import torch
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
-
-    from recsys.checkpoint import _flatten
-
-    with torch.no_grad():
-        for path, v in _flatten(state).items():
-            e = pieces[path]
-            if isinstance(v, ShardedTensor):
-                for s, (_, piece) in zip(v.local_shards(), e["pieces"]):
-                    s.tensor.copy_(piece)
-            elif isinstance(v, torch.Tensor):
-                v.copy_(e["value"])

@@ -49,6 +49,16 @@ class TrainJob:
     valid_metric: str = "auc"
     #: Profile this many steps (after warm-up) with torch.profiler into profile.txt (0 = off).
     profile_steps: int = 0
+    #: Ranks the driver launches (``micro_batch * world`` is the global batch).
+    world: int = 1
+
+    def resume_key(self) -> dict:
+        """What must match for a run to resume another's checkpoints: everything but the
+        number of ranks (a checkpoint of N ranks resumes on M), with the global batch in place
+        of the per-rank one (the global batches are the same on any number of ranks)."""
+        d = dataclasses.asdict(self)
+        d["global_batch"] = d.pop("micro_batch") * d.pop("world")
+        return json.loads(json.dumps(d))
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(dataclasses.asdict(self), indent=1))

@@ -4,7 +4,6 @@ collect their predictions, assemble the trained model. The DAG's ``train`` stage
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -53,16 +52,17 @@ def make_job(spec: FeatureSpec, cfg: TrainConfig, train_files: list[str],
                     valid_files=sorted(valid_files), valid_every=cfg.valid_every,
                     patience=cfg.patience, valid_metric=cfg.valid_metric,
                     sparse_optimizer=cfg.sparse_optimizer,
-                    dense_weight_decay=cfg.dense_weight_decay)
+                    dense_weight_decay=cfg.dense_weight_decay, world=cfg.ranks)
 
 
 def prepare_out_dir(job: TrainJob) -> bool:
-    """Keep the folder (and its checkpoints) only when it holds an unfinished run of exactly
-    this job: that run resumes. Otherwise start clean. Returns whether it will resume."""
+    """Keep the folder (and its checkpoints) only when it holds an unfinished run of this job
+    (on any number of ranks): that run resumes. Otherwise start clean. Returns whether it will
+    resume."""
     out = Path(job.out_dir)
     old = out / "job.json"
     if old.exists() and not (out / "model" / "meta.json").exists():
-        if json.loads(old.read_text()) == json.loads(json.dumps(dataclasses.asdict(job))):
+        if TrainJob.load(old).resume_key() == job.resume_key():
             return (out / "checkpoints").exists()
     if out.exists():
         shutil.rmtree(out)
@@ -90,10 +90,10 @@ def load_trained(out_dir: Path):
     from recsys.job import model_config, spec_from_dict
 
     job = TrainJob.load(Path(out_dir) / "job.json")
-    _, state = ck.load_folder(Path(out_dir) / "model")
     spec = spec_from_dict(job.spec)
     model = build_ranker(spec, model_config(job.model), "cpu")
-    ck.fill(model.state_dict(), state["model"])
+    # DCP assembles the shards of every rank into this unsharded model, in place.
+    ck.load(Path(out_dir) / "model", {"model": model.state_dict()})
     return model.eval()
 
 

@@ -9,7 +9,8 @@ Each rank:
    row-wise per table, with the real ids per example as pooling factors so the ranks get
    balanced work) and wraps the model in ``DistributedModelParallel``;
 3. copies a seeded initial state into its shards (every world size starts from the same
-   weights), or the newest complete checkpoint when resuming;
+   weights), or loads the newest complete checkpoint when resuming (``recsys.checkpoint``:
+   torch.distributed.checkpoint, so a checkpoint of N ranks resumes on M ranks);
 4. trains with ``TrainPipelineSparseDist`` (input distribution of batch i+1 overlaps batch i),
    Adam on the dense parameters through a ``CombinedOptimizer``, streaming its share of the
    Parquet examples; saves a checkpoint (shards, optimizer state, step) every N steps;
@@ -31,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from recsys.early_stopping import EarlyStopping, restore_local, validate
+from recsys.early_stopping import EarlyStopping, validate
 from recsys.job import TrainJob, model_config, spec_from_dict
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,10 @@ def run_rank(job: TrainJob) -> None:
     else:
         device = torch.device("cpu")
         backend = "gloo"
+    if world != job.world:
+        raise ValueError(f"job.json was written for {job.world} ranks (micro-batch "
+                         f"{job.micro_batch}), this run has {world}: write the job for this "
+                         "number of ranks (qarm train --set train.ranks=...)")
     dist.init_process_group(backend, timeout=dt.timedelta(seconds=job.timeout_s))
     pg = dist.GroupMember.WORLD
     out = Path(job.out_dir)
@@ -171,22 +176,28 @@ def run_rank(job: TrainJob) -> None:
     validating = bool(job.valid_files)
     stopper = EarlyStopping(job.valid_metric, job.patience)
     best = None
+    best_folder = None
     resume = ck.latest(ckpt_root)
     if resume is not None:
-        meta, full = ck.load_folder(resume)
-        if "best" in full:
-            ck.fill(dmp.state_dict(), full["best"])
+        meta = ck.read_meta(resume)
+        if meta.get("best"):
+            best_folder = ckpt_root / meta["best"]
+            ck.load(best_folder, {"model": dmp.state_dict()})
             best = ck.local_pieces(dmp.state_dict())
-        ck.fill(dmp.state_dict(), full["model"])
-        ck.fill(opt.state_dict()["state"], full["optim"], strict=True)
-        if f"rank{rank}" in full.get("rng", {}):
-            torch.set_rng_state(full["rng"][f"rank{rank}"])
+        ck.load(resume, {"model": dmp.state_dict(), "optim": opt.state_dict()["state"]})
+        rng = ck.load_rng(resume, rank) if meta["world"] == world else None
+        if rng is not None:       # dropout masks: the same draws as an uninterrupted run
+            torch.set_rng_state(rng)
         start = meta["step"]
         stopper = EarlyStopping(job.valid_metric, job.patience, meta.get("early_stopping"))
         if rank == 0:
-            log.info("resumed from %s (step %d)", resume, start)
+            log.info("resumed from %s (step %d, written by %d ranks, now %d)", resume, start,
+                     meta["world"], world)
     else:
-        ck.fill(dmp.state_dict(), initial_state(job))
+        with torch.no_grad():
+            init = initial_state(job)
+            for path, v in ck.flatten(dmp.state_dict()).items():
+                ck.copy_full(v, init[path])
         # init_state stepped Adam once with zero gradients: reset its step counters.
         for st in dense_opt.state.values():
             if torch.is_tensor(st.get("step")):
@@ -195,19 +206,12 @@ def run_rank(job: TrainJob) -> None:
     every = job.valid_every or sp.steps_per_epoch
     losses: list[float] = []
     def save_checkpoint(done: int) -> None:
-        folder = ckpt_root / f"step_{done}"
-        payload = {"model": ck.local_pieces(dmp.state_dict()),
-                   "optim": ck.local_pieces(opt.state_dict()["state"]),
-                   # Each rank's RNG (dropout masks): a resumed run draws what the
-                   # uninterrupted one would have.
-                   "rng": {f"rank{rank}": {"kind": "tensor", "value": torch.get_rng_state()}}}
-        if best is not None:
-            payload["best"] = best
-        ck.save_rank(folder, rank, payload)
-        dist.barrier()
-        if rank == 0:
-            ck.mark_complete(folder, {"step": done, "world": world, "arm": job.arm,
-                                      "early_stopping": stopper.state()})
+        ck.save(ckpt_root / f"step_{done}",
+                {"model": dmp.state_dict(), "optim": opt.state_dict()["state"]}, rank,
+                meta={"step": done, "world": world, "arm": job.arm,
+                      "early_stopping": stopper.state(),
+                      "best": best_folder.name if best_folder is not None else None},
+                rng=torch.get_rng_state())
 
     bar = None
     if rank == 0:
@@ -267,6 +271,11 @@ def run_rank(job: TrainJob) -> None:
             valid_s += time.perf_counter() - tv
             if stopper.update(step, value):
                 best = ck.local_pieces(dmp.state_dict())
+                if job.checkpoint_every:
+                    # On disk too: a resumed run must end with the same best weights.
+                    best_folder = ckpt_root / f"best_{step}"
+                    ck.save(best_folder, {"model": dmp.state_dict()}, rank,
+                            meta={"step": step, "world": world, "arm": job.arm})
             if bar is not None:
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}",
                                 **{f"valid_{job.valid_metric}": f"{value:.4f}"})
@@ -283,7 +292,7 @@ def run_rank(job: TrainJob) -> None:
     if bar is not None:
         bar.close()
     if best is not None and stopper.best_step != step:
-        restore_local(dmp.state_dict(), best)     # the weights of the best validation
+        ck.restore_local(dmp.state_dict(), best)  # the weights of the best validation
 
     # Local loss per step -> the global (mean over ranks) curve.
     curves = [None] * world
@@ -310,12 +319,10 @@ def run_rank(job: TrainJob) -> None:
                               .append_column("score", pa.array(scores, pa.float32())))
     if scored:
         pq.write_table(pa.concat_tables(scored), out / f"predictions_rank{rank}.parquet")
-    final = out / "model"
-    ck.save_rank(final, rank, {"model": ck.local_pieces(dmp.state_dict())})
-    dist.barrier()
+    ck.save(out / "model", {"model": dmp.state_dict()}, rank,
+            meta={"step": step, "world": world, "arm": job.arm})
     if rank == 0:
         curve = np.mean(np.asarray(curves, dtype=np.float64), axis=0).tolist()
-        ck.mark_complete(final, {"step": step, "world": world, "arm": job.arm})
         (out / "result.json").write_text(json.dumps({
             "arm": job.arm, "world": world, "steps": step, "max_steps": total,
             "steps_per_epoch": sp.steps_per_epoch, "resumed_from": start,

@@ -274,12 +274,15 @@ def test_two_ranks_give_the_loss_curve_of_one_rank(data, tmp_path):
     np.testing.assert_allclose(a, b, atol=1e-4)
 
 
+@pytest.mark.parametrize("resume_ranks", [2, 1])
 def test_a_killed_run_resumes_from_its_checkpoint_to_the_uninterrupted_result(
-        data, tmp_path, monkeypatch):
+        data, tmp_path, monkeypatch, resume_ranks):
     # Validation every 6 steps (patience too large to stop): the checkpoints carry the early
-    # stopping state and the best weights, and the final model is the best validation's.
+    # stopping state and the best weights, and the final model is the best validation's. The
+    # checkpoint of 2 ranks also resumes on 1 (no dropout: each rank draws its own masks).
+    model = ModelConfig(dim=8, attention_dim=8, cross_rank=8, mlp=[16], dropout=0.0)
     cfg = train_cfg(ranks=2, batch_size=64, epochs=2, checkpoint_every=8, valid_every=6,
-                    patience=50)
+                    patience=50, model=model)
     full = train_arm(spec("codes"), cfg, data[0], data[1], tmp_path / "full", quiet=True,
                      valid_files=data[1])
     out = tmp_path / "killed"
@@ -288,10 +291,15 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_uninterrupted_result(
         train_arm(spec("codes"), cfg, data[0], data[1], out, quiet=True, valid_files=data[1])
     monkeypatch.delenv("QARM_TEST_DIE_AFTER_STEPS")
     assert ck.latest(out / "checkpoints").name == "step_16"
+    assert ck.read_meta(out / "checkpoints" / "step_16")["world"] == 2
+    # Each rank wrote only its own shards (DCP: one data file per rank) plus DCP's metadata.
+    assert sorted(f.name for f in (out / "checkpoints" / "step_16").glob("*.distcp")) == [
+        "__0_0.distcp", "__1_0.distcp"]
     assert not (out / "model" / "meta.json").exists()
-    resumed = train_arm(spec("codes"), cfg, data[0], data[1], out, quiet=True,
-                        valid_files=data[1])
+    resumed = train_arm(spec("codes"), dataclasses.replace(cfg, ranks=resume_ranks), data[0],
+                        data[1], out, quiet=True, valid_files=data[1])
     assert resumed.resumed and resumed.result["resumed_from"] == 16
+    assert resumed.result["world"] == resume_ranks
     np.testing.assert_allclose(resumed.result["loss_curve"], full.result["loss_curve"][16:],
                                atol=1e-5)
     np.testing.assert_allclose(resumed.result["valid_curve"], full.result["valid_curve"],
@@ -300,6 +308,12 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_uninterrupted_result(
     a, b = load_trained(tmp_path / "full").state_dict(), load_trained(out).state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5, msg=k)
+
+    def scored_auc(res):
+        p = res.predictions.to_pandas()
+        return auc(p.label.to_numpy(), p.score.to_numpy())
+
+    assert round(scored_auc(resumed), 4) == round(scored_auc(full), 4)
 
 
 def test_early_stopping_keeps_the_weights_of_the_best_validation(data, tmp_path):
@@ -333,18 +347,18 @@ def test_a_failing_rank_reports_its_error(data, tmp_path):
         train_arm(spec("id_only"), cfg, data[0], data[1], tmp_path / "big", quiet=True)
 
 
-def test_checkpoint_pieces_reassemble_into_full_tensors():
-    full = torch.arange(12.0).reshape(4, 3)
-    payloads = [{"w": {"kind": "sharded", "size": [4, 3], "pieces": [([0, 0], full[:2])]}},
-                {"w": {"kind": "sharded", "size": [4, 3], "pieces": [([2, 0], full[2:])]},
-                 "b": {"kind": "tensor", "value": torch.ones(2)}}]
-    got = ck.assemble(payloads)
-    torch.testing.assert_close(got["w"], full)
-    target = {"w": torch.zeros(4, 3), "b": torch.zeros(2)}
-    ck.fill(target, got)
-    torch.testing.assert_close(target["w"], full)
-    with pytest.raises(KeyError):
-        ck.fill({"w": torch.zeros(4, 3), "missing": torch.zeros(1)}, got)
+def test_a_checkpoint_folder_is_complete_only_with_its_meta_and_fits_only_its_model(tmp_path):
+    state = {"model": {"w": torch.arange(12.0).reshape(4, 3), "b": torch.ones(2)}}
+    ck.save(tmp_path / "step_3", state, rank=0, meta={"step": 3, "world": 1})
+    (tmp_path / "step_9").mkdir()                      # a writer killed before its meta.json
+    assert ck.latest(tmp_path) == tmp_path / "step_3"
+    got = {"model": {"w": torch.zeros(4, 3), "b": torch.zeros(2)}}
+    assert ck.load(tmp_path / "step_3", got)["step"] == 3
+    torch.testing.assert_close(got["model"]["w"], state["model"]["w"])
+    with pytest.raises(ck.CheckpointError, match="no meta.json"):
+        ck.load(tmp_path / "step_9", got)
+    with pytest.raises(ck.CheckpointError, match="different model"):
+        ck.load(tmp_path / "step_3", {"model": {"w": torch.zeros(5, 3)}})
 
 
 def test_the_cascade_arm_reads_its_frozen_table_and_never_trains_it(data, tmp_path):
