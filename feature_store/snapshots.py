@@ -1,15 +1,17 @@
-"""Versioned, atomically committed Parquet snapshots.
+"""Versioned Parquet snapshots, committed by writing their manifest last.
 
-Layout under the store root (a local folder or any URI ``pyarrow.fs`` understands)::
+Layout under the store root (a local folder or a ``pyarrow.fs`` URI, ``s3://`` included)::
 
     <root>/<table>/<snapshot_id>/part-*.parquet
-    <root>/<table>/<snapshot_id>/_manifest.json
-    <root>/<table>/_staging/<snapshot_id>/...        (a writer's work in progress)
+    <root>/<table>/<snapshot_id>/_manifest.json      (the commit: written last, in one write)
 
-A writer fills a private staging folder, writes the manifest last, then publishes the folder with
-a single rename. Readers only see folders outside ``_staging`` that hold a manifest, so a writer
-killed at any point leaves every earlier snapshot readable and nothing half-written visible. On
-object stores without atomic rename the manifest, written last in one PUT, is the commit marker.
+Object stores cannot rename a folder atomically, so nothing is moved: a writer puts its data
+files under the snapshot's final prefix and commits by writing ``_manifest.json`` last as one
+object (one PUT on S3, an atomic file rename on a local disk). Readers ignore a prefix without a
+manifest, so a killed writer leaves every earlier snapshot readable and nothing partial visible,
+only an orphan prefix that :meth:`SnapshotStore.gc` removes after a grace period. File digests
+are computed while writing; ids sort by creation time, so the latest snapshot costs one listing
+and (normally) one manifest read.
 """
 
 from __future__ import annotations
@@ -17,26 +19,38 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
+import re
 import secrets
-from typing import Iterable, Sequence, TypeVar
+from typing import Iterable, Iterator, NamedTuple, Sequence, TypeVar
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from feature_store.facts import FactsError, check_facts, facts_from_dict, facts_to_dict
-from feature_store.schemas import check_schema, conform, spark_schema
+from feature_store.schemas import SchemaMismatch, check_schema, conform, spark_schema
 
 F = TypeVar("F")
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "_manifest.json"
-STAGING = "_staging"
+#: Prefixes without a manifest younger than this may belong to a writer still running; ``gc``
+#: leaves them. Keep it longer than the longest snapshot write.
+GC_GRACE_S = 24 * 3600.0
+#: The time part of a snapshot id (UTC, milliseconds kept).
+SNAPSHOT_TIME_FORMAT = "%Y%m%dT%H%M%S%f"
+#: Spark partitions arrive in small Arrow batches; gather them into row groups of about this size.
+ROW_GROUP_ROWS = 128 * 1024
+ROW_GROUP_BYTES = 64 << 20
+_OBJECT_STORES = ("s3", "gcs", "abfs")
 
 
 class SnapshotNotFound(LookupError):
@@ -100,19 +114,132 @@ class Manifest:
 def new_snapshot_id() -> str:
     """Sortable by creation time, unique across concurrent writers."""
     now = dt.datetime.now(dt.timezone.utc)
-    return now.strftime("%Y%m%dT%H%M%S%f")[:-3] + "-" + secrets.token_hex(3)
+    return now.strftime(SNAPSHOT_TIME_FORMAT)[:-3] + "-" + secrets.token_hex(3)
+
+
+def snapshot_time(snapshot_id: str) -> dt.datetime | None:
+    """When the snapshot's writer started (UTC), or None for a name that is not a snapshot id."""
+    try:
+        born = dt.datetime.strptime(snapshot_id.split("-", 1)[0], SNAPSHOT_TIME_FORMAT)
+    except ValueError:
+        return None
+    return born.replace(tzinfo=dt.timezone.utc)
+
+
+def open_filesystem(root: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and path of a store root: a local folder or a ``pyarrow.fs`` URI such as
+    ``s3://bucket/prefix?endpoint_override=host:port&scheme=http`` (credentials: ``AWS_*``)."""
+    if "://" not in root:
+        return pafs.LocalFileSystem(), os.path.abspath(root)
+    if root.startswith("s3://") and "allow_delayed_open" not in root:
+        # Small objects (manifests, small parts) then go in one PUT, not a 3-request upload.
+        root += ("&" if "?" in root else "?") + "allow_delayed_open=true"
+    return pafs.FileSystem.from_uri(root)
 
 
 def _schema_b64(schema: pa.Schema) -> str:
     return base64.b64encode(schema.serialize().to_pybytes()).decode()
 
 
+def to_declared(data, expected: pa.Schema, table: str):
+    """``data`` (a Table or RecordBatch) with ``expected``'s columns, order and types; Spark's
+    microseconds in its session time zone become the declared unit and zone (same instants).
+    Raises :class:`SchemaMismatch` for nulls in a non-null column or a wrong fixed list size."""
+    cols = []
+    for field in expected:
+        col = data.column(field.name)
+        if pa.types.is_timestamp(field.type) and not field.type.equals(col.type):
+            col = pc.cast(col, options=pc.CastOptions(field.type, allow_time_truncate=True))
+        elif not field.type.equals(col.type):
+            try:
+                col = col.cast(field.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+                raise SchemaMismatch(f"{table}.{field.name} cannot be {field.type}: {e}") from e
+        if not field.nullable and col.null_count:
+            raise SchemaMismatch(f"{table}.{field.name} has {col.null_count} null values; the "
+                                 "contract says non-null")
+        cols.append(col)
+    return type(data).from_arrays(cols, schema=expected)
+
+
+class _HashingSink:
+    """A file object over an output stream that hashes the bytes written through it."""
+
+    def __init__(self, stream: pa.NativeFile):
+        self._stream, self.sha256, self.closed = stream, hashlib.sha256(), False
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        return self._stream.write(data)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def close(self) -> None:
+        self._stream.close()
+        self.closed = True
+
+
+class WrittenFile(NamedTuple):
+    rows: int
+    sha256: str
+
+
+def _write_parquet(fs: pafs.FileSystem, path: str, schema: pa.Schema,
+                   parts: Iterable) -> WrittenFile:
+    """Write ``parts`` (tables or batches of ``schema``) as one Parquet file, hashed as written."""
+    sink, rows = _HashingSink(fs.open_output_stream(path)), 0
+    with pa.PythonFile(sink, mode="w") as f, pq.ParquetWriter(f, schema, compression="zstd") as w:
+        for part in parts:
+            w.write(part)
+            rows += part.num_rows
+    return WrittenFile(rows, sink.sha256.hexdigest())
+
+
+def _row_groups(batches: Iterable[pa.RecordBatch], schema: pa.Schema, table: str):
+    """Spark's small Arrow batches, cast to ``schema`` and gathered into row groups."""
+    pending = []
+    for batch in itertools.chain(batches, [None]):  # None: the end, flush what is pending
+        if batch is not None and batch.num_rows:
+            pending.append(to_declared(batch, schema, table))
+        if pending and (batch is None or sum(b.num_rows for b in pending) >= ROW_GROUP_ROWS
+                        or sum(b.nbytes for b in pending) >= ROW_GROUP_BYTES):
+            yield pa.Table.from_batches(pending)
+            pending = []
+
+
+def _write_partition(root: str, folder: str, schema: pa.Schema, table: str,
+                     batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """What each Spark task runs (``mapInArrow``): its partition becomes one file under ``folder``
+    (a retry overwrites it); yields one row (file, rows, sha256), none for an empty partition."""
+    from pyspark import TaskContext
+
+    groups = _row_groups(batches, schema, table)
+    first = next(groups, None)
+    if first is None:
+        return
+    name = f"part-{TaskContext.get().partitionId():05d}.parquet"
+    done = _write_parquet(open_filesystem(root)[0], f"{folder}/{name}", schema,
+                          itertools.chain([first], groups))
+    yield pa.RecordBatch.from_pydict({"file": [name], "rows": [done.rows],
+                                      "sha256": [done.sha256]})
+
+
+def _spark_arrow_schema(df) -> pa.Schema:
+    """The Arrow schema of ``df`` as written (Spark's microsecond timestamps become ms)."""
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    tz = df.sparkSession.conf.get("spark.sql.session.timeZone")
+    return pa.schema([f.with_type(pa.timestamp("ms", f.type.tz))
+                      if pa.types.is_timestamp(f.type) else f
+                      for f in to_arrow_schema(df.schema, timezone=tz)])
+
+
 class SnapshotStore:
     """Versioned tables under one root. Thread/process safe for concurrent writers of one table."""
 
     def __init__(self, root: str):
-        self.fs, path = pafs.FileSystem.from_uri(root) if "://" in root else (
-            pafs.LocalFileSystem(), os.path.abspath(root))
+        self.fs, path = open_filesystem(root)
         self.root = path.rstrip("/")
         self.uri = root if "://" in root else self.root
         self.fs.create_dir(self.root, recursive=True)
@@ -149,46 +276,54 @@ class SnapshotStore:
 
     def write_spark(self, table: str, df, schema: pa.Schema, *, parents: Iterable[str] = (),
                     config_hash: str = "", facts=None) -> Manifest:
-        """Write a Spark DataFrame (its partitions become the files) as a new committed
-        snapshot, checked against ``schema``, and return its manifest."""
+        """Write a Spark DataFrame as a new committed snapshot, checked against ``schema``, and
+        return its manifest. Each task writes its partition's file with pyarrow (any ``pyarrow.fs``
+        store works); the driver collects the files' row counts and sha256s and commits."""
+        check_schema(_spark_arrow_schema(df), schema, table)
         with self.writer(table, schema=schema, parents=parents, config_hash=config_hash,
                          facts=facts) as w:
-            df.write.mode("overwrite").parquet(w.spark_uri)
+            write = functools.partial(_write_partition, self.uri, w.path, schema, table)
+            try:
+                rows = df.mapInArrow(write, "file string, rows long, sha256 string").collect()
+            except Exception as e:  # a task's SchemaMismatch reaches here as Spark's text
+                if found := re.search(r"SchemaMismatch: (.*)", str(e)):
+                    raise SchemaMismatch(found.group(1)) from e
+                raise
+            for r in rows:
+                w.add_file(r["file"], WrittenFile(r["rows"], r["sha256"]))
             return w.commit()
 
     # ------------------------------------------------------------------ reading
-    def list(self, table: str) -> list[Manifest]:
-        """Committed snapshots of ``table``, oldest first."""
-        base = self.table_path(table)
-        try:
-            infos = self.fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
-        except FileNotFoundError:
-            return []
-        out = []
-        for info in infos:
-            name = info.base_name
-            if info.type != pafs.FileType.Directory or name.startswith("_") or name.startswith("."):
-                continue
-            m = self._read_manifest(f"{base}/{name}")
-            if m is not None:
-                out.append(m)
-        return sorted(out, key=lambda m: m.snapshot_id)
+    def snapshot_ids(self, table: str) -> list[str]:
+        """The snapshot prefixes of ``table``, committed or not, oldest first (one listing)."""
+        selector = pafs.FileSelector(self.table_path(table), allow_not_found=True)
+        return sorted(i.base_name for i in self.fs.get_file_info(selector)
+                      if i.type == pafs.FileType.Directory
+                      and not i.base_name.startswith(("_", ".")))
 
-    def _read_manifest(self, folder: str) -> Manifest | None:
+    def list(self, table: str) -> list[Manifest]:
+        """Committed snapshots of ``table``, oldest first (reads every manifest)."""
+        found = (self._read_manifest(table, sid) for sid in self.snapshot_ids(table))
+        return [m for m in found if m is not None]
+
+    def _read_manifest(self, table: str, snapshot_id: str) -> Manifest | None:
+        """The snapshot's manifest, None while it has none (not committed)."""
         try:
-            with self.fs.open_input_stream(f"{folder}/{MANIFEST}") as f:
+            with self.fs.open_input_stream(f"{self.table_path(table)}/{snapshot_id}/"
+                                           f"{MANIFEST}") as f:
                 return Manifest.from_json(f.read().decode())
-        except (FileNotFoundError, OSError):
+        except (FileNotFoundError, NotADirectoryError):
             return None
 
     def get(self, table: str, snapshot_id: str | None = None) -> Manifest:
-        """The named snapshot, or the latest committed one when ``snapshot_id`` is None."""
+        """The named snapshot, or the latest committed one when ``snapshot_id`` is None (one
+        listing, then manifests newest first until one exists: normally a single read)."""
         if snapshot_id is None:
-            snaps = self.list(table)
-            if not snaps:
-                raise SnapshotNotFound(f"table '{table}' has no committed snapshot under {self.root}")
-            return snaps[-1]
-        m = self._read_manifest(f"{self.table_path(table)}/{snapshot_id}")
+            for sid in reversed(self.snapshot_ids(table)):
+                if (m := self._read_manifest(table, sid)) is not None:
+                    return m
+            raise SnapshotNotFound(f"table '{table}' has no committed snapshot under {self.root}")
+        m = self._read_manifest(table, snapshot_id)
         if m is None:
             raise SnapshotNotFound(f"no committed snapshot {table}@{snapshot_id} under {self.root}")
         return m
@@ -200,8 +335,7 @@ class SnapshotStore:
 
     def exists(self, ref: str) -> bool:
         try:
-            self.resolve(ref)
-            return True
+            return self.resolve(ref) is not None
         except SnapshotNotFound:
             return False
 
@@ -224,88 +358,87 @@ class SnapshotStore:
             return spark.createDataFrame([], spark_schema(m.schema))
         return spark.read.parquet(*[self.uri_of(f"{m.path}/{f}") for f in m.files])
 
-    def gc_staging(self, table: str) -> int:
-        """Remove what killed writers left in ``_staging``; returns the folders removed."""
-        base = f"{self.table_path(table)}/{STAGING}"
-        infos = self.fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
-        for info in infos:
-            self.fs.delete_dir(info.path)
-        return len(infos)
+    def gc(self, table: str, grace_s: float = GC_GRACE_S) -> int:
+        """Delete prefixes of ``table`` without a manifest whose snapshot id is over ``grace_s``
+        seconds old (killed writers; a running one is younger); returns how many."""
+        now = dt.datetime.now(dt.timezone.utc)
+        removed = 0
+        for sid in self.snapshot_ids(table):
+            born, folder = snapshot_time(sid), f"{self.table_path(table)}/{sid}"
+            if born is None or (now - born).total_seconds() < grace_s:
+                continue
+            if self.fs.get_file_info(f"{folder}/{MANIFEST}").type == pafs.FileType.NotFound:
+                log.info("gc: removing uncommitted %s@%s (started %s)", table, sid, born)
+                self.fs.delete_dir(folder)
+                removed += 1
+        return removed
 
 
 class SnapshotWriter:
-    """Collects Parquet files in a staging folder; :meth:`commit` publishes them atomically.
-
-    Spark jobs write into :attr:`spark_uri`; Arrow producers call :meth:`write_arrow`. Used as a
-    context manager, an exception (or never calling commit) discards the staging folder.
-    """
+    """Writes Parquet files under the snapshot's final prefix (:meth:`write_arrow`, or Spark
+    tasks and :meth:`add_file`); :meth:`commit` writes the manifest that makes them visible. Used
+    as a context manager, leaving without a commit deletes the prefix (best effort)."""
 
     def __init__(self, store: SnapshotStore, table: str, *, schema, parents, config_hash, facts):
         self.store, self.table, self.expected = store, table, schema
         self.parents, self.config_hash, self.facts = parents, config_hash, facts
         self.snapshot_id = new_snapshot_id()
-        self.staging = f"{store.table_path(table)}/{STAGING}/{self.snapshot_id}"
-        self.final = f"{store.table_path(table)}/{self.snapshot_id}"
-        store.fs.create_dir(self.staging, recursive=True)
-        self._n = 0
-        self.committed: Manifest | None = None
-
-    @property
-    def spark_uri(self) -> str:
-        return self.store.uri_of(self.staging)
+        self.path = f"{store.table_path(table)}/{self.snapshot_id}"
+        if store.fs.type_name not in _OBJECT_STORES:  # object stores have no folders to make
+            store.fs.create_dir(self.path, recursive=True)
+        self._files: dict[str, WrittenFile] = {}
+        self._schema, self.committed = schema, None
 
     def write_arrow(self, data: pa.Table) -> None:
+        """Write ``data`` as the snapshot's next file (checked against the declared schema)."""
         if self.expected is not None:
             check_schema(data.schema, self.expected, self.table)
-            data = data.select(self.expected.names).cast(self.expected)
-        pq.write_table(data, f"{self.staging}/part-{self._n:05d}.parquet",
-                       filesystem=self.store.fs, compression="zstd")
-        self._n += 1
+            data = to_declared(data, self.expected, self.table)
+        elif self._schema is None:
+            self._schema = data.schema
+        name = f"part-{len(self._files):05d}.parquet"
+        self.add_file(name, _write_parquet(self.store.fs, f"{self.path}/{name}", data.schema,
+                                           [data]))
+
+    def add_file(self, name: str, written: WrittenFile) -> None:
+        """Register a file written under :attr:`path` by someone else (a Spark task)."""
+        self._files[name] = written
 
     def commit(self) -> Manifest:
-        fs = self.store.fs
-        infos = fs.get_file_info(pafs.FileSelector(self.staging, recursive=False))
-        files = sorted(i.base_name for i in infos
-                       if i.type == pafs.FileType.File and i.base_name.endswith(".parquet"))
-        digest = hashlib.sha256()
-        rows = 0
-        schema = self.expected
-        for name in files:
-            path = f"{self.staging}/{name}"
-            meta = pq.read_metadata(path, filesystem=fs)
-            rows += meta.num_rows
-            file_schema = meta.schema.to_arrow_schema()
-            if self.expected is not None:
-                check_schema(file_schema, self.expected, self.table)
-            elif schema is None:
-                schema = file_schema
-            digest.update(name.encode())
-            with fs.open_input_stream(path) as f:
-                while chunk := f.read(1 << 22):
-                    digest.update(chunk)
-        if schema is None:
+        """Write the manifest (the commit) and return it. The content hash covers each file's
+        name and sha256 in name order, so the same data written the same way hashes the same."""
+        if self._schema is None:
             raise ValueError(f"snapshot of {self.table} has no files and no declared schema")
+        files = sorted(self._files)
+        digest = hashlib.sha256(b"".join(f"{n}{self._files[n].sha256}".encode() for n in files))
+        rows = sum(f.rows for f in self._files.values())
         manifest = Manifest(
-            table=self.table, snapshot_id=self.snapshot_id, path=self.final, files=tuple(files),
-            row_count=rows, content_hash=digest.hexdigest(), schema_b64=_schema_b64(schema),
+            table=self.table, snapshot_id=self.snapshot_id, path=self.path, files=tuple(files),
+            row_count=rows, content_hash=digest.hexdigest(), schema_b64=_schema_b64(self._schema),
             parents=tuple(self.parents), config_hash=self.config_hash,
             created_at=dt.datetime.now(dt.timezone.utc).isoformat(), facts=self.facts)
-        with fs.open_output_stream(f"{self.staging}/{MANIFEST}") as f:
-            f.write(manifest.to_json().encode())
-        self._publish()
+        self._write_manifest(manifest)
         self.committed = manifest
         log.info("committed %s (%d rows, %d files)", manifest.ref, rows, len(files))
         return manifest
 
-    def _publish(self) -> None:
-        # One rename makes the whole folder visible at once.
-        self.store.fs.move(self.staging, self.final)
+    def _write_manifest(self, manifest: Manifest) -> None:
+        # An object appears whole or not at all; a local file is visible while it is written,
+        # so it is written aside and renamed (atomic).
+        fs, final = self.store.fs, f"{self.path}/{MANIFEST}"
+        aside = fs.type_name not in _OBJECT_STORES
+        target = f"{final}.{secrets.token_hex(4)}.tmp" if aside else final
+        with fs.open_output_stream(target) as f:
+            f.write(manifest.to_json().encode())
+        if aside:
+            fs.move(target, final)
 
     def abort(self) -> None:
+        """Delete what this writer wrote (best effort)."""
         try:
-            self.store.fs.delete_dir(self.staging)
-        except FileNotFoundError:
-            pass
+            self.store.fs.delete_dir(self.path)
+        except OSError as e:
+            log.warning("could not delete uncommitted %s (%s); gc will", self.path, e)
 
     def __enter__(self) -> "SnapshotWriter":
         return self

@@ -79,13 +79,13 @@ def run_grid(data, arm: str, train_cfg, combos, out: Path, progress=None) -> tup
 
 def run_ablation(cfg, ds: str, *, grid: bool = True, progress: bool = True) -> dict:
     import pandas as pd
-    import pyarrow as pa
     from tqdm.auto import tqdm
 
     from jobs.stage import StageIO
     from jobs.stages import build_dag
     from jobs.stages.evaluate import load_truth
-    from jobs.stages.train import run_baselines, train_one, training_data, with_seed
+    from jobs.stages.train import (predictions_table, run_baselines, train_one,
+                                   training_data, with_seed)
     from jobs.stages.world import is_synthetic
     from jobs.tracking import Tracker
     from recsys.evaluation import evaluate, flat_metrics, format_table
@@ -144,7 +144,7 @@ def run_ablation(cfg, ds: str, *, grid: bool = True, progress: bool = True) -> d
         tio = StageIO(dag.store, train_stage, dag.resolve_tables(
             ("truth_events", "item_id_map", "user_id_map"), ds, "ablation", "examples"), (), "")
         truth = load_truth(tio)
-    frame = pa.concat_tables(preds).to_pandas()
+    frame = predictions_table(preds).to_pandas()
     result = evaluate(frame, truth, data.train_rate, a.bootstrap, a.level, settings=chosen)
     result.update({"grid": grid_rows, "chosen": chosen, "runs": arm_rows,
                    "baselines": baseline_info, "examples": data.examples_ref,

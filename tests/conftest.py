@@ -1,14 +1,18 @@
-"""Shared fixtures: one real local Spark session per test session (it takes ~10 s to start)."""
+"""Shared fixtures: one real local Spark session per test session (it takes ~10 s to start), and
+one real S3-compatible server (moto in server mode on a loopback port)."""
 
 from __future__ import annotations
 
 import os
+import re
+import secrets
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+S3_BUCKET = "qarm-test"
 
 
 def tiny_world_overrides(root: Path) -> list[str]:
@@ -34,6 +38,31 @@ def spark(spark_root):
                         spark_root / "spark", spark_root / "logs")
     yield session
     session.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_s3(tmp_path_factory):
+    """``moto_server`` on 127.0.0.1:<free port> with the bucket ``S3_BUCKET``."""
+    from tests.s3 import MotoServer
+
+    server = MotoServer(tmp_path_factory.mktemp("moto") / "access.log").start()
+    try:
+        server.create_bucket(S3_BUCKET)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_root(moto_s3, monkeypatch, request) -> str:
+    """A store root of the test's own on the moto server (an ``s3://...`` URI for pyarrow.fs),
+    with dummy credentials in the environment."""
+    from tests.s3 import S3_ENV
+
+    for key, value in S3_ENV.items():
+        monkeypatch.setenv(key, value)
+    prefix = re.sub(r"\W+", "-", request.node.name).strip("-") + "-" + secrets.token_hex(3)
+    return moto_s3.uri(S3_BUCKET, prefix)
 
 
 @pytest.fixture

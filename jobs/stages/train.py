@@ -86,6 +86,17 @@ def with_seed(table, seed: int):
     return table.append_column("seed", pa.array([seed] * table.num_rows, pa.int32()))
 
 
+def predictions_table(tables: list):
+    """Arms' and baselines' predictions as one table of the predictions schema (the arms' come
+    from examples files, whose fields are non-null; the baselines' from pandas)."""
+    import pyarrow as pa
+
+    from feature_store.schemas import conform, predictions_schema
+
+    schema = predictions_schema()
+    return pa.concat_tables([conform(t, schema, "ranker_predictions") for t in tables])
+
+
 def run_baselines(data: TrainingData, cfg, seed: int):
     """(predictions, info per baseline) of the configured baselines."""
     from recsys.baselines import baseline_predictions
@@ -131,8 +142,6 @@ def arm_row(arm: str, res, version=None) -> dict:
 
 
 def run(ctx: StageContext) -> TrainReport:
-    import pyarrow as pa
-
     from feature_store import schemas
     from feature_store.facts import PredictionsFacts
     from recsys.runner import load_trained
@@ -162,7 +171,7 @@ def run(ctx: StageContext) -> TrainReport:
         rows.append(arm_row(arm, res, version))
     base, _ = run_baselines(data, ctx.cfg, t.seed)
     preds += base
-    out = io.write_arrow("ranker_predictions", pa.concat_tables(preds),
+    out = io.write_arrow("ranker_predictions", predictions_table(preds),
                          schema=schemas.predictions_schema(),
                          facts=PredictionsFacts(tuple(t.arms), t.ranks, facts.codebook_version,
                                                 facts.encoder_version,
