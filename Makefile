@@ -18,7 +18,7 @@ SHELL := /bin/bash
 # once per package. Drop that noise, keep real warnings and errors.
 QUIET := 2>&1 | sed '/^WARNING: Location .* is ignored/d'
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo test test-all bench clean report-check
 
 setup: $(STAMP)
 
@@ -36,6 +36,12 @@ $(STAMP): requirements.txt pyproject.toml
 
 demo: setup
 	$(VENV)/bin/qarm run --config configs/demo.yaml
+
+# The newest run report in a real headless browser (Debian's chromium, installed here and only
+# here): no console error, no network request, the ablation table shown, a screenshot saved.
+report-check: demo
+	@command -v chromium >/dev/null || (apt-get install -y -q chromium || sudo apt-get install -y -q chromium)
+	$(PY) checks/report_browser.py --root .qarm --self-test
 
 test: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -8,6 +8,7 @@ Examples::
     qarm ingest --config configs/demo.yaml               # same as: run --only ingest
     qarm ablation --config configs/demo.yaml             # grid, 3 seeds, intervals
     qarm status                                          # which stages of which run are done
+    qarm report                                          # re-render the newest run report
     qarm config --config configs/demo.yaml --set world.n_items=500   # the effective config
 """
 
@@ -36,13 +37,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipelines.sources import SourceError
     from pipelines.spark import SparkUnavailable
     from quantizer.codebook import CodebookExists, CodebookNotFound
+    from jobs.run_report import ReportError
     from quantizer.kmeans import TooFewPoints
     from recsys.features import FeatureSpecError
     from recsys.job import TrainError
 
     return (ConfigError, DagError, FactsError, SchemaError, SchemaMismatch, SnapshotNotFound,
             SourceError, SparkUnavailable, UnusableData, CodebookExists, CodebookNotFound,
-            ModelNotFound, TooFewPoints, ExamplesError, FeatureSpecError, TrainError)
+            ModelNotFound, TooFewPoints, ExamplesError, FeatureSpecError, TrainError,
+            ReportError)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -103,6 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-grid", action="store_true",
                    help="skip the grid: train with the config's settings (train.tuned)")
     p.add_argument("--seeds", type=int, metavar="N", help="same as --set ablation.seeds=N")
+
+    p = sub.add_parser(
+        "report", help="rebuild a run's HTML report (the newest without --run), or build one "
+                       "for --ds",
+        description="Every `qarm run` writes <root>/reports/<run>/report.html (one self-contained "
+                    "file: ablation table with intervals, curves, codebook plots, stage timings "
+                    "and row counts, registered versions) and summary.json (the same figures). "
+                    "--run ID re-renders a report from its summary.json; --ds DATE collects the "
+                    "figures of that run date into a new report.")
+    p.add_argument("--config", "-c", metavar="FILE")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--run", metavar="ID", help="a folder name under <root>/reports/")
+    g.add_argument("--ds", metavar="DATE", help="build a new report for this run date")
+    p.add_argument("-v", "--verbose", action="store_true")
 
     p = sub.add_parser("status", help="which stages of which run are done, with their outputs")
     p.add_argument("--config", "-c", metavar="FILE")
@@ -198,6 +216,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{r['ds']:<11} {r['stage']:<10} {r['status']:<8} {fin:<20} {outs}")
             print(f"\nstore: {dag.store.root}")
             return 0
+        if args.command == "report":
+            from jobs.run_report import build, rebuild
+
+            path = build(cfg, dag, args.ds) if args.ds else rebuild(cfg, args.run)
+            print(f"report: {path}")
+            return 0
         ds = args.ds or today()
         if args.command == "ablation":
             from jobs.ablation import run_ablation, tuned_yaml
@@ -216,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
             outcomes = dag.run(ds, only=args.command, force=args.force,
                                progress=not args.no_progress)
         print_outcomes(outcomes, dag.store.root)
+        if dag.last_report is not None:
+            print(f"report: {dag.last_report}")
         return 0
     except errors as e:
         print(f"qarm: error: {type(e).__name__}: {e}", file=sys.stderr)

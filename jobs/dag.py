@@ -23,6 +23,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 from tqdm.auto import tqdm
@@ -99,6 +100,8 @@ class Dag:
         self.store = SnapshotStore(cfg.store_uri)
         self.state = RunState(self.root / "state.db")
         self.order = plan_order(self.all_stages, cfg)
+        #: The report of the last :meth:`run` (None before one, or when it failed).
+        self.last_report: Optional[Path] = None
 
     def stage(self, name: str) -> Stage:
         for s in self.order:
@@ -169,7 +172,22 @@ class Dag:
                 bar.set_postfix_str(s.name)
                 outcomes.append(self._run_stage(s, ds, force, tracker))
             bar.close()
+            self.last_report = self._report(ds, tracker)
         return outcomes
+
+    def _report(self, ds: str, tracker: Tracker) -> Optional[Path]:
+        """The run report (``jobs.run_report``). Every stage has committed by now: a failure
+        here is logged, not raised, so it cannot undo a finished run."""
+        from jobs.run_report import build
+
+        try:
+            path = build(self.cfg, self, ds, tracker)
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            log.warning("the run report could not be written (%s: %s); `qarm report --ds %s` "
+                        "retries", type(e).__name__, e, ds)
+            return None
+        log.info("run report: %s", path)
+        return path
 
     def _skippable(self, s: Stage, ds: str, key: str) -> Optional[dict]:
         prev = self.state.last_success(ds, s.name)

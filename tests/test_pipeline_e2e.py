@@ -242,3 +242,30 @@ def test_align_can_fine_tune_the_text_towers_last_layer(own_run, capsys):
 
     enc = ItemEncoder.load(aligned.facts.encoder_artifact)
     assert enc.text_state and all(k.startswith("encoder.layer.5.") for k in enc.text_state)
+
+
+def test_the_run_writes_a_self_contained_report_whose_table_is_summary_json(run):
+    import json
+    from pathlib import Path
+
+    from tests.report_checks import check_report
+
+    root, _, _, out = run
+    line = [ln for ln in out.splitlines() if ln.startswith("report: ")]
+    assert line, "qarm run must print the report's path"
+    path = Path(line[-1][len("report: "):])
+    assert path.parent.parent == root / "reports" and path.exists()
+    summary = json.loads((path.parent / "summary.json").read_text())
+    assert summary["ds"] == DS and summary["ablation"]["arms"]
+    checked = check_report(path.read_text(), summary)
+    # Every arm's four slices x six metrics, and every paired difference's three numbers.
+    assert checked["test"] >= 6 * len(summary["ablation"]["arms"])
+    assert checked["pair"] == 3 * len(summary["ablation"]["pairs"]) > 0
+    assert checked["images"] >= 4
+    trained = {a for a in summary["ablation"]["arms"] if a != "popularity" and a != "mf"
+               and not a.startswith("truth")}
+    assert set(summary["training"]) == trained and len(trained) == 6
+    stages = {s["stage"]: s for s in summary["stages"]}
+    assert stages["ingest"]["quarantined"] == {"quarantine": 0}
+    assert stages["ingest"]["inputs"]["raw_events"] > 0
+    assert {v["model"] for v in summary["registered"]} >= {"qarm-ranker", "qarm-item-encoder"}

@@ -54,7 +54,11 @@ def run(ctx: StageContext) -> EvaluateReport:
                          pa.Table.from_pandas(metrics_frame(result), preserve_index=False))
     table = format_table(result)
     ctx.tracker.artifact_text(table, "ablation.txt")
-    ctx.tracker.artifact_text(json.dumps(result, indent=1, default=float), "ablation.json")
+    text = json.dumps(result, indent=1, default=float)
+    ctx.tracker.artifact_text(text, "ablation.json")
+    folder = ctx.run_dir("evaluate")               # read by the run report
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "ablation.json").write_text(text)
     return EvaluateReport({"ranker_metrics": out}, table, flat_metrics(result))
 
 
