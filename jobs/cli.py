@@ -9,6 +9,8 @@ Examples::
     qarm ablation --config configs/demo.yaml             # grid, 3 seeds, intervals
     qarm status                                          # which stages of which run are done
     qarm report                                          # re-render the newest run report
+    qarm promote --config configs/demo.yaml              # the promotion gate again
+    qarm lineage qarm-ranker champion                    # what the champion was built from
     qarm config --config configs/demo.yaml --set world.n_items=500   # the effective config
 """
 
@@ -37,6 +39,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipelines.sources import SourceError
     from pipelines.spark import SparkUnavailable
     from quantizer.codebook import CodebookExists, CodebookNotFound
+    from jobs.registry import RegistryError
     from jobs.run_report import ReportError
     from quantizer.kmeans import TooFewPoints
     from recsys.features import FeatureSpecError
@@ -45,7 +48,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, DagError, FactsError, SchemaError, SchemaMismatch, SnapshotNotFound,
             SourceError, SparkUnavailable, UnusableData, CodebookExists, CodebookNotFound,
             ModelNotFound, TooFewPoints, ExamplesError, FeatureSpecError, TrainError,
-            ReportError)
+            ReportError, RegistryError)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -120,6 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--run", metavar="ID", help="a folder name under <root>/reports/")
     g.add_argument("--ds", metavar="DATE", help="build a new report for this run date")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+    p = sub.add_parser(
+        "lineage", help="a registered model version and everything it was built from",
+        description="Print the chain from a registered version (qarm-ranker, qarm-codebook, "
+                    "qarm-item-encoder) to the versions and snapshots it was built from. VERSION "
+                    "may be a number or an alias (champion, challenger).")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("version", metavar="VERSION")
+    p.add_argument("--config", "-c", metavar="FILE")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("-v", "--verbose", action="store_true")
 
     p = sub.add_parser("status", help="which stages of which run are done, with their outputs")
@@ -215,6 +229,18 @@ def main(argv: list[str] | None = None) -> int:
                 outs = ", ".join(r["outputs"].values()) or (r["error"] or "")
                 print(f"{r['ds']:<11} {r['stage']:<10} {r['status']:<8} {fin:<20} {outs}")
             print(f"\nstore: {dag.store.root}")
+            return 0
+        if args.command == "lineage":
+            from jobs.registry import Registry, RegistryError, format_lineage
+
+            reg = Registry(cfg)
+            version = args.version
+            if not version.isdigit():
+                v = reg.alias(args.model, version)
+                if v is None:
+                    raise RegistryError(f"{args.model} has no alias {version!r}")
+                version = v.version
+            print(format_lineage(reg.lineage(args.model, version)))
             return 0
         if args.command == "report":
             from jobs.run_report import build, rebuild

@@ -17,7 +17,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import yaml
 
@@ -52,6 +52,18 @@ class MlflowConfig:
 
 
 @dataclass
+class RegistryConfig:
+    """The promotion gate (``promote`` stage, ``jobs/registry.py``)."""
+    #: The production arm: its ranker version becomes the ``challenger`` and goes through the
+    #: gate (an arm trained on the aligned codes, whose encoder and codebook are registered).
+    arm: Literal["codes", "codes+frozen"] = "codes"
+    #: Paired bootstrap over users of the test AUC difference: resamples and interval level.
+    bootstrap: int = 1000
+    level: float = 0.95
+    seed: int = 0
+
+
+@dataclass
 class QarmConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
@@ -68,6 +80,7 @@ class QarmConfig:
     examples: ExamplesConfig = field(default_factory=ExamplesConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

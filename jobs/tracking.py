@@ -8,7 +8,6 @@ The tracking URI is, in order: ``mlflow.tracking_uri`` from the config, the
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
 import re
@@ -92,25 +91,29 @@ class Tracker:
         if self.enabled:
             self._mlflow.log_artifacts(folder, name)
 
-    def register_torch_model(self, model, name: str, registered_name: str,
-                             tags: Optional[dict] = None) -> Optional[str]:
-        """Log a torch module and register it in the MLflow model registry; returns the
-        registered version (None when tracking is off)."""
+    def register_folder(self, folder: str, name: str, registered_name: str,
+                        tags: Optional[dict] = None) -> Optional[str]:
+        """Log ``folder`` (a model as files: weights plus config, never a pickle) under the
+        current run's artifact ``name`` and register it as a new version of
+        ``registered_name``, tagged with ``tags``; returns the version (None when tracking is
+        off)."""
         if not self.enabled:
             return None
-        # MLflow prints registration chatter straight to stderr: keep it in the log file.
-        chatter = io.StringIO()
-        with contextlib.redirect_stderr(chatter):
-            info = self._mlflow.pytorch.log_model(model, name=name, serialization_format="pickle",
-                                                  registered_model_name=registered_name)
-        for line in chatter.getvalue().splitlines():
-            log.info("mlflow: %s", line)
-        version = getattr(info, "registered_model_version", None)
-        if version is not None and tags:
-            client = self._mlflow.MlflowClient()
-            for k, v in tags.items():
-                client.set_model_version_tag(registered_name, str(version), k, str(v))
-        return None if version is None else str(version)
+        mlflow = self._mlflow
+        run = mlflow.active_run()
+        if run is None:
+            raise RuntimeError("register_folder needs an active MLflow run")
+        mlflow.log_artifacts(folder, name)
+        client = mlflow.MlflowClient()
+        try:
+            client.get_registered_model(registered_name)
+        except mlflow.exceptions.MlflowException:
+            client.create_registered_model(registered_name)
+        v = client.create_model_version(
+            registered_name, f"{run.info.artifact_uri}/{name}", run_id=run.info.run_id,
+            tags={k: str(x)[:5000] for k, x in (tags or {}).items()})
+        log.info("registered %s version %s (%s)", registered_name, v.version, name)
+        return str(v.version)
 
     def artifact_text(self, text: str, name: str) -> None:
         if self.enabled:

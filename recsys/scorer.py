@@ -1,5 +1,5 @@
 """Scoring with a trained ranker outside training: a registered or assembled model (one CPU
-module, ``recsys.runner.load_trained`` or ``mlflow.pytorch.load_model``) scores examples rows,
+module, ``recsys.runner.load_trained`` or ``recsys.saved.load_ranker``) scores examples rows,
 building its batches from the model's own feature spec."""
 
 from __future__ import annotations

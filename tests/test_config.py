@@ -70,4 +70,6 @@ def test_each_package_owns_its_config_sections():
     assert owners["spark"] == owners["examples"] == "pipelines.config"
     assert owners["encoder"] == owners["align"] == "mm_encoder.config"
     assert owners["train"] == "recsys.config"
-    assert {k for k, m in owners.items() if m == "jobs.config"} == {"paths", "mlflow"}
+    # The orchestration's own sections: paths, MLflow and its registry's promotion gate.
+    assert {k for k, m in owners.items() if m == "jobs.config"} == {"paths", "mlflow",
+                                                                    "registry"}

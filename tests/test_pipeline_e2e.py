@@ -64,7 +64,7 @@ def _own_args(root, *extra):
 def test_every_stage_ran_and_printed_its_report(run):
     _, _, dag, out = run
     for stage in ("world", "ingest", "split", "embed", "pairs", "align", "quantize",
-                  "quantize_raw", "examples", "train", "evaluate"):
+                  "quantize_raw", "examples", "train", "evaluate", "promote"):
         assert dag.state.last_success(DS, stage) is not None, stage
     for needle in ("rows_in", "embedded 120 of 120", "mean score", "aligned encoder",
                    "10-NN purity", "utilization", "sharing an RQ prefix", "mean history",
@@ -121,7 +121,9 @@ def test_every_arm_is_scored_evaluated_and_registered_with_its_versions(run):
     from recsys.scorer import score
 
     v = next(v for v in versions if v.tags["arm"] == "codes")
-    model = mlflow.pytorch.load_model(f"models:/qarm-ranker/{v.version}")
+    from recsys.saved import load_ranker
+
+    model = load_ranker(mlflow.artifacts.download_artifacts(artifact_uri=v.source))
     assert model.spec.arm == "codes"
     rows = store.read_arrow("eval_examples")
     got = pd.DataFrame({"user_id": rows.column("user_id").to_numpy(),
@@ -269,3 +271,111 @@ def test_the_run_writes_a_self_contained_report_whose_table_is_summary_json(run)
     assert stages["ingest"]["quarantined"] == {"quarantine": 0}
     assert stages["ingest"]["inputs"]["raw_events"] > 0
     assert {v["model"] for v in summary["registered"]} >= {"qarm-ranker", "qarm-item-encoder"}
+
+
+# --------------------------------------------------------------------------- registry and gate
+def _registry(root):
+    from jobs.registry import Registry
+
+    return Registry(load_config(None, tiny_world_overrides(root) + EXTRA))
+
+
+def _copy_version(reg, v, tmp_path, name, tags=None, perturb=None):
+    """A new qarm-ranker version: ``v``'s files (weights optionally changed) and tags."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / name
+    shutil.copytree(reg.download(v), folder)
+    if perturb is not None:
+        w = load_file(str(folder / "weights.safetensors"))
+        save_file(perturb(w), str(folder / "weights.safetensors"))
+    return reg.client.create_model_version("qarm-ranker", folder.as_uri(),
+                                           tags={**v.tags, **(tags or {})})
+
+
+def _scrambled(w):
+    """The ranker's learned tables and layers replaced by noise: a worse model."""
+    import torch
+
+    g = torch.Generator().manual_seed(7)
+    return {k: (torch.randn(v.shape, generator=g) * 0.5 if v.is_floating_point()
+                and "frozen_table" not in k else v) for k, v in w.items()}
+
+
+def test_the_first_run_promotes_against_popularity_and_prints_the_champions_lineage(run):
+    root, store, dag, out = run
+    reg = _registry(root)
+    promo = store.read_arrow("promotions").to_pylist()
+    assert len(promo) == 1 and promo[0]["against"] == "popularity (no champion yet)"
+    chall = reg.alias("qarm-ranker", "challenger")
+    assert chall.tags["arm"] == "codes" and promo[0]["challenger"] == str(chall.version)
+    champ = reg.alias("qarm-ranker", "champion")
+    # Promoted exactly when the lower bound against popularity is above 0.
+    assert promo[0]["promoted"] == (promo[0]["lo"] > 0) == (champ is not None)
+    assert "[promote]" in out and ("PROMOTED" in out) == promo[0]["promoted"]
+    chain = reg.lineage("qarm-ranker", chall.version)
+    assert [c["model"] for c in chain] == ["qarm-ranker", "qarm-codebook", "qarm-item-encoder",
+                                           "qarm-item-encoder"]
+    assert chain[1]["tags"]["codebook_version"] == chall.tags["codebook_version"]
+    assert chain[0]["tags"]["examples"] == store.get("train_examples").ref
+
+
+def test_the_gate_accepts_better_refuses_worse_tied_and_inconsistent_lineage(run, tmp_path,
+                                                                             capsys):
+    from jobs.config import RegistryConfig
+    from jobs.stages.promote import GateData, compare
+
+    root, store, _, _ = run
+    reg = _registry(root)
+    good = reg.find("qarm-ranker", arm="codes")
+    worse = _copy_version(reg, good, tmp_path, "worse", perturb=_scrambled)
+    tied = _copy_version(reg, good, tmp_path, "tied")
+    data = GateData.read(lambda t, columns=None: store.read_arrow(t, columns=columns))
+    rcfg = RegistryConfig(bootstrap=300)
+    better = compare(reg, good, worse, data, rcfg)
+    assert better.promoted and better.stats["lo"] > 0, better.text()
+    refused = compare(reg, worse, good, data, rcfg)
+    assert not refused.promoted and refused.stats["hi"] < 0, refused.text()
+    same = compare(reg, tied, good, data, rcfg)
+    assert not same.promoted and same.stats["diff"] == 0.0 and "not above 0" in same.reason
+    # Worse than popularity: the first-run rule refuses it as well.
+    first = compare(reg, worse, None, data, rcfg)
+    assert first.against.startswith("popularity") and not first.promoted
+    # A ranker whose registered codebook is another one (the raw codes' codebook) is refused
+    # before any scoring.
+    raw_cb = reg.find("qarm-codebook", kind="raw")
+    wrong = _copy_version(reg, good, tmp_path, "wrong",
+                          tags={"codebook_model_version": raw_cb.version})
+    bad = compare(reg, wrong, worse, data, rcfg)
+    assert not bad.promoted and not bad.stats and "inconsistent lineage" in bad.reason
+    assert raw_cb.tags["codebook_version"] in bad.reason
+    # `qarm lineage` prints the chain of a version.
+    assert main(["lineage", "--set", f"paths.root={root}", "--set",
+                 f"mlflow.tracking_uri=sqlite:///{root}/mlflow.db", "qarm-ranker",
+                 str(good.version)]) == 0
+    printed = capsys.readouterr().out
+    assert f"qarm-ranker v{good.version}" in printed and "qarm-codebook v" in printed
+
+
+def test_loading_a_registered_model_never_unpickles(run, tmp_path):
+    import pickle
+    import shutil
+
+    from recsys.saved import ModelFormatError, load_ranker
+
+    root, _, _, _ = run
+    reg = _registry(root)
+    folder = tmp_path / "evil"
+    shutil.copytree(reg.download(reg.find("qarm-ranker", arm="codes")), folder)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (folder / "weights.safetensors").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(ModelFormatError, match="never by unpickling"):
+        load_ranker(folder)
+    assert not marker.exists()

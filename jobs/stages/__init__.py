@@ -8,12 +8,13 @@ function, write the outputs, return a typed report.
 from __future__ import annotations
 
 from jobs.stage import Stage
-from jobs.stages import (align, embed, evaluate, examples, ingest, pairs, quantize, quantize_raw,
-                         split, train, world)
+from jobs.stages import (align, embed, evaluate, examples, ingest, pairs, promote, quantize,
+                         quantize_raw, split, train, world)
 
 STAGES: tuple[Stage, ...] = (
     world.STAGE, ingest.STAGE, split.STAGE, embed.STAGE, pairs.STAGE, align.STAGE,
     quantize.STAGE, quantize_raw.STAGE, examples.STAGE, train.STAGE, evaluate.STAGE,
+    promote.STAGE,
 )
 
 

@@ -99,11 +99,11 @@ def run(ctx: StageContext) -> AlignReport:
     result = align_encoder(encoder, feats, present, src, dst, cfg.align, texts)
     aligned, history = result.encoder, result.history
     folder = aligned.save(str(ctx.artifacts / "encoders"))
-    ctx.tracker.artifact_dir(folder, "aligned_encoder")
     for h in history:
         ctx.tracker.metrics({"align.contrastive": h["contrastive"], "align.content": h["content"]})
-    ctx.tracker.register_torch_model(
-        aligned.fusion, "aligned_fusion", "qarm-item-encoder",
+    # Weights plus config (encoder.pt holds tensors only, config.json the settings).
+    ctx.tracker.register_folder(
+        folder, "encoder", "qarm-item-encoder",
         tags={"encoder_version": aligned.version, "raw_encoder_version": encoder.version,
               "pairs_snapshot": io.manifest("item_pairs").ref})
 

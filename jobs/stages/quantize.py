@@ -51,9 +51,23 @@ def quantize_table(ctx: StageContext, source: str, output: str,
     src = io.manifest(source)
     res = quantize_embeddings(ctx.spark, io.spark(ctx.spark, source), src.row_count, q,
                               str(ctx.artifacts / "codebooks"), src.ref, codebook_version)
-    if res.fitted:
-        ctx.tracker.artifact_dir(res.folder, f"codebook_{output}")
     cb = res.codebook
+    if res.fitted:
+        # The codebook as arrays (codebook.npz, read without pickle) and its config; its
+        # encoder's registered version ties it to its lineage.
+        enc_version = io.facts(source, EmbeddingFacts).encoder_version
+        enc_model = None
+        if ctx.cfg.mlflow.enabled:
+            from jobs.registry import ENCODER, Registry
+
+            found = Registry(ctx.cfg).find(ENCODER, encoder_version=enc_version)
+            enc_model = None if found is None else found.version
+        ctx.tracker.register_folder(
+            res.folder, f"codebook_{output}", "qarm-codebook",
+            tags={"codebook_version": cb.version, "encoder_version": enc_version,
+                  "embeddings_snapshot": src.ref,
+                  "kind": "raw" if output.endswith("_raw") else "aligned",
+                  **({"encoder_model_version": enc_model} if enc_model else {})})
     facts = CodesFacts(cb.version, res.levels, res.fitted, src.ref,
                        io.facts(source, EmbeddingFacts).encoder_version, q.disambiguate)
     out = io.write_spark(output, res.codes, schemas.item_codes_schema(res.levels), facts=facts)

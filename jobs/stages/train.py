@@ -144,7 +144,6 @@ def arm_row(arm: str, res, version=None) -> dict:
 def run(ctx: StageContext) -> TrainReport:
     from feature_store import schemas
     from feature_store.facts import PredictionsFacts
-    from recsys.runner import load_trained
 
     io, t = ctx.io, ctx.cfg.train
     runs = ctx.run_dir("train")
@@ -161,12 +160,7 @@ def run(ctx: StageContext) -> TrainReport:
             ctx.tracker.metrics({f"{arm}.valid_{res.result['valid_metric']}": value}, step=step)
         version = None
         if t.register:
-            version = ctx.tracker.register_torch_model(
-                load_trained(res.out_dir), f"ranker_{arm.replace('+', '_')}", "qarm-ranker",
-                tags={"arm": arm, "codebook_version": facts.codebook_version,
-                      "encoder_version": facts.encoder_version,
-                      "examples": data.examples_ref, "world_size": res.result["world"],
-                      **{f"setting.{k}": str(v) for k, v in t.tuned.get(arm, {}).items()}})
+            version = register_ranker(ctx, arm, res, facts, data.examples_ref)
         preds.append(with_seed(res.predictions, t.seed))
         rows.append(arm_row(arm, res, version))
     base, _ = run_baselines(data, ctx.cfg, t.seed)
@@ -181,6 +175,33 @@ def run(ctx: StageContext) -> TrainReport:
              f"(patience {t.patience}); seed {t.seed}; baselines: "
              f"{', '.join(t.baselines) or 'none'}; runs in {runs}")
     return TrainReport({"ranker_predictions": out}, rows, setup)
+
+
+def register_ranker(ctx: StageContext, arm: str, res, facts, examples_ref: str):
+    """Register the arm's trained ranker (weights.safetensors + ranker.json) with the versions
+    it was built from (the promote stage makes the production arm's version the challenger)."""
+    from jobs.registry import CODEBOOK, ENCODER, RANKER, Registry
+    from recsys.job import TrainJob, model_config
+    from recsys.runner import load_trained
+    from recsys.saved import save_ranker
+
+    if not ctx.cfg.mlflow.enabled:
+        return None
+    folder = save_ranker(load_trained(res.out_dir),
+                         model_config(TrainJob.load(res.out_dir / "job.json").model),
+                         res.out_dir / "registered", arm=arm)
+    reg = Registry(ctx.cfg)
+    tags = {"arm": arm, "codebook_version": facts.codebook_version,
+            "encoder_version": facts.encoder_version, "examples": examples_ref,
+            "world_size": res.result["world"],
+            **{f"setting.{k}": str(v) for k, v in ctx.cfg.train.tuned.get(arm, {}).items()}}
+    for model, tag, key in ((CODEBOOK, "codebook_model_version", "codebook_version"),
+                            (ENCODER, "encoder_model_version", "encoder_version")):
+        found = reg.find(model, **{key: tags[key]})
+        if found is not None:
+            tags[tag] = found.version
+    return ctx.tracker.register_folder(str(folder), f"ranker_{arm.replace('+', '_')}", RANKER,
+                                       tags=tags)
 
 
 def tuned_summary(cfg) -> dict[str, dict]:
