@@ -22,7 +22,8 @@ color:#1d1d1f;padding:0 1em}
 h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;margin:.6em 0;font-size:.88em}
 th,td{padding:.25em .6em;border-bottom:1px solid #eee;text-align:right;white-space:nowrap}
-th:first-child,td:first-child,td.t{text-align:left}
+th:first-child,td:first-child,td.t,th.t{text-align:left}
+td.w{white-space:normal;word-break:break-word;text-align:left;max-width:720px}
 th{background:#f5f5f7}.muted{color:#777}.bad{color:#b00020}.good{color:#1b7f3b}
 img{max-width:100%;border:1px solid #eee;margin:.4em 0}
 """
@@ -176,8 +177,9 @@ def stages_section(stages: list[dict]) -> str:
         ax.barh([s["stage"] for s in timed][::-1], [s["seconds"] for s in timed][::-1])
         ax.set(title="stage wall time (s)", xlabel="seconds")
         img = _img(_png(fig), "stage timings")
-    return (img + '<table id="stages"><tr><th>stage</th><th>status</th><th>seconds</th>'
-            "<th>rows in</th><th>rows out</th><th>quarantined</th></tr>" + rows + "</table>")
+    return (img + '<table id="stages"><tr><th>stage</th><th class=t>status</th><th>seconds</th>'
+            "<th class=t>rows in</th><th class=t>rows out</th><th class=t>quarantined</th></tr>"
+            + rows + "</table>")
 
 
 def registered_section(reg: list[dict]) -> str:
@@ -185,11 +187,12 @@ def registered_section(reg: list[dict]) -> str:
         return "<p class=muted>No model version registered by this run (or MLflow off).</p>"
     rows = "".join(
         f"<tr><td class=t>{_e(v['model'])}</td><td>{_e(v['version'])}</td>"
-        f"<td class=t>{_e(v['stage'])}</td><td class=t>"
+        f"<td class=t>{_e(', '.join(v.get('aliases') or []))}</td>"
+        f"<td class=t>{_e(v['stage'])}</td><td class=w>"
         + ", ".join(f"{_e(k)}={_e(x)}" for k, x in sorted(v["tags"].items())) + "</td></tr>"
         for v in reg)
-    return ("<table><tr><th>model</th><th>version</th><th>stage</th><th>tags</th></tr>"
-            f"{rows}</table>")
+    return ("<table><tr><th>model</th><th>version</th><th class=t>aliases</th>"
+            f"<th class=t>stage</th><th class=t>tags</th></tr>{rows}</table>")
 
 
 def render(s: dict) -> str:

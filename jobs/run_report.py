@@ -181,7 +181,9 @@ def registered_versions(cfg: QarmConfig, state_rows: dict) -> list[dict]:
         if not r.get("mlflow_run_id") or r["status"] != "done":
             continue
         for v in client.search_model_versions(f"run_id = '{r['mlflow_run_id']}'"):
+            current = client.get_model_version(v.name, v.version)    # aliases as of now
             out.append({"stage": stage, "model": v.name, "version": str(v.version),
+                        "aliases": sorted(getattr(current, "aliases", []) or []),
                         "tags": dict(v.tags)})
     return sorted(out, key=lambda v: (v["model"], int(v["version"])))
 

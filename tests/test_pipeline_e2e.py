@@ -116,7 +116,13 @@ def test_every_arm_is_scored_evaluated_and_registered_with_its_versions(run):
     codebook = store.get("train_examples").facts.codebook_version
     encoder = store.get("aligned_item_embeddings").facts.encoder_version
     for v in versions:
-        assert v.tags["codebook_version"] == codebook and v.tags["encoder_version"] == encoder
+        if v.tags["arm"] in ("codes", "codes+frozen"):
+            assert v.tags["codebook_version"] == codebook and v.tags["encoder_version"] == encoder
+            assert v.tags["codebook_model_version"] and v.tags["encoder_model_version"]
+        elif v.tags["arm"] == "frozen_aligned":
+            assert v.tags["encoder_version"] == encoder and "codebook_version" not in v.tags
+        else:
+            assert "codebook_version" not in v.tags and "encoder_version" not in v.tags
     # The registered model, scored in this process, reproduces the distributed run's scores.
     from recsys.scorer import score
 

@@ -191,15 +191,21 @@ def register_ranker(ctx: StageContext, arm: str, res, facts, examples_ref: str):
                          model_config(TrainJob.load(res.out_dir / "job.json").model),
                          res.out_dir / "registered", arm=arm)
     reg = Registry(ctx.cfg)
-    tags = {"arm": arm, "codebook_version": facts.codebook_version,
-            "encoder_version": facts.encoder_version, "examples": examples_ref,
-            "world_size": res.result["world"],
+    tags = {"arm": arm, "examples": examples_ref, "world_size": res.result["world"],
             **{f"setting.{k}": str(v) for k, v in ctx.cfg.train.tuned.get(arm, {}).items()}}
-    for model, tag, key in ((CODEBOOK, "codebook_model_version", "codebook_version"),
-                            (ENCODER, "encoder_model_version", "encoder_version")):
-        found = reg.find(model, **{key: tags[key]})
-        if found is not None:
-            tags[tag] = found.version
+    # Lineage only where the arm reads them: the aligned codes (codebook and encoder), or the
+    # aligned embedding (encoder). The raw encoder and the raw codes' codebook are not gated.
+    parents = {"codes": (CODEBOOK, ENCODER), "codes+frozen": (CODEBOOK, ENCODER),
+               "frozen_aligned": (ENCODER,)}.get(arm, ())
+    for model, tag, key, value in ((CODEBOOK, "codebook_model_version", "codebook_version",
+                                    facts.codebook_version),
+                                   (ENCODER, "encoder_model_version", "encoder_version",
+                                    facts.encoder_version)):
+        if model in parents:
+            tags[key] = value
+            found = reg.find(model, **{key: value})
+            if found is not None:
+                tags[tag] = found.version
     return ctx.tracker.register_folder(str(folder), f"ranker_{arm.replace('+', '_')}", RANKER,
                                        tags=tags)
 
