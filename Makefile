@@ -18,7 +18,7 @@ SHELL := /bin/bash
 # once per package. Drop that noise, keep real warnings and errors.
 QUIET := 2>&1 | sed '/^WARNING: Location .* is ignored/d'
 
-.PHONY: setup demo test test-all bench clean report-check
+.PHONY: setup demo test test-all bench clean report-check airflow-check
 
 setup: $(STAMP)
 
@@ -42,6 +42,15 @@ demo: setup
 report-check: demo
 	@command -v chromium >/dev/null || (apt-get install -y -q chromium || sudo apt-get install -y -q chromium)
 	$(PY) checks/report_browser.py --root .qarm --self-test
+
+# Apache Airflow conflicts with the project's pins: it gets its own virtualenv, built only here.
+# Loads jobs/airflow/qarm_daily.py, compares its tasks and edges with the project's DAG and runs
+# `airflow dags test` for one day of a tiny world (the tasks run in .venv).
+AIRFLOW_VENV ?= .venv-airflow
+airflow-check: setup
+	@test -x $(AIRFLOW_VENV)/bin/python || $(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/pip install -q -r jobs/airflow/requirements.txt $(QUIET)
+	$(AIRFLOW_VENV)/bin/python checks/airflow_check.py --project-python $(PY)
 
 test: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -136,6 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("-v", "--verbose", action="store_true")
 
+    p = sub.add_parser(
+        "dag", help="the stages, their engines and edges (what a scheduler needs)",
+        description="Print the DAG for this config in run order: each stage, its engine (spark, "
+                    "torch or python) and its upstream stages. jobs/airflow/qarm_daily.py builds "
+                    "its Airflow tasks from the same graph.")
+    p.add_argument("--config", "-c", metavar="FILE")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--json", action="store_true", help="as JSON")
+    p.add_argument("-v", "--verbose", action="store_true")
+
     p = sub.add_parser("status", help="which stages of which run are done, with their outputs")
     p.add_argument("--config", "-c", metavar="FILE")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -229,6 +239,17 @@ def main(argv: list[str] | None = None) -> int:
                 outs = ", ".join(r["outputs"].values()) or (r["error"] or "")
                 print(f"{r['ds']:<11} {r['stage']:<10} {r['status']:<8} {fin:<20} {outs}")
             print(f"\nstore: {dag.store.root}")
+            return 0
+        if args.command == "dag":
+            import json
+
+            g = dag.graph()
+            if args.json:
+                print(json.dumps(g, indent=1))
+            else:
+                for n in g:
+                    after = ", ".join(n["upstream"]) or "-"
+                    print(f"{n['stage']:<13} {n['engine']:<7} after {after}")
             return 0
         if args.command == "lineage":
             from jobs.registry import Registry, RegistryError, format_lineage

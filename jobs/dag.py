@@ -246,6 +246,9 @@ class Dag:
                               error=None)
         return StageOutcome(s.name, "done", out_refs, seconds, text)
 
+    def graph(self) -> list[dict]:
+        return stage_graph(self.all_stages, self.cfg)
+
     def status(self, ds: Optional[str] = None) -> list[dict]:
         """Latest state of every stage per ds (newest ds first, stages in DAG order)."""
         latest: dict[tuple[str, str], dict] = {}
@@ -254,6 +257,16 @@ class Dag:
         order = {s.name: i for i, s in enumerate(self.order)}
         return sorted(latest.values(), key=lambda r: (r["ds"], -order.get(r["stage"], 99)),
                       reverse=True)
+
+
+def stage_graph(stages: Sequence[Stage], cfg: QarmConfig) -> list[dict]:
+    """The DAG for schedulers, in run order: each stage, its engine and the stages that produce
+    its inputs (its upstream edges). Touches no store or state (an Airflow DAG file calls it)."""
+    order = plan_order(stages, cfg)
+    producer = {t: s.name for s in order for t in s.output_tables(cfg)}
+    return [{"stage": s.name, "engine": s.engine,
+             "upstream": sorted({producer[t] for t in s.input_tables(cfg) if t in producer})}
+            for s in order]
 
 
 def today() -> str:

@@ -58,6 +58,9 @@ class Stage:
     #: ids it gave before). Read with ``ctx.io.previous``; recorded as parents of the new
     #: snapshots, not part of the skip key (it changes with every run of the stage itself).
     continues: Tables = ()
+    #: What runs the stage's work, for schedulers: ``spark`` (submit it with spark-submit),
+    #: ``torch`` (training ranks: torchrun) or ``python`` (the driver process alone).
+    engine: str = "python"
 
     def input_tables(self, cfg: "QarmConfig") -> Tables:
         return tuple(self.inputs(cfg) if callable(self.inputs) else self.inputs)

@@ -144,5 +144,5 @@ def run(ctx: StageContext) -> AlignReport:
 
 
 STAGE = Stage(
-    "align", run, inputs=inputs, outputs=outputs, config=("align", "encoder"),
+    "align", run, engine="spark", inputs=inputs, outputs=outputs, config=("align", "encoder"),
     help="train the fusion on behaviour pairs, re-embed every item, evaluate raw vs aligned")

@@ -85,7 +85,7 @@ def run(ctx: StageContext) -> EmbedReport:
 
 
 STAGE = Stage(
-    "embed", run, inputs=inputs,
+    "embed", run, engine="spark", inputs=inputs,
     outputs=("item_embeddings", "item_features", "embed_quarantine"),
     config=("encoder", "embed"),
     help="encode every item with the content towers + fusion (Spark batch inference)")

@@ -82,6 +82,6 @@ def run(ctx: StageContext) -> ExamplesReport:
 
 
 STAGE = Stage(
-    "examples", run, inputs=inputs, outputs=OUTPUTS, config=("examples",),
+    "examples", run, engine="spark", inputs=inputs, outputs=OUTPUTS, config=("examples",),
     help="ranker examples per part of the split: history before each event, target codes, "
          "cold and new-user flags, sampled negatives for implicit feedback (Spark)")

@@ -73,6 +73,6 @@ def run(ctx: StageContext) -> IngestReport:
 
 
 STAGE = Stage(
-    "ingest", run, inputs=inputs, outputs=OUTPUTS, config=("source", "ingest"),
+    "ingest", run, engine="spark", inputs=inputs, outputs=OUTPUTS, config=("source", "ingest"),
     external_fingerprint=source_fingerprint, continues=("item_id_map", "user_id_map"),
     help="validate raw items/events/tags, map ids, quarantine bad rows (Spark)")

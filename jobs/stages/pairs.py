@@ -40,6 +40,6 @@ def run(ctx: StageContext) -> PairsReport:
 
 
 STAGE = Stage(
-    "pairs", run, inputs=("split_events", "item_embeddings"), outputs=("item_pairs",),
-    config=("pairs",),
+    "pairs", run, engine="spark", inputs=("split_events", "item_embeddings"),
+    outputs=("item_pairs",), config=("pairs",),
     help="mine behaviour pairs from the training part: Swing, ItemCF, U2I triggers (Spark)")

@@ -84,6 +84,6 @@ def run(ctx: StageContext) -> CodebookReport:
 
 
 STAGE = Stage(
-    "quantize", run, inputs=("aligned_item_embeddings",), outputs=("item_codes",),
+    "quantize", run, engine="spark", inputs=("aligned_item_embeddings",), outputs=("item_codes",),
     config=("quantize",),
     help="fit VQ/RQ codebooks on the aligned embeddings and code every item (Spark)")

@@ -51,7 +51,7 @@ def run(ctx: StageContext) -> RawCodebookReport:
 
 
 STAGE = Stage(
-    "quantize_raw", run, inputs=("item_embeddings", "item_codes", "split_events"),
+    "quantize_raw", run, engine="spark", inputs=("item_embeddings", "item_codes", "split_events"),
     outputs=("item_codes_raw",), config=("quantize",),
     applies=lambda cfg: cfg.quantize.raw_arm,
     help="codes from the raw (unaligned) embeddings: the codes_raw arm, and how much held-out "

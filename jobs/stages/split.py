@@ -52,6 +52,6 @@ def run(ctx: StageContext) -> SplitReport:
 
 
 STAGE = Stage(
-    "split", run, inputs=("events",), outputs=("split_events",), config=("split",),
+    "split", run, engine="spark", inputs=("events",), outputs=("split_events",), config=("split",),
     help="assign every event to the train, valid or test part (global time cut or per user); "
          "later stages learn only from the train part")

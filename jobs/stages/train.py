@@ -216,7 +216,7 @@ def tuned_summary(cfg) -> dict[str, dict]:
 
 
 STAGE = Stage(
-    "train", run, inputs=inputs, outputs=("ranker_predictions",), config=("train",),
+    "train", run, engine="torch", inputs=inputs, outputs=("ranker_predictions",), config=("train",),
     help="train the TorchRec ranker for every ablation arm (sharded, fused optimizers, local "
          "ranks or torchrun, early stopping on the validation part), score the validation and "
          "test examples and the baselines (popularity, MF), register in MLflow")
