@@ -221,6 +221,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             print(dump_yaml(cfg), end="")
             return 0
+        if args.command == "dag":
+            import json
+
+            from jobs.dag import stage_graph
+            from jobs.stages import STAGES
+
+            g = stage_graph(STAGES, cfg)           # no store or state is touched
+            if args.json:
+                print(json.dumps(g, indent=1))
+            else:
+                for n in g:
+                    after = ", ".join(n["upstream"]) or "-"
+                    print(f"{n['stage']:<13} {n['engine']:<7} after {after}")
+            return 0
         from jobs.dag import today
         from jobs.stages import build_dag
 
@@ -239,17 +253,6 @@ def main(argv: list[str] | None = None) -> int:
                 outs = ", ".join(r["outputs"].values()) or (r["error"] or "")
                 print(f"{r['ds']:<11} {r['stage']:<10} {r['status']:<8} {fin:<20} {outs}")
             print(f"\nstore: {dag.store.root}")
-            return 0
-        if args.command == "dag":
-            import json
-
-            g = dag.graph()
-            if args.json:
-                print(json.dumps(g, indent=1))
-            else:
-                for n in g:
-                    after = ", ".join(n["upstream"]) or "-"
-                    print(f"{n['stage']:<13} {n['engine']:<7} after {after}")
             return 0
         if args.command == "lineage":
             from jobs.registry import Registry, RegistryError, format_lineage

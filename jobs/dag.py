@@ -246,9 +246,6 @@ class Dag:
                               error=None)
         return StageOutcome(s.name, "done", out_refs, seconds, text)
 
-    def graph(self) -> list[dict]:
-        return stage_graph(self.all_stages, self.cfg)
-
     def status(self, ds: Optional[str] = None) -> list[dict]:
         """Latest state of every stage per ds (newest ds first, stages in DAG order)."""
         latest: dict[tuple[str, str], dict] = {}

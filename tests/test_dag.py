@@ -220,3 +220,27 @@ def test_config_keys_mlflow_refuses_are_logged_under_clean_names(tmp_path):
     run = mlflow.get_run(run_id)
     assert run.data.params["train.tuned.codes_plus_frozen.sparse_lr"] == "0.3"
     assert run.data.metrics["codes_plus_frozen.test.all.auc"] == 0.7
+
+
+def test_the_scheduler_graph_is_the_dag_with_engines_and_upstream_edges(capsys):
+    import json
+
+    from jobs.cli import main
+    from jobs.config import load_config
+    from jobs.dag import plan_order, stage_graph
+    from jobs.stages import STAGES
+
+    cfg = load_config(None, [])
+    graph = stage_graph(STAGES, cfg)
+    assert [n["stage"] for n in graph] == [s.name for s in plan_order(STAGES, cfg)]
+    by = {n["stage"]: n for n in graph}
+    assert by["train"]["engine"] == "torch" and by["world"]["upstream"] == []
+    assert {n["stage"] for n in graph if n["engine"] == "spark"} == {
+        "ingest", "split", "embed", "pairs", "align", "quantize", "quantize_raw", "examples"}
+    # Every upstream stage comes earlier and produces one of the stage's inputs.
+    for i, n in enumerate(graph):
+        earlier = {m["stage"] for m in graph[:i]}
+        assert set(n["upstream"]) <= earlier, n
+    assert "examples" in by["train"]["upstream"] and "evaluate" in by["promote"]["upstream"]
+    assert main(["dag", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == graph
