@@ -7,12 +7,10 @@ Layout under the store root (a local folder or a ``pyarrow.fs`` URI, ``s3://`` i
 
 Object stores cannot rename a folder atomically, so nothing is moved: a writer puts its data
 files under the snapshot's final prefix and commits by writing ``_manifest.json`` last as one
-object (one PUT on S3, an atomic file rename on a local disk). Readers ignore a prefix without a
-manifest, so a killed writer leaves every earlier snapshot readable and nothing partial visible,
-only an orphan prefix that :meth:`SnapshotStore.gc` removes after a grace period. File digests
-are computed while writing; ids sort by creation time, so the latest snapshot costs one listing
-and (normally) one manifest read.
-"""
+object (one PUT on S3, an atomic rename on a local disk). Readers ignore a prefix without a
+manifest: a killed writer leaves earlier snapshots readable and only an orphan prefix, which
+:meth:`SnapshotStore.gc` removes after a grace period. Digests are computed while writing; ids
+sort by creation time, so the latest snapshot costs one listing and one manifest read."""
 
 from __future__ import annotations
 
@@ -278,8 +276,12 @@ class SnapshotStore:
                     config_hash: str = "", facts=None) -> Manifest:
         """Write a Spark DataFrame as a new committed snapshot, checked against ``schema``, and
         return its manifest. Each task writes its partition's file with pyarrow (any ``pyarrow.fs``
-        store works); the driver collects the files' row counts and sha256s and commits."""
+        store works); the driver collects the files' row counts and sha256s and commits. Rows
+        are sorted within partitions (after a shuffle they arrive in any order), so the same data
+        gives the same files and content hash in any run, local or on a cluster."""
         check_schema(_spark_arrow_schema(df), schema, table)
+        df = df.sortWithinPartitions(*[f.name for f in df.schema.fields
+                                       if f.dataType.typeName() != "map"])
         with self.writer(table, schema=schema, parents=parents, config_hash=config_hash,
                          facts=facts) as w:
             write = functools.partial(_write_partition, self.uri, w.path, schema, table)
