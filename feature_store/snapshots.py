@@ -19,20 +19,21 @@ import dataclasses
 import datetime as dt
 import functools
 import hashlib
-import itertools
 import json
 import logging
-import os
 import re
 import secrets
-from typing import Iterable, Iterator, NamedTuple, Sequence, TypeVar
+import threading
+import time
+from typing import Iterable, Sequence, TypeVar
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from feature_store.facts import FactsError, check_facts, facts_from_dict, facts_to_dict
+from feature_store.parquet_files import (WrittenFile, open_filesystem, spark_arrow_schema,
+                                         to_declared, write_parquet, write_partition)
 from feature_store.schemas import SchemaMismatch, check_schema, conform, spark_schema
 
 F = TypeVar("F")
@@ -45,9 +46,6 @@ MANIFEST = "_manifest.json"
 GC_GRACE_S = 24 * 3600.0
 #: The time part of a snapshot id (UTC, milliseconds kept).
 SNAPSHOT_TIME_FORMAT = "%Y%m%dT%H%M%S%f"
-#: Spark partitions arrive in small Arrow batches; gather them into row groups of about this size.
-ROW_GROUP_ROWS = 128 * 1024
-ROW_GROUP_BYTES = 64 << 20
 _OBJECT_STORES = ("s3", "gcs", "abfs")
 
 
@@ -109,10 +107,16 @@ class Manifest:
         return cls(**d)
 
 
+_last_ms, _id_lock = [0], threading.Lock()
+
+
 def new_snapshot_id() -> str:
-    """Sortable by creation time, unique across concurrent writers."""
-    now = dt.datetime.now(dt.timezone.utc)
-    return now.strftime(SNAPSHOT_TIME_FORMAT)[:-3] + "-" + secrets.token_hex(3)
+    """Sortable by creation time, strictly increasing within a process (even within one
+    millisecond), unique across concurrent writers."""
+    with _id_lock:
+        _last_ms[0] = ms = max(int(time.time() * 1000), _last_ms[0] + 1)
+    stamp = dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc)
+    return stamp.strftime(SNAPSHOT_TIME_FORMAT)[:-3] + "-" + secrets.token_hex(3)
 
 
 def snapshot_time(snapshot_id: str) -> dt.datetime | None:
@@ -124,113 +128,8 @@ def snapshot_time(snapshot_id: str) -> dt.datetime | None:
     return born.replace(tzinfo=dt.timezone.utc)
 
 
-def open_filesystem(root: str) -> tuple[pafs.FileSystem, str]:
-    """The filesystem and path of a store root: a local folder or a ``pyarrow.fs`` URI such as
-    ``s3://bucket/prefix?endpoint_override=host:port&scheme=http`` (credentials: ``AWS_*``)."""
-    if "://" not in root:
-        return pafs.LocalFileSystem(), os.path.abspath(root)
-    if root.startswith("s3://") and "allow_delayed_open" not in root:
-        # Small objects (manifests, small parts) then go in one PUT, not a 3-request upload.
-        root += ("&" if "?" in root else "?") + "allow_delayed_open=true"
-    return pafs.FileSystem.from_uri(root)
-
-
 def _schema_b64(schema: pa.Schema) -> str:
     return base64.b64encode(schema.serialize().to_pybytes()).decode()
-
-
-def to_declared(data, expected: pa.Schema, table: str):
-    """``data`` (a Table or RecordBatch) with ``expected``'s columns, order and types; Spark's
-    microseconds in its session time zone become the declared unit and zone (same instants).
-    Raises :class:`SchemaMismatch` for nulls in a non-null column or a wrong fixed list size."""
-    cols = []
-    for field in expected:
-        col = data.column(field.name)
-        if pa.types.is_timestamp(field.type) and not field.type.equals(col.type):
-            col = pc.cast(col, options=pc.CastOptions(field.type, allow_time_truncate=True))
-        elif not field.type.equals(col.type):
-            try:
-                col = col.cast(field.type)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-                raise SchemaMismatch(f"{table}.{field.name} cannot be {field.type}: {e}") from e
-        if not field.nullable and col.null_count:
-            raise SchemaMismatch(f"{table}.{field.name} has {col.null_count} null values; the "
-                                 "contract says non-null")
-        cols.append(col)
-    return type(data).from_arrays(cols, schema=expected)
-
-
-class _HashingSink:
-    """A file object over an output stream that hashes the bytes written through it."""
-
-    def __init__(self, stream: pa.NativeFile):
-        self._stream, self.sha256, self.closed = stream, hashlib.sha256(), False
-
-    def write(self, data) -> int:
-        self.sha256.update(data)
-        return self._stream.write(data)
-
-    def flush(self) -> None:
-        self._stream.flush()
-
-    def close(self) -> None:
-        self._stream.close()
-        self.closed = True
-
-
-class WrittenFile(NamedTuple):
-    rows: int
-    sha256: str
-
-
-def _write_parquet(fs: pafs.FileSystem, path: str, schema: pa.Schema,
-                   parts: Iterable) -> WrittenFile:
-    """Write ``parts`` (tables or batches of ``schema``) as one Parquet file, hashed as written."""
-    sink, rows = _HashingSink(fs.open_output_stream(path)), 0
-    with pa.PythonFile(sink, mode="w") as f, pq.ParquetWriter(f, schema, compression="zstd") as w:
-        for part in parts:
-            w.write(part)
-            rows += part.num_rows
-    return WrittenFile(rows, sink.sha256.hexdigest())
-
-
-def _row_groups(batches: Iterable[pa.RecordBatch], schema: pa.Schema, table: str):
-    """Spark's small Arrow batches, cast to ``schema`` and gathered into row groups."""
-    pending = []
-    for batch in itertools.chain(batches, [None]):  # None: the end, flush what is pending
-        if batch is not None and batch.num_rows:
-            pending.append(to_declared(batch, schema, table))
-        if pending and (batch is None or sum(b.num_rows for b in pending) >= ROW_GROUP_ROWS
-                        or sum(b.nbytes for b in pending) >= ROW_GROUP_BYTES):
-            yield pa.Table.from_batches(pending)
-            pending = []
-
-
-def _write_partition(root: str, folder: str, schema: pa.Schema, table: str,
-                     batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    """What each Spark task runs (``mapInArrow``): its partition becomes one file under ``folder``
-    (a retry overwrites it); yields one row (file, rows, sha256), none for an empty partition."""
-    from pyspark import TaskContext
-
-    groups = _row_groups(batches, schema, table)
-    first = next(groups, None)
-    if first is None:
-        return
-    name = f"part-{TaskContext.get().partitionId():05d}.parquet"
-    done = _write_parquet(open_filesystem(root)[0], f"{folder}/{name}", schema,
-                          itertools.chain([first], groups))
-    yield pa.RecordBatch.from_pydict({"file": [name], "rows": [done.rows],
-                                      "sha256": [done.sha256]})
-
-
-def _spark_arrow_schema(df) -> pa.Schema:
-    """The Arrow schema of ``df`` as written (Spark's microsecond timestamps become ms)."""
-    from pyspark.sql.pandas.types import to_arrow_schema
-
-    tz = df.sparkSession.conf.get("spark.sql.session.timeZone")
-    return pa.schema([f.with_type(pa.timestamp("ms", f.type.tz))
-                      if pa.types.is_timestamp(f.type) else f
-                      for f in to_arrow_schema(df.schema, timezone=tz)])
 
 
 class SnapshotStore:
@@ -279,12 +178,12 @@ class SnapshotStore:
         store works); the driver collects the files' row counts and sha256s and commits. Rows
         are sorted within partitions (after a shuffle they arrive in any order), so the same data
         gives the same files and content hash in any run, local or on a cluster."""
-        check_schema(_spark_arrow_schema(df), schema, table)
+        check_schema(spark_arrow_schema(df), schema, table)
         df = df.sortWithinPartitions(*[f.name for f in df.schema.fields
                                        if f.dataType.typeName() != "map"])
         with self.writer(table, schema=schema, parents=parents, config_hash=config_hash,
                          facts=facts) as w:
-            write = functools.partial(_write_partition, self.uri, w.path, schema, table)
+            write = functools.partial(write_partition, self.uri, w.path, schema, table)
             try:
                 rows = df.mapInArrow(write, "file string, rows long, sha256 string").collect()
             except Exception as e:  # a task's SchemaMismatch reaches here as Spark's text
@@ -399,7 +298,7 @@ class SnapshotWriter:
         elif self._schema is None:
             self._schema = data.schema
         name = f"part-{len(self._files):05d}.parquet"
-        self.add_file(name, _write_parquet(self.store.fs, f"{self.path}/{name}", data.schema,
+        self.add_file(name, write_parquet(self.store.fs, f"{self.path}/{name}", data.schema,
                                            [data]))
 
     def add_file(self, name: str, written: WrittenFile) -> None:

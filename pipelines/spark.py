@@ -48,6 +48,13 @@ def get_spark(cfg: SparkConfig, work_dir: str | Path, log_dir: str | Path | None
     settings = {
         "spark.app.name": cfg.app_name,
         "spark.sql.shuffle.partitions": str(cfg.shuffle_partitions),
+        # Partition counts that do not depend on how many executor cores happen to be registered
+        # when a job starts (file splits and AQE otherwise follow the live core count): the same
+        # input then gives the same files, and content hashes, locally and on any cluster.
+        "spark.default.parallelism": str(cfg.shuffle_partitions),
+        "spark.sql.files.minPartitionNum": str(cfg.shuffle_partitions),
+        # AQE would merge small shuffle partitions by sizes and timing: keep the configured count.
+        "spark.sql.adaptive.coalescePartitions.enabled": "false",
         "spark.sql.session.timeZone": "UTC",
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         "spark.sql.execution.arrow.maxRecordsPerBatch": str(cfg.arrow_batch_size),
