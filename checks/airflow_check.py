@@ -69,6 +69,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ds", default="2026-01-31")
     ap.add_argument("--keep", action="store_true", help="keep the temporary AIRFLOW_HOME")
     args = ap.parse_args(argv)
+    # Absolute (not resolved: the venv's python is a symlink): tasks run in other folders.
+    args.project_python = os.path.abspath(args.project_python)
+    args.config = os.path.abspath(args.config)
     home = Path(tempfile.mkdtemp(prefix="qarm-airflow-"))
     root = home / "qarm"
     sets = TINY + [f"paths.root={root}", f"mlflow.tracking_uri=sqlite:///{root}/mlflow.db"]
