@@ -51,6 +51,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             ReportError, RegistryError)
 
 
+def _config_only(p: argparse.ArgumentParser) -> None:
+    """--config, --set and -v: the options of the commands that run no stage."""
+    p.add_argument("--config", "-c", metavar="FILE")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", metavar="FILE",
                    help="YAML config (default: built-in defaults, the synthetic demo world)")
@@ -118,12 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "and row counts, registered versions) and summary.json (the same figures). "
                     "--run ID re-renders a report from its summary.json; --ds DATE collects the "
                     "figures of that run date into a new report.")
-    p.add_argument("--config", "-c", metavar="FILE")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _config_only(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--run", metavar="ID", help="a folder name under <root>/reports/")
     g.add_argument("--ds", metavar="DATE", help="build a new report for this run date")
-    p.add_argument("-v", "--verbose", action="store_true")
 
     p = sub.add_parser(
         "lineage", help="a registered model version and everything it was built from",
@@ -132,30 +137,22 @@ def build_parser() -> argparse.ArgumentParser:
                     "may be a number or an alias (champion, challenger).")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("version", metavar="VERSION")
-    p.add_argument("--config", "-c", metavar="FILE")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("-v", "--verbose", action="store_true")
+    _config_only(p)
 
     p = sub.add_parser(
         "dag", help="the stages, their engines and edges (what a scheduler needs)",
         description="Print the DAG for this config in run order: each stage, its engine (spark, "
                     "torch or python) and its upstream stages. jobs/airflow/qarm_daily.py builds "
                     "its Airflow tasks from the same graph.")
-    p.add_argument("--config", "-c", metavar="FILE")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _config_only(p)
     p.add_argument("--json", action="store_true", help="as JSON")
-    p.add_argument("-v", "--verbose", action="store_true")
 
     p = sub.add_parser("status", help="which stages of which run are done, with their outputs")
-    p.add_argument("--config", "-c", metavar="FILE")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _config_only(p)
     p.add_argument("--ds", metavar="DATE", help="only this run date")
-    p.add_argument("-v", "--verbose", action="store_true")
 
     p = sub.add_parser("config", help="print the effective configuration (after --set)")
-    p.add_argument("--config", "-c", metavar="FILE")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("-v", "--verbose", action="store_true")
+    _config_only(p)
     return parser
 
 
