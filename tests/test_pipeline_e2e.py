@@ -5,6 +5,8 @@ assign-only coding with the fitted codebook."""
 
 from __future__ import annotations
 
+import re
+
 import mlflow
 import numpy as np
 import pandas as pd
@@ -301,13 +303,25 @@ def _copy_version(reg, v, tmp_path, name, tags=None, perturb=None):
                                            tags={**v.tags, **(tags or {})})
 
 
-def _scrambled(w):
-    """The ranker's learned tables and layers replaced by noise: a worse model."""
-    import torch
-
-    g = torch.Generator().manual_seed(7)
-    return {k: (torch.randn(v.shape, generator=g) * 0.5 if v.is_floating_point()
-                and "frozen_table" not in k else v) for k, v in w.items()}
+def _inverted(w):
+    """The same ranker with its logit negated exactly, so its AUC is 1 - the original's: a
+    reliably worse model even on a tiny world. The user vector is the first ``d`` inputs of the
+    cross net and the MLP; negating the user table, those input columns of every cross layer's V
+    and of the first MLP layer leaves the hidden activations unchanged (x_l becomes S x_l with S
+    = diag(-1 on the user slice, 1 elsewhere), and V S S x = V x), and negating the last MLP
+    layer and the user table negates both the MLP term and the user x item dot term."""
+    w = dict(w)
+    d = w["sparse.ebc.embedding_bags.user.weight"].shape[1]
+    w["sparse.ebc.embedding_bags.user.weight"] = -w["sparse.ebc.embedding_bags.user.weight"]
+    for k in [k for k in w if re.fullmatch(r"over\.cross\.v\.\d+\.weight", k)] + [
+            "over.mlp.0.weight"]:
+        v = w[k].clone()
+        v[:, :d] = -v[:, :d]
+        w[k] = v
+    last = max(int(k.split(".")[2]) for k in w if k.startswith("over.mlp."))
+    for k in (f"over.mlp.{last}.weight", f"over.mlp.{last}.bias"):
+        w[k] = -w[k]
+    return w
 
 
 def test_the_first_run_promotes_against_popularity_and_prints_the_champions_lineage(run):
@@ -336,7 +350,7 @@ def test_the_gate_accepts_better_refuses_worse_tied_and_inconsistent_lineage(run
     root, store, _, _ = run
     reg = _registry(root)
     good = reg.find("qarm-ranker", arm="codes")
-    worse = _copy_version(reg, good, tmp_path, "worse", perturb=_scrambled)
+    worse = _copy_version(reg, good, tmp_path, "worse", perturb=_inverted)
     tied = _copy_version(reg, good, tmp_path, "tied")
     data = GateData.read(lambda t, columns=None: store.read_arrow(t, columns=columns))
     rcfg = RegistryConfig(bootstrap=300)
