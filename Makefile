@@ -64,6 +64,7 @@ bench: setup
 	$(PY) bench/rq_fit.py
 	$(PY) bench/swing.py
 	$(PY) bench/ranker_throughput.py
+	$(PY) bench/retrieval.py
 
 clean:
 	rm -rf .qarm spark-warehouse

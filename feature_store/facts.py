@@ -137,6 +137,17 @@ class PredictionsFacts:
     train_rate: float = float("nan")
 
 
+@dataclass(frozen=True)
+class CandidatesFacts:
+    #: The tower that wrote the candidates, its registered version ("" if not registered).
+    retriever: str
+    retriever_version: str
+    codebook_version: str
+    index: str
+    top_k: int
+    users: int
+
+
 #: The facts kind of each table that has one.
 TABLE_FACTS: dict[str, type] = {
     **{t: WorldFacts for t in ("raw_items", "raw_events", "truth_items", "truth_users",
@@ -155,6 +166,7 @@ TABLE_FACTS: dict[str, type] = {
     "valid_examples": ExamplesFacts,
     "eval_examples": ExamplesFacts,
     "ranker_predictions": PredictionsFacts,
+    "candidates": CandidatesFacts,
 }
 
 

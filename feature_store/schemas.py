@@ -158,6 +158,20 @@ def predictions_schema() -> pa.Schema:
     )
 
 
+def candidates_schema() -> pa.Schema:
+    """Top-K retrieved items per user (the ``retrieve`` stage's serving tower, from the faiss
+    index over its item vectors; the user's own positives never appear)."""
+    return pa.schema(
+        [
+            pa.field("user_id", pa.int64(), nullable=False),
+            pa.field("item_id", pa.int64(), nullable=False),
+            pa.field("rank", pa.int32(), nullable=False),           # 1 = best
+            pa.field("score", pa.float32(), nullable=False),        # cosine
+            pa.field("retriever", pa.string(), nullable=False),
+        ]
+    )
+
+
 def quarantine_schema() -> pa.Schema:
     return pa.schema(
         [
@@ -188,6 +202,7 @@ FIXED_SCHEMAS = {
     "events": events_schema,
     "item_pairs": item_pairs_schema,
     "quarantine": quarantine_schema,
+    "candidates": candidates_schema,
     "item_id_map": id_map_schema,
     "user_id_map": id_map_schema,
 }

@@ -11,6 +11,7 @@ Examples::
     qarm report                                          # re-render the newest run report
     qarm promote --config configs/demo.yaml              # the promotion gate again
     qarm lineage qarm-ranker champion                    # what the champion was built from
+    qarm recommend --config configs/demo.yaml --user u12 --k 10   # one user's top items
     qarm config --config configs/demo.yaml --set world.n_items=500   # the effective config
 """
 
@@ -44,11 +45,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from quantizer.kmeans import TooFewPoints
     from recsys.features import FeatureSpecError
     from recsys.job import TrainError
+    from jobs.recommend import RecommendError
+    from recsys.index import FaissIndexError
+    from recsys.retrieval import RetrievalError
+    from recsys.saved import ModelFormatError
 
     return (ConfigError, DagError, FactsError, SchemaError, SchemaMismatch, SnapshotNotFound,
             SourceError, SparkUnavailable, UnusableData, CodebookExists, CodebookNotFound,
             ModelNotFound, TooFewPoints, ExamplesError, FeatureSpecError, TrainError,
-            ReportError, RegistryError)
+            ReportError, RegistryError, RecommendError, FaissIndexError, RetrievalError,
+            ModelFormatError)
 
 
 def _config_only(p: argparse.ArgumentParser) -> None:
@@ -137,6 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "may be a number or an alias (champion, challenger).")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("version", metavar="VERSION")
+    _config_only(p)
+
+    p = sub.add_parser(
+        "recommend", help="a user's recommendations with titles (registered retriever + ranker)",
+        description="Print the top items for one user: the champion qarm-retriever (else the "
+                    "one that wrote the newest candidates) ranks every item from the user's "
+                    "positives, the champion qarm-ranker (else the newest of registry.arm) "
+                    "re-ranks its top retrieval.rerank. USER is the id of the source data.")
+    p.add_argument("--user", required=True, metavar="ID", help="the user's id in the source data")
+    p.add_argument("--k", type=int, default=20, help="how many items (default 20)")
     _config_only(p)
 
     p = sub.add_parser(
@@ -262,6 +278,11 @@ def main(argv: list[str] | None = None) -> int:
                     raise RegistryError(f"{args.model} has no alias {version!r}")
                 version = v.version
             print(format_lineage(reg.lineage(args.model, version)))
+            return 0
+        if args.command == "recommend":
+            from jobs.recommend import recommend
+
+            print(recommend(cfg, args.user, args.k).text())
             return 0
         if args.command == "report":
             from jobs.run_report import build, rebuild

@@ -26,7 +26,7 @@ from mm_encoder.config import AlignConfig, ItemEncoderConfig
 from pipelines.config import (EmbedConfig, ExamplesConfig, IngestConfig, PairsConfig,
                               QuantizeConfig, SourceConfig, SparkConfig, SplitConfig,
                               WorldConfig)
-from recsys.config import AblationConfig, TrainConfig
+from recsys.config import AblationConfig, RetrievalConfig, TrainConfig
 
 
 class ConfigError(ValueError):
@@ -81,6 +81,7 @@ class QarmConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -10,6 +10,9 @@ Registered models, each version a folder of weights plus config (nothing is pick
 * ``qarm-ranker`` (``train``, one version per arm): ``weights.safetensors`` and ``ranker.json``
   (``recsys.saved``); tags ``arm``, ``codebook_version``, ``codebook_model_version``,
   ``encoder_version``, ``encoder_model_version``, ``examples`` (snapshot), ``world_size``.
+* ``qarm-retriever`` (``retrieve``, one version per tower): ``weights.safetensors``,
+  ``retriever.json`` and ``features.npz`` (``recsys.saved``); tags ``item_repr``, the codebook
+  and encoder versions it reads, ``events`` (the split snapshot), ``world_size``.
 
 The train stage points the alias ``challenger`` at the production arm's new version
 (``registry.arm``). :func:`promote` moves ``champion`` to it only when the challenger's lineage is
@@ -29,12 +32,14 @@ from typing import Optional
 log = logging.getLogger(__name__)
 
 ENCODER, CODEBOOK, RANKER = "qarm-item-encoder", "qarm-codebook", "qarm-ranker"
+RETRIEVER = "qarm-retriever"
 CHAMPION, CHALLENGER = "champion", "challenger"
 #: Which tag of a version names its parent model's registered version, per model.
 PARENTS = {RANKER: ((CODEBOOK, "codebook_model_version"), (ENCODER, "encoder_model_version")),
+           RETRIEVER: ((CODEBOOK, "codebook_model_version"), (ENCODER, "encoder_model_version")),
            CODEBOOK: ((ENCODER, "encoder_model_version"),), ENCODER: ()}
 #: Tags shown by `qarm lineage` (the versions and snapshots a model was built from).
-LINEAGE_TAGS = ("arm", "kind", "encoder_version", "raw_encoder_version", "codebook_version",
+LINEAGE_TAGS = ("arm", "item_repr", "kind", "encoder_version", "raw_encoder_version", "codebook_version",
                 "pairs_snapshot", "embeddings_snapshot", "examples", "world_size")
 
 
@@ -68,6 +73,22 @@ class Registry:
         hits = [v for v in versions if all(v.tags.get(k) == str(x) for k, x in tags.items())]
         return max(hits, key=lambda v: int(v.version), default=None)
 
+    def parent_tags(self, parents: tuple[str, ...], codebook_version: str,
+                    encoder_version: str) -> dict:
+        """Lineage tags of a model that reads ``parents`` (CODEBOOK and/or ENCODER): each
+        parent's content version and, when registered, its registered version."""
+        tags = {}
+        for model, tag, key, value in ((CODEBOOK, "codebook_model_version", "codebook_version",
+                                        codebook_version),
+                                       (ENCODER, "encoder_model_version", "encoder_version",
+                                        encoder_version)):
+            if model in parents:
+                tags[key] = value
+                found = self.find(model, **{key: value})
+                if found is not None:
+                    tags[tag] = found.version
+        return tags
+
     def alias(self, name: str, alias: str) -> Optional[object]:
         try:
             return self.client.get_model_version_by_alias(name, alias)
@@ -92,9 +113,11 @@ class Registry:
                         for p in self.lineage(parent, v.tags[tag])]
         return out
 
-    def check_lineage(self, v) -> list[str]:
-        """Why a ranker version's registered codebook and encoder are not the ones it was
-        trained with (empty: consistent). Compares tags and the downloaded files' versions."""
+    def check_lineage(self, v, needs: tuple[str, ...] = (CODEBOOK, ENCODER),
+                      name: str = RANKER) -> list[str]:
+        """Why a version's registered codebook and encoder (those of ``needs``) are not the
+        ones it was trained with (empty: consistent). Compares tags and the downloaded files'
+        versions."""
         from mm_encoder.item_encoder import ItemEncoder
         from quantizer.codebook import Codebook
 
@@ -104,8 +127,10 @@ class Registry:
                  lambda d: Codebook.from_bytes((d / "codebook.npz").read_bytes()).version),
                 (ENCODER, "encoder_model_version", "encoder_version",
                  lambda d: ItemEncoder.load(str(d)).version)):
+            if parent not in needs:
+                continue
             if tag not in v.tags:
-                problems.append(f"{RANKER} v{v.version} names no {parent} version ({tag})")
+                problems.append(f"{name} v{v.version} names no {parent} version ({tag})")
                 continue
             try:
                 p = self.version(parent, v.tags[tag])
@@ -114,7 +139,7 @@ class Registry:
                 continue
             want = v.tags.get(want_tag)
             if p.tags.get(want_tag) != want:
-                problems.append(f"{RANKER} v{v.version} was trained with {want_tag} {want}, but "
+                problems.append(f"{name} v{v.version} was trained with {want_tag} {want}, but "
                                 f"{parent} v{p.version} is {p.tags.get(want_tag)}")
             elif actual(self.download(p)) != want:
                 problems.append(f"{parent} v{p.version}'s files are not {want_tag} {want}")
@@ -138,10 +163,12 @@ class Decision:
     champion: Optional[str] = None
     against: str = ""
     stats: dict = field(default_factory=dict)
+    model: str = RANKER
+    metric: str = "AUC"
 
     def text(self) -> str:
         s = self.stats
-        head = (f"{RANKER} v{self.challenger} vs {self.against}: AUC difference "
+        head = (f"{self.model} v{self.challenger} vs {self.against}: {self.metric} difference "
                 f"{s['diff']:+.4f} [{s['lo']:+.4f}, {s['hi']:+.4f}] ({s['level']:.0%}, "
                 f"{s['users']} users, {s['examples']} examples)\n") if s else ""
         verdict = "PROMOTED to champion" if self.promoted else "NOT promoted"

@@ -13,8 +13,8 @@ class EarlyStopping:
     data (kept in checkpoints)."""
 
     def __init__(self, metric: str, patience: int, state: dict | None = None):
-        if metric not in ("auc", "logloss"):
-            raise ValueError(f"valid_metric must be auc or logloss, got {metric!r}")
+        if metric not in ("auc", "logloss", "ndcg"):
+            raise ValueError(f"valid_metric must be auc, logloss or ndcg, got {metric!r}")
         self.metric, self.patience = metric, patience
         st = state or {}
         self.best = st.get("best")
@@ -28,7 +28,7 @@ class EarlyStopping:
 
         self.history.append([step, value])
         better = not math.isnan(value) and (
-            self.best is None or (value > self.best + 1e-5 if self.metric == "auc"
+            self.best is None or (value > self.best + 1e-5 if self.metric != "logloss"
                                   else value < self.best - 1e-5))
         if better:
             self.best, self.best_step, self.bad = value, step, 0

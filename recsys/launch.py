@@ -21,9 +21,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(job: TrainJob, ranks: int, launcher: str = "local", quiet: bool = False) -> dict:
-    """Run ``job`` on ``ranks`` local processes; returns ``result.json``. A failing rank stops
-    the others and raises TrainError with its log's tail."""
+def launch(job: TrainJob, ranks: int, launcher: str = "local", quiet: bool = False,
+           module: str = "recsys.train") -> dict:
+    """Run ``job`` on ``ranks`` local processes of ``python -m module --job job.json`` (the
+    ranker's ranks, or the retriever's); returns ``result.json``. A failing rank stops the
+    others and raises TrainError with its log's tail."""
     out = Path(job.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     job_path = out / "job.json"
@@ -37,7 +39,7 @@ def launch(job: TrainJob, ranks: int, launcher: str = "local", quiet: bool = Fal
     if launcher == "torchrun":
         log_f = open(logs[0], "w")
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
-               "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "recsys.train",
+               "--master-addr=127.0.0.1", f"--master-port={port}", "-m", module,
                "--job", str(job_path)]
         procs.append(subprocess.Popen(cmd, env=base, stdout=log_f, stderr=subprocess.STDOUT,
                                       start_new_session=True))
@@ -49,7 +51,7 @@ def launch(job: TrainJob, ranks: int, launcher: str = "local", quiet: bool = Fal
             show = r == 0 and not quiet
             f = None if show else open(logs[r], "w")
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "recsys.train", "--job", str(job_path)], env=env,
+                [sys.executable, "-m", module, "--job", str(job_path)], env=env,
                 stdout=f, stderr=None if show else subprocess.STDOUT, start_new_session=True))
     else:
         raise ValueError(f"train.launcher must be local or torchrun, got {launcher!r}")
@@ -81,3 +83,23 @@ def launch(job: TrainJob, ranks: int, launcher: str = "local", quiet: bool = Fal
             tail = "\n".join(path.read_text(errors="replace").splitlines()[-30:])
         raise TrainError(f"rank {i} of arm {job.arm} exited with {rc}; log {path}:\n{tail}")
     return json.loads((out / "result.json").read_text())
+
+
+def rank_main(argv, prog: str, description: str, load_job, run_rank) -> None:
+    """The ``main`` of a rank module: read ``--job``, send log lines (ours and TorchRec's
+    planner, gloo, fbgemm) to the rank's log file in the job's folder (the console of rank 0
+    keeps the progress bar and any traceback), run the rank."""
+    import argparse
+    import logging
+
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    ap.add_argument("--job", required=True, help="path of job.json")
+    job = load_job(ap.parse_args(argv).job)
+    rank = os.environ.get("RANK", "0")
+    Path(job.out_dir).mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(Path(job.out_dir) / f"rank{rank}.log", mode="a")
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("recsys").setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    run_rank(job)

@@ -34,14 +34,15 @@ def save_ranker(model, model_cfg, folder: Path, **extra) -> Path:
     return folder
 
 
-def read_config(folder: Path) -> dict:
-    path = Path(folder) / CONFIG
+def read_config(folder: Path, name: str = CONFIG, fmt: str = FORMAT) -> dict:
+    """The JSON config ``name`` of a model folder, checked to be of format ``fmt``."""
+    path = Path(folder) / name
     try:
         cfg = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ModelFormatError(f"{path} is missing or not JSON ({e})") from None
-    if cfg.get("format") != FORMAT:
-        raise ModelFormatError(f"{path} is not a {FORMAT} model (format {cfg.get('format')!r})")
+    if cfg.get("format") != fmt:
+        raise ModelFormatError(f"{path} is not a {fmt} model (format {cfg.get('format')!r})")
     return cfg
 
 
@@ -67,3 +68,60 @@ def load_ranker(folder: Path):
         raise ModelFormatError(f"{path} does not fit its {CONFIG} (missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]})")
     return model.eval()
+
+
+RETRIEVER_FORMAT = "qarm-retriever/1"
+RETRIEVER_CONFIG = "retriever.json"
+FEATURES = "features.npz"
+
+
+def save_retriever(model, job, feats, folder: Path, **extra) -> Path:
+    """Write a trained ``recsys.retrieval.Retriever``: its tensors, the architecture it was
+    built with (``job``'s fields) and the item features it reads (codes, VQ bags, popularity)
+    as plain arrays."""
+    import numpy as np
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS), metadata={"format": RETRIEVER_FORMAT})
+    np.savez(folder / FEATURES, n_items=feats.n_items, rq=feats.rq,
+             vq_offsets=feats.vq_offsets, vq_values=feats.vq_values,
+             codes_per_level=feats.codes_per_level, popularity=feats.popularity)
+    arch = {k: getattr(job, k) for k in ("arm", "dim", "max_len", "blocks", "heads", "dropout",
+                                         "temperature")}
+    (folder / RETRIEVER_CONFIG).write_text(json.dumps({
+        "format": RETRIEVER_FORMAT, "item_repr": job.arm, "arch": arch,
+        "frozen_dim": int(model.items.frozen_table.shape[1])
+        if model.items.proj is not None else 0, **extra}, indent=1))
+    return folder
+
+
+def load_retriever(folder: Path):
+    """``(retriever, item features)`` of ``folder``, on CPU in eval mode; never unpickles."""
+    import numpy as np
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from recsys.retrieval import ItemFeatures, Retriever
+
+    cfg = read_config(folder, RETRIEVER_CONFIG, RETRIEVER_FORMAT)
+    try:
+        state = load_file(str(Path(folder) / WEIGHTS))
+        z = np.load(Path(folder) / FEATURES, allow_pickle=False)
+        feats = ItemFeatures(int(z["n_items"]), z["rq"], z["vq_offsets"], z["vq_values"],
+                             int(z["codes_per_level"]), z["popularity"])
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelFormatError(f"{folder} does not hold plain tensors and arrays ({e}); qarm "
+                               "never loads a model by unpickling") from None
+    a = cfg["arch"]
+    frozen = torch.zeros(feats.n_items, cfg["frozen_dim"]) if cfg["frozen_dim"] else None
+    model = Retriever(cfg["item_repr"], feats, a["dim"], a["max_len"], a["blocks"], a["heads"],
+                      a["dropout"], a["temperature"], frozen)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelFormatError(f"{folder} weights do not fit {RETRIEVER_CONFIG} (missing "
+                               f"{missing[:3]}, unexpected {unexpected[:3]})")
+    return model.eval(), feats

@@ -24,7 +24,6 @@ Run by ``qarm train`` (which spawns the ranks, or calls ``torchrun``) or directl
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -59,42 +58,16 @@ def _planner_constraints(spec, device_type: str = "cpu"):
 
 def build_dmp(job: TrainJob, device, pg):
     """The sharded model and its combined optimizer (fused sparse + dense Adam)."""
-    import torch
-    from torchrec.distributed.model_parallel import DistributedModelParallel
-    from torchrec.distributed.planner import EmbeddingShardingPlanner
-    from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
-    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
-    from torchrec.optim.optimizers import in_backward_optimizer_filter
-    from torchrec.optim import optimizers as trec_optim
-    from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
-
     from recsys.model import build_ranker
+    from recsys.sharding import shard
 
     spec, cfg = spec_from_dict(job.spec), model_config(job.model)
-    world = torch.distributed.get_world_size(pg)
     model = build_ranker(spec, cfg, "meta", ec_device="cpu" if device.type == "cpu" else "meta")
-    # Fused into the backward: fbgemm updates only the rows a batch looked up.
-    if job.sparse_optimizer == "adagrad":
-        apply_optimizer_in_backward(trec_optim.Adagrad, list(model.sparse.parameters()),
-                                    {"lr": job.sparse_lr, "eps": 1e-8})
-    else:
-        apply_optimizer_in_backward(RowWiseAdagrad, list(model.sparse.parameters()),
-                                    {"lr": job.sparse_lr, "eps": 1e-8})
-    topology = TopologyFactory.create_topology(
-        trainer_config=TrainerConfig(
-            world_size=world, local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world))),
-        kernel_config=KernelConfig(compute_device=device.type))
-    planner = EmbeddingShardingPlanner(topology=topology, batch_size=job.micro_batch,
-                                       constraints=_planner_constraints(spec, device.type),
-                                       debug=False)
-    plan = planner.collective_plan(model, None, pg)
-    dmp = DistributedModelParallel(model, device=device, plan=plan)
-    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
-                                  lambda params: torch.optim.AdamW(
-                                      params, lr=job.dense_lr,
-                                      weight_decay=job.dense_weight_decay))
-    return dmp, CombinedOptimizer([dmp.fused_optimizer, dense]), dense, plan, spec
+    dmp, opt, dense, plan = shard(model, model.sparse.parameters(),
+                                  _planner_constraints(spec, device.type), device, pg,
+                                  job.micro_batch, job.sparse_optimizer, job.sparse_lr,
+                                  job.dense_lr, job.dense_weight_decay)
+    return dmp, opt, dense, plan, spec
 
 
 def initial_state(job: TrainJob) -> dict:
@@ -341,24 +314,13 @@ def run_rank(job: TrainJob) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(
-        prog="python -m recsys.train",
-        description="One rank of ranker training. Start it with torchrun (or let `qarm train` "
-                    "spawn the ranks); the job file is written by `qarm train` into the "
-                    "arm's output folder.")
-    ap.add_argument("--job", required=True, help="path of job.json")
-    args = ap.parse_args(argv)
-    job = TrainJob.load(args.job)
-    # Log lines (ours and TorchRec's planner, gloo, fbgemm) go to the rank's log file; the
-    # console (rank 0 under `qarm train`) keeps the progress bar and any traceback.
-    rank = os.environ.get("RANK", "0")
-    Path(job.out_dir).mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(Path(job.out_dir) / f"rank{rank}.log", mode="a")
-    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    log.setLevel(logging.INFO)
-    logging.captureWarnings(True)
-    run_rank(job)
+    from recsys.launch import rank_main
+
+    rank_main(argv, "python -m recsys.train",
+              "One rank of ranker training. Start it with torchrun (or let `qarm train` "
+                "spawn the ranks); the job file is written by `qarm train` into the arm's "
+                "output folder.",
+              TrainJob.load, run_rank)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,10 @@ EXTRA = ["world.n_users=80", "world.impressions_per_user=60", "encoder.image_siz
          "encoder.dim=16", "embed.partitions=6", "pairs.min_support=1", "align.epochs=2",
          "quantize.rq.codes=8", "quantize.rq.levels=2", "quantize.vq.k=5",
          "quantize.partitions=3", "examples.partitions=2", "train.batch_size=256",
-         "train.epochs=1", "train.model.dim=8", "train.model.mlp=[32]"]
+         "train.epochs=1", "train.model.dim=8", "train.model.mlp=[32]",
+         "retrieval.max_steps=30", "retrieval.valid_every=10", "retrieval.dim=8",
+         "retrieval.max_len=10", "retrieval.batch_size=32", "retrieval.sampled_negatives=32",
+         "retrieval.bootstrap=200", "retrieval.rerank=30", "retrieval.top_k=20"]
 
 
 def _args(root, *extra):
@@ -66,7 +69,8 @@ def _own_args(root, *extra):
 def test_every_stage_ran_and_printed_its_report(run):
     _, _, dag, out = run
     for stage in ("world", "ingest", "split", "embed", "pairs", "align", "quantize",
-                  "quantize_raw", "examples", "train", "evaluate", "promote"):
+                  "quantize_raw", "examples", "train", "evaluate", "promote", "retrieve",
+                  "promote_retriever"):
         assert dag.state.last_success(DS, stage) is not None, stage
     for needle in ("rows_in", "embedded 120 of 120", "mean score", "aligned encoder",
                    "10-NN purity", "utilization", "sharing an RQ prefix", "mean history",
@@ -142,6 +146,50 @@ def test_every_arm_is_scored_evaluated_and_registered_with_its_versions(run):
     np.testing.assert_allclose(both.mine, both.score, atol=1e-5)
 
 
+def test_retrieve_writes_candidates_the_table_and_registers_every_tower(run, capsys):
+    import json
+
+    root, store, _, out = run
+    for needle in ("cold R@50", "code_prefix", "two_stage", "paired differences",
+                   "ids+codes - ids (cold, recall@50)", "qarm-retriever v"):
+        assert needle in out, needle
+    cand = store.read_arrow("candidates").to_pandas()
+    facts = store.get("candidates").facts
+    assert facts.top_k == 20 and facts.retriever in ("ids", "codes", "ids+codes")
+    assert set(cand.retriever) == {facts.retriever}
+    events = store.read_arrow("events").to_pandas()
+    own = events[events.label == 1].groupby("user_id").item_id.apply(set)
+    assert cand.user_id.nunique() == len(own)
+    for u, g in cand.groupby("user_id"):
+        assert not set(g.item_id) & own[u]                   # never the user's own positives
+        g = g.sort_values("rank")
+        assert g["rank"].tolist() == list(range(1, len(g) + 1))
+        assert (np.diff(g.score.to_numpy()) <= 1e-6).all()
+    summary = json.loads((root / "runs" / DS / "evaluate" / "retrieval.json").read_text())
+    names = {r["retriever"] for r in summary["rows"]}
+    assert {"ids", "codes", "ids+codes", "random", "popularity", "item2item", "content",
+            "code_prefix", "two_stage"} <= names
+    for r in summary["rows"]:
+        assert r["n"] == 0 or r["lo"] <= r["value"] <= r["hi"]
+    reg = _registry(root)
+    codes = reg.find("qarm-retriever", item_repr="codes")
+    chain = reg.lineage("qarm-retriever", codes.version)
+    assert [c["model"] for c in chain][:3] == ["qarm-retriever", "qarm-codebook",
+                                               "qarm-item-encoder"]
+    assert codes.tags["codebook_version"] == store.get("item_codes").facts.codebook_version
+    assert "codebook_version" not in reg.find("qarm-retriever", item_repr="ids").tags
+    # One user's recommendations, with titles, re-ranked by the registered ranker.
+    user = store.read_arrow("user_id_map").to_pandas().external_id.iloc[0]
+    assert main(["recommend", "--set", f"paths.root={root}", "--set",
+                 f"mlflow.tracking_uri=sqlite:///{root}/mlflow.db", "--user", str(user),
+                 "--k", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert "re-ranked by qarm-ranker" in printed and printed.count("\n") >= 7
+    assert main(["recommend", "--set", f"paths.root={root}", "--set",
+                 f"mlflow.tracking_uri=sqlite:///{root}/mlflow.db", "--user", "nobody"]) == 0
+    assert "unknown: the most popular items" in capsys.readouterr().out
+
+
 def test_embed_writes_one_unit_embedding_per_item_loading_the_model_once_per_worker(run):
     _, store, dag, _ = run
     emb = store.read_arrow("item_embeddings")
@@ -212,6 +260,35 @@ def test_codes_for_every_item_and_assign_only_gives_the_same_codes(own_run, caps
     assert "no codebook cb-nope" in capsys.readouterr().err
     assert main(["quantize", *_own_args(root, "--assign-only")]) == 2
     assert "needs --codebook" in capsys.readouterr().err
+
+
+def test_a_cold_item_coded_assign_only_is_retrieved_through_its_codes(own_run, capsys):
+    from recsys.retrievers import CodePrefix
+
+    root, store = own_run
+    version = store.get("item_codes").facts.codebook_version
+    assert main(["quantize", *_own_args(root, "--assign-only", "--codebook", version)]) == 0
+    capsys.readouterr()
+    ids, rq, _, _ = _codes(store, "item_codes")
+    split = store.read_arrow("split_events").to_pandas()
+    pop = np.bincount(split[(split.part == "train") & (split.label == 1)].item_id,
+                      minlength=len(ids))
+    cold = np.setdiff1d(ids, split[split.part == "train"].item_id.unique())
+    assert len(cold)
+    checked = 0
+    for c in cold:
+        prefix = (rq[:, 0] == rq[c, 0]) & (rq[:, 1] == rq[c, 1])
+        same = np.flatnonzero(prefix & (pop > 0))
+        if not len(same):
+            continue
+        hist = ids[same][:5]
+        scores = CodePrefix(rq, 8, pop, recent=5).scores([hist])[0]
+        scores[hist] = -np.inf
+        order = np.argsort(-scores.numpy(), kind="stable")
+        # Only items sharing its whole prefix (warm ones first, by popularity) come before it.
+        assert int(np.flatnonzero(order == c)[0]) < int(prefix.sum()) - len(hist)
+        checked += 1
+    assert checked >= 1
 
 
 def test_rerun_skips_everything(own_run, capsys):
@@ -377,6 +454,41 @@ def test_the_gate_accepts_better_refuses_worse_tied_and_inconsistent_lineage(run
                  str(good.version)]) == 0
     printed = capsys.readouterr().out
     assert f"qarm-ranker v{good.version}" in printed and "qarm-codebook v" in printed
+
+
+def test_the_retriever_gate_first_run_tie_and_lineage(run, tmp_path):
+    from jobs.config import RegistryConfig
+    from jobs.stages.promote_retriever import compare
+    from jobs.stages.retrieve import read_events
+    from recsys.retrieval_data import retrieval_data
+
+    root, store, _, out = run
+    reg = _registry(root)
+    row = store.read_arrow("retriever_promotions").to_pylist()[0]
+    chall = reg.alias("qarm-retriever", "challenger")
+    assert row["challenger"] == str(chall.version) == store.get("candidates").facts.retriever_version
+    assert row["against"] == "popularity (no champion yet)"
+    assert row["promoted"] == (row["lo"] > 0) == (reg.alias("qarm-retriever", "champion")
+                                                  is not None)
+    assert "qarm-retriever v" in out and "Recall@50 difference" in out
+
+    class IO:
+        def arrow(self, t, columns=None):
+            return store.read_arrow(t, columns=columns)
+
+    events, n = read_events(IO())
+    data = retrieval_data(events, n, 10)
+    rcfg = RegistryConfig(bootstrap=200)
+    tied = reg.client.create_model_version("qarm-retriever", chall.source, tags=chall.tags)
+    same = compare(reg, tied, chall, data.test, data, rcfg)
+    assert not same.promoted and same.stats["diff"] == 0.0 and "not above 0" in same.reason
+    codes = reg.find("qarm-retriever", item_repr="codes")
+    raw_cb = reg.find("qarm-codebook", kind="raw")
+    wrong = reg.client.create_model_version(
+        "qarm-retriever", codes.source,
+        tags={**codes.tags, "codebook_model_version": raw_cb.version})
+    bad = compare(reg, wrong, None, data.test, data, rcfg)
+    assert not bad.promoted and "inconsistent lineage" in bad.reason
 
 
 def test_loading_a_registered_model_never_unpickles(run, tmp_path):

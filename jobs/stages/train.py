@@ -197,15 +197,7 @@ def register_ranker(ctx: StageContext, arm: str, res, facts, examples_ref: str):
     # aligned embedding (encoder). The raw encoder and the raw codes' codebook are not gated.
     parents = {"codes": (CODEBOOK, ENCODER), "codes+frozen": (CODEBOOK, ENCODER),
                "frozen_aligned": (ENCODER,)}.get(arm, ())
-    for model, tag, key, value in ((CODEBOOK, "codebook_model_version", "codebook_version",
-                                    facts.codebook_version),
-                                   (ENCODER, "encoder_model_version", "encoder_version",
-                                    facts.encoder_version)):
-        if model in parents:
-            tags[key] = value
-            found = reg.find(model, **{key: value})
-            if found is not None:
-                tags[tag] = found.version
+    tags.update(reg.parent_tags(parents, facts.codebook_version, facts.encoder_version))
     return ctx.tracker.register_folder(str(folder), f"ranker_{arm.replace('+', '_')}", RANKER,
                                        tags=tags)
 
