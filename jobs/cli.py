@@ -203,6 +203,8 @@ def setup_logging(cfg: QarmConfig | None, verbose: bool) -> None:
     logging.captureWarnings(True)
     for noisy in ("py4j", "alembic", "urllib3", "matplotlib", "PIL", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # torch.fx warns on every trace (TorchRec traces models) that is_fx_tracing covers export.
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 
 
 def print_outcomes(outcomes, store_root: Path) -> None:

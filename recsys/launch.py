@@ -101,5 +101,7 @@ def rank_main(argv, prog: str, description: str, load_job, run_rank) -> None:
     logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("recsys").setLevel(logging.INFO)
+    # torch.fx warns on every trace that is_fx_tracing covers export too: console noise.
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     logging.captureWarnings(True)
     run_rank(job)

@@ -171,6 +171,10 @@ def test_retrieve_writes_candidates_the_table_and_registers_every_tower(run, cap
             "code_prefix", "two_stage"} <= names
     for r in summary["rows"]:
         assert r["n"] == 0 or r["lo"] <= r["value"] <= r["hi"]
+    # The run report plots recall@K of every retriever.
+    report = json.loads(sorted((root / "reports").glob("*/summary.json"))[-1].read_text())
+    assert [k for k, _ in report["retrieval"]["codes"]] == [10, 20, 50]
+    assert {"two_stage", "code_prefix"} <= set(report["retrieval"])
     reg = _registry(root)
     codes = reg.find("qarm-retriever", item_repr="codes")
     chain = reg.lineage("qarm-retriever", codes.version)

@@ -53,10 +53,15 @@ class RetrieveReport(StageReport):
         return format_summary(self.summary) + (f"\nregistered: {reg}" if reg else "")
 
     def metrics(self) -> dict[str, float]:
-        out = {f"{r['retriever']}.{r['slice']}.{r['metric']}": r["value"]
-               for r in self.summary["rows"] if r["n"]}
+        # `<retriever>.recall_at_<K>` (all test targets) is what the run report plots.
+        out = {}
+        for r in self.summary["rows"]:
+            if r["n"] and r["slice"] in ("all", "cold"):
+                metric = r["metric"].replace("@", "_at_")
+                prefix = "" if r["slice"] == "all" else "cold_"
+                out[f"{r['retriever']}.{prefix}{metric}"] = r["value"]
         for n, t in self.summary["towers"].items():
-            out[f"{n}.valid_ndcg@10"] = float(sum(v or 0 for v in t["valid_ndcg@10"])
+            out[f"{n}.valid_ndcg_at_10"] = float(sum(v or 0 for v in t["valid_ndcg@10"])
                                               / len(t["valid_ndcg@10"]))
         return out
 
