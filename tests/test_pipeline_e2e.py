@@ -475,6 +475,8 @@ def test_the_retriever_gate_first_run_tie_and_lineage(run, tmp_path):
     assert row["promoted"] == (row["lo"] > 0) == (reg.alias("qarm-retriever", "champion")
                                                   is not None)
     assert "qarm-retriever v" in out and "Recall@50 difference" in out
+    if row["promoted"]:
+        assert "lineage of the champion:\nqarm-retriever v" in out
 
     class IO:
         def arrow(self, t, columns=None):

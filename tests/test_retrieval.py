@@ -183,3 +183,38 @@ def test_two_rank_training_learns_and_a_cold_item_is_retrieved_through_its_codes
     cold_c = np.flatnonzero((cl == c) & cold)
     ranks = [int(np.flatnonzero(order == i)[0]) for i in cold_c]
     assert max(ranks) < 40, ranks
+
+
+def test_a_saved_retriever_loads_the_same_and_a_pickle_is_refused(tmp_path):
+    import pickle
+
+    from recsys.retrieval_train import RetrievalJob
+    from recsys.saved import ModelFormatError, load_retriever, save_retriever
+
+    feats, seqs, _, _ = _world(n=40, clusters=4, users=10)
+    torch.manual_seed(0)
+    model = Retriever("ids+codes", feats, 8, 6, 1, 1, 0.0, 0.1).eval()
+    job = RetrievalJob("ids+codes", "", "", "", "", "", dim=8, max_len=6, blocks=1, heads=1,
+                       dropout=0.0, temperature=0.1, sampled=8, micro_batch=4, epochs=1,
+                       patience=0, valid_every=0, max_steps=1, sparse_lr=0.1, dense_lr=1e-3,
+                       init_scale=0.1, seed=0)
+    folder = save_retriever(model, job, feats, tmp_path / "r")
+    loaded, feats2 = load_retriever(folder)
+    np.testing.assert_array_equal(feats2.rq, feats.rq)
+    torch.testing.assert_close(Tower(loaded, feats2).scores(seqs[:3]),
+                               Tower(model, feats).scores(seqs[:3]))
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    for name in ("weights.safetensors", "features.npz"):
+        bad = tmp_path / f"bad_{name}"
+        import shutil
+
+        shutil.copytree(folder, bad)
+        (bad / name).write_bytes(pickle.dumps(Payload()))
+        with pytest.raises(ModelFormatError, match="never"):
+            load_retriever(bad)
+    assert not marker.exists()

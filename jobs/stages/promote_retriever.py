@@ -19,9 +19,11 @@ METRIC = "recall@50"
 @dataclass
 class PromoteRetrieverReport(StageReport):
     decision: object
+    lineage: str = ""
 
     def text(self) -> str:
-        return self.decision.text()
+        return self.decision.text() + (f"\nlineage of the champion:\n{self.lineage}"
+                                       if self.lineage else "")
 
     def metrics(self) -> dict[str, float]:
         s = self.decision.stats
@@ -97,11 +99,13 @@ def compare(reg, chall, champ, queries, data, rcfg):
 def run(ctx: StageContext) -> PromoteRetrieverReport:
     import pyarrow as pa
 
-    from jobs.registry import CHALLENGER, CHAMPION, RETRIEVER, Decision, Registry
+    from jobs.registry import (CHALLENGER, CHAMPION, RETRIEVER, Decision, Registry,
+                               format_lineage)
     from jobs.stages.retrieve import read_events
     from recsys.retrieval_data import retrieval_data
 
     facts = ctx.io.manifest("candidates").facts
+    reg = None
     if not ctx.cfg.mlflow.enabled or not facts.retriever_version:
         d = Decision(False, "the registry is off, or the serving tower was not registered "
                             "(mlflow.enabled, retrieval.register)", model=RETRIEVER)
@@ -122,7 +126,9 @@ def run(ctx: StageContext) -> PromoteRetrieverReport:
         "against": [d.against], "diff": [s.get("diff")], "lo": [s.get("lo")],
         "hi": [s.get("hi")], "promoted": [d.promoted], "reason": [d.reason]}, schema=schema),
         schema=schema)
-    return PromoteRetrieverReport({"retriever_promotions": out}, d)
+    champ = reg.alias(RETRIEVER, CHAMPION) if reg is not None else None
+    lineage = format_lineage(reg.lineage(RETRIEVER, champ.version)) if champ else ""
+    return PromoteRetrieverReport({"retriever_promotions": out}, d, lineage)
 
 
 STAGE = Stage(
