@@ -97,8 +97,11 @@ def test_index_factories_and_a_clear_error():
         assert idx.ntotal == 500
         a, _ = search_excluding(idx, x[:5], 10, [np.zeros(0, np.int64)] * 5)
         assert (a[:, 0] == np.arange(5)).mean() >= 0.6          # approximate, mostly itself
-    a, _ = search_excluding(flat, x[:5], 10, [np.zeros(0, np.int64)] * 5)
+    a, sc = search_excluding(flat, x[:5], 10, [np.zeros(0, np.int64)] * 5)
     assert (a[:, 0] == np.arange(5)).all()
+    # Scores are cosines whatever metric the index uses (unit vectors are indexed with L2).
+    np.testing.assert_allclose(sc[:, 0], 1.0, atol=1e-5)
+    np.testing.assert_allclose(sc[0, 1], float(x[0] @ x[a[0, 1]]), atol=1e-5)
     with pytest.raises(FaissIndexError, match="lists for 500 items"):
         build_index(x, "IVF1024,Flat")
     with pytest.raises(FaissIndexError, match="factory string"):
