@@ -148,6 +148,19 @@ class CandidatesFacts:
     users: int
 
 
+@dataclass(frozen=True)
+class TaggerFacts:
+    #: The tagger's content version ("" when no tagger was trained), its backbone and folder.
+    version: str
+    backbone: str
+    folder: str
+    tags: int
+    holdout_map: float
+    baseline_map: float
+    n_train: int
+    n_holdout: int
+
+
 #: The facts kind of each table that has one.
 TABLE_FACTS: dict[str, type] = {
     **{t: WorldFacts for t in ("raw_items", "raw_events", "truth_items", "truth_users",
@@ -167,6 +180,7 @@ TABLE_FACTS: dict[str, type] = {
     "eval_examples": ExamplesFacts,
     "ranker_predictions": PredictionsFacts,
     "candidates": CandidatesFacts,
+    "item_pred_tags": TaggerFacts,
 }
 
 

@@ -172,6 +172,17 @@ def candidates_schema() -> pa.Schema:
     )
 
 
+def item_pred_tags_schema() -> pa.Schema:
+    """Tags the ``pretrain`` stage's tagger predicts for every item with an image."""
+    return pa.schema(
+        [
+            pa.field("item_id", pa.int64(), nullable=False),
+            pa.field("pred_tags", pa.list_(pa.string()), nullable=False),
+            pa.field("scores", pa.list_(pa.float32()), nullable=False),
+        ]
+    )
+
+
 def quarantine_schema() -> pa.Schema:
     return pa.schema(
         [
@@ -203,6 +214,7 @@ FIXED_SCHEMAS = {
     "item_pairs": item_pairs_schema,
     "quarantine": quarantine_schema,
     "candidates": candidates_schema,
+    "item_pred_tags": item_pred_tags_schema,
     "item_id_map": id_map_schema,
     "user_id_map": id_map_schema,
 }

@@ -12,6 +12,7 @@ Examples::
     qarm promote --config configs/demo.yaml              # the promotion gate again
     qarm lineage qarm-ranker champion                    # what the champion was built from
     qarm recommend --config configs/demo.yaml --user u12 --k 10   # one user's top items
+    qarm tag ../shared/data/coco128-train/images --top 3          # tag a folder of images
     qarm config --config configs/demo.yaml --set world.n_items=500   # the effective config
 """
 
@@ -46,6 +47,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from recsys.features import FeatureSpecError
     from recsys.job import TrainError
     from jobs.recommend import RecommendError
+    from jobs.tag import TagError
+    from mm_encoder.tagger import TaggerError
     from recsys.index import FaissIndexError
     from recsys.retrieval import RetrievalError
     from recsys.saved import ModelFormatError
@@ -54,7 +57,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             SourceError, SparkUnavailable, UnusableData, CodebookExists, CodebookNotFound,
             ModelNotFound, TooFewPoints, ExamplesError, FeatureSpecError, TrainError,
             ReportError, RegistryError, RecommendError, FaissIndexError, RetrievalError,
-            ModelFormatError)
+            ModelFormatError, TagError, TaggerError)
 
 
 def _config_only(p: argparse.ArgumentParser) -> None:
@@ -153,6 +156,18 @@ def build_parser() -> argparse.ArgumentParser:
                     "re-ranks its top retrieval.rerank. USER is the id of the source data.")
     p.add_argument("--user", required=True, metavar="ID", help="the user's id in the source data")
     p.add_argument("--k", type=int, default=20, help="how many items (default 20)")
+    _config_only(p)
+
+    p = sub.add_parser(
+        "tag", help="tag a folder of images with the tagger the pretrain stage trained",
+        description="Print the predicted tags of every image file in FOLDER (jpg, png, ...), "
+                    "best first, with the registered qarm-tagger (champion, else newest), or "
+                    "the one the newest item_pred_tags snapshot names.")
+    p.add_argument("folder", metavar="FOLDER")
+    p.add_argument("--top", type=int, default=5, help="tags per image (default 5)")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="lowest probability shown (the best tag is always shown)")
+    p.add_argument("--json", action="store_true", help="as JSON")
     _config_only(p)
 
     p = sub.add_parser(
@@ -280,6 +295,12 @@ def main(argv: list[str] | None = None) -> int:
                     raise RegistryError(f"{args.model} has no alias {version!r}")
                 version = v.version
             print(format_lineage(reg.lineage(args.model, version)))
+            return 0
+        if args.command == "tag":
+            from jobs.tag import format_rows, tag_folder
+
+            print(format_rows(tag_folder(cfg, args.folder, args.top, args.threshold),
+                              args.json))
             return 0
         if args.command == "recommend":
             from jobs.recommend import recommend

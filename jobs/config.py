@@ -22,7 +22,7 @@ from typing import Literal, Optional
 import yaml
 
 from feature_store.typed import from_dict
-from mm_encoder.config import AlignConfig, ItemEncoderConfig
+from mm_encoder.config import AlignConfig, ItemEncoderConfig, PretrainConfig
 from pipelines.config import (EmbedConfig, ExamplesConfig, IngestConfig, PairsConfig,
                               QuantizeConfig, SourceConfig, SparkConfig, SplitConfig,
                               WorldConfig)
@@ -71,6 +71,7 @@ class QarmConfig:
     world: WorldConfig = field(default_factory=WorldConfig)
     source: SourceConfig = field(default_factory=SourceConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     encoder: ItemEncoderConfig = field(default_factory=ItemEncoderConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     split: SplitConfig = field(default_factory=SplitConfig)

@@ -12,14 +12,18 @@ class ItemEncoderConfig:
     dim: int = 64
     #: ``minilm`` (packaged all-MiniLM-L6-v2), ``clip``, or a local transformers model directory.
     text_tower: str = "minilm"
-    #: ``mobilenet_v2`` (packaged ImageNet weights), ``cat``, ``clip``, or ``none``.
-    image_tower: Literal["mobilenet_v2", "cat", "clip", "none"] = "mobilenet_v2"
+    #: ``mobilenet_v2`` (packaged ImageNet weights), ``cat``, ``clip``, ``tagger`` (the
+    #: backbone the ``pretrain`` stage trained on the items' tags), or ``none``.
+    image_tower: Literal["mobilenet_v2", "cat", "clip", "tagger", "none"] = "mobilenet_v2"
     #: Encode video frames with the image tower (ignored when there is no image tower).
     video: bool = True
     #: Side length images and frames are resized to before the image tower.
     image_size: int = 96
     clip_path: Optional[str] = None
     cat_checkpoint: Optional[str] = None
+    #: The saved tagger folder of the ``tagger`` image tower (set by the embed stage from the
+    #: ``pretrain`` stage's output; a path to use another).
+    tagger_path: Optional[str] = None
     #: CAT variant of the ``cat`` image tower (see ``mm_encoder/cat.py``).
     cat_variant: Literal["micro", "tiny", "small", "base"] = "micro"
     text_max_length: int = 64
@@ -49,4 +53,30 @@ class AlignConfig:
     #: Pair sources to train on (of those the pairs stage mined).
     sources: list[Literal["swing", "itemcf", "u2i"]] = field(
         default_factory=lambda: ["swing", "itemcf", "u2i"])
+    seed: int = 0
+
+
+@dataclass
+class PretrainConfig:
+    """The ``pretrain`` stage: a multi-label tagger trained on the items' tags
+    (``mm_encoder/tagger.py``); its backbone can be the item encoder's image tower."""
+    enabled: bool = True
+    #: ``mltr`` (MlTr micro) or ``cat`` (CAT micro).
+    backbone: Literal["mltr", "cat"] = "mltr"
+    image_size: int = 32
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    #: Asymmetric loss (ASL): focusing of negatives and positives, probability margin.
+    gamma_neg: float = 4.0
+    gamma_pos: float = 0.0
+    margin: float = 0.05
+    #: Share of the items held out (chosen by a hash of the item id) for the metrics.
+    holdout: float = 0.2
+    #: Tags with fewer training items are left out of the vocabulary.
+    min_count: int = 2
+    #: Predicted tags of an item: those with probability >= threshold, at most ``top``.
+    threshold: float = 0.5
+    top: int = 5
     seed: int = 0

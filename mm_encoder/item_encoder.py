@@ -66,8 +66,11 @@ class Towers:
             self.image = T.CATTower(cfg.cat_checkpoint, cfg.cat_variant, cfg.image_size)
         elif cfg.image_tower == "clip":
             self.image = T.CLIPImageTower(clip)
+        elif cfg.image_tower == "tagger":
+            self.image = T.TaggerTower(cfg.tagger_path)
         else:
-            raise ValueError(f"encoder.image_tower must be mobilenet_v2, cat, clip or none, got "
+            raise ValueError(f"encoder.image_tower must be mobilenet_v2, cat, clip, tagger or "
+                             f"none, got "
                              f"{cfg.image_tower!r}")
 
     def dims(self) -> dict[str, int]:

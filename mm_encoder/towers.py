@@ -152,7 +152,37 @@ class MobileNetV2Tower(nn.Module):
         return self.forward_tensor(to_tensor([decode_rgb(b, self.image_size) for b in images]))
 
 
-class CATTower(nn.Module):
+class BackboneTower(nn.Module):
+    """An image tower around a backbone with ``forward_features`` (pooled, before any head)."""
+
+    model: nn.Module
+    image_size: int
+
+    @torch.no_grad()
+    def forward_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
+
+    def forward(self, images: Sequence[bytes]) -> torch.Tensor:
+        return self.forward_tensor(to_tensor([decode_rgb(b, self.image_size) for b in images]))
+
+
+class TaggerTower(BackboneTower):
+    """The backbone of a tagger trained by the ``pretrain`` stage (MlTr or CAT): its pooled
+    features, before the tag head."""
+
+    def __init__(self, folder: Optional[str]):
+        super().__init__()
+        from mm_encoder.tagger import load_tagger
+
+        if not folder or not os.path.isdir(folder):
+            raise ModelNotFound(f"encoder.image_tower is tagger but the tagger folder "
+                                f"'{folder}' does not exist: run the pretrain stage first")
+        self.model, _, cfg = load_tagger(folder)
+        self.image_size = cfg.image_size
+        self.dim = self.model.num_features
+
+
+class CATTower(BackboneTower):
     """A CAT backbone from a checkpoint (this project's or the official layout); pooled 8C."""
 
     def __init__(self, checkpoint: Optional[str], variant: str = "micro", image_size: int = 32):
@@ -171,13 +201,6 @@ class CATTower(nn.Module):
         self.model.eval()
         self.image_size = image_size
         self.dim = self.model.num_features
-
-    @torch.no_grad()
-    def forward_tensor(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_features(x)
-
-    def forward(self, images: Sequence[bytes]) -> torch.Tensor:
-        return self.forward_tensor(to_tensor([decode_rgb(b, self.image_size) for b in images]))
 
 
 class CLIPTowers(nn.Module):

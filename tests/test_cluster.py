@@ -144,7 +144,9 @@ def _run_args(root):
     for o in tiny_world_overrides(root) + ["mlflow.enabled=false", "encoder.image_size=32",
                                            "encoder.dim=16", "align.epochs=2",
                                            "quantize.rq.codes=8", "quantize.rq.levels=2",
-                                           "quantize.vq.k=5", "pairs.min_support=1"]:
+                                           "quantize.vq.k=5", "pairs.min_support=1",
+                                           # A torch stage, not part of this Spark proof.
+                                           "pretrain.enabled=false"]:
         out += ["--set", o]
     return ["run", *out, "--ds", "2026-01-31", "--until", SPARK_STAGES_UNTIL, "--no-progress"]
 

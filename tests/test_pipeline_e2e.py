@@ -27,7 +27,8 @@ EXTRA = ["world.n_users=80", "world.impressions_per_user=60", "encoder.image_siz
          "train.epochs=1", "train.model.dim=8", "train.model.mlp=[32]",
          "retrieval.max_steps=30", "retrieval.valid_every=10", "retrieval.dim=8",
          "retrieval.max_len=10", "retrieval.batch_size=32", "retrieval.sampled_negatives=32",
-         "retrieval.bootstrap=200", "retrieval.rerank=30", "retrieval.top_k=20"]
+         "retrieval.bootstrap=200", "retrieval.rerank=30", "retrieval.top_k=20",
+         "pretrain.epochs=2", "pretrain.batch_size=32"]
 
 
 def _args(root, *extra):
@@ -68,7 +69,7 @@ def _own_args(root, *extra):
 
 def test_every_stage_ran_and_printed_its_report(run):
     _, _, dag, out = run
-    for stage in ("world", "ingest", "split", "embed", "pairs", "align", "quantize",
+    for stage in ("world", "ingest", "split", "pretrain", "embed", "pairs", "align", "quantize",
                   "quantize_raw", "examples", "train", "evaluate", "promote", "retrieve",
                   "promote_retriever"):
         assert dag.state.last_success(DS, stage) is not None, stage
@@ -295,11 +296,47 @@ def test_a_cold_item_coded_assign_only_is_retrieved_through_its_codes(own_run, c
     assert checked >= 1
 
 
+def test_pretrain_tags_every_item_registers_the_tagger_and_tags_a_folder(run, tmp_path,
+                                                                         capsys):
+    import json
+
+    root, store, _, out = run
+    pred = store.read_arrow("item_pred_tags").to_pandas()
+    facts = store.get("item_pred_tags").facts
+    assert len(pred) == 120 and pred.pred_tags.map(len).between(1, 5).all()
+    assert facts.version and facts.n_train + facts.n_holdout == 120 and facts.tags > 5
+    assert "held-out mAP" in out and "label-frequency baseline" in out
+    reg = _registry(root)
+    assert reg.find("qarm-tagger", tagger_version=facts.version) is not None
+    items = store.read_arrow("items", columns=["item_id", "image"]).to_pandas().head(3)
+    for r in items.itertuples():
+        (tmp_path / f"{r.item_id}.png").write_bytes(r.image)
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    args = ["--set", f"paths.root={root}", "--set",
+            f"mlflow.tracking_uri=sqlite:///{root}/mlflow.db"]
+    assert main(["tag", str(tmp_path), "--json", "--top", "3", *args]) == 0
+    rows = {r["file"]: r for r in json.loads(capsys.readouterr().out)}
+    assert "not a decodable image" in rows["broken.jpg"]["error"]
+    for r in items.itertuples():
+        got = rows[f"{r.item_id}.png"]["tags"]
+        assert 1 <= len(got) <= 3
+        stage = list(pred[pred.item_id == r.item_id].pred_tags.iloc[0])
+        assert [t["tag"] for t in got] == stage[:len(got)]
+
+
+def test_the_tagger_backbone_is_the_image_tower_when_configured(own_run, capsys):
+    root, store = own_run
+    assert main(["embed", *_own_args(root, "--set", "encoder.image_tower=tagger")]) == 0
+    assert "image=tagger" in capsys.readouterr().out
+    dims = store.get("item_features").facts.dims
+    assert dims["image"] == 128                          # MlTr micro's pooled width (4C)
+
+
 def test_rerun_skips_everything(own_run, capsys):
     root, _ = own_run
     assert main(["run", *_own_args(root, "--until", "align")]) == 0
     out = capsys.readouterr().out
-    assert out.count("skipped") == 6 and " done " not in out
+    assert out.count("skipped") == 7 and " done " not in out
 
 
 def test_disambiguation_level_makes_every_code_unique(own_run, capsys):

@@ -8,12 +8,12 @@ function, write the outputs, return a typed report.
 from __future__ import annotations
 
 from jobs.stage import Stage
-from jobs.stages import (align, embed, evaluate, examples, ingest, pairs, promote,
+from jobs.stages import (align, embed, evaluate, examples, ingest, pairs, pretrain, promote,
                          promote_retriever, quantize, quantize_raw, retrieve, split, train,
                          world)
 
 STAGES: tuple[Stage, ...] = (
-    world.STAGE, ingest.STAGE, split.STAGE, embed.STAGE, pairs.STAGE, align.STAGE,
+    world.STAGE, ingest.STAGE, split.STAGE, pretrain.STAGE, embed.STAGE, pairs.STAGE, align.STAGE,
     quantize.STAGE, quantize_raw.STAGE, examples.STAGE, train.STAGE, evaluate.STAGE,
     promote.STAGE, retrieve.STAGE, promote_retriever.STAGE,
 )

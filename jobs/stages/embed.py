@@ -15,7 +15,22 @@ def has_dated_tags(cfg) -> bool:
 
 
 def inputs(cfg) -> tuple[str, ...]:
-    return ("items",) + (("item_tags", "split_events") if has_dated_tags(cfg) else ())
+    # The tagger image tower is the backbone the pretrain stage trained.
+    return ("items",) + (("item_tags", "split_events") if has_dated_tags(cfg) else ()) + (
+        ("item_pred_tags",) if cfg.encoder.image_tower == "tagger" else ())
+
+
+def encoder_config(cfg, io):
+    """The encoder config, with the tagger folder of the pretrain stage's output when the image
+    tower is the tagger."""
+    import dataclasses
+
+    from feature_store.facts import TaggerFacts
+
+    if cfg.encoder.image_tower != "tagger" or cfg.encoder.tagger_path:
+        return cfg.encoder
+    return dataclasses.replace(cfg.encoder,
+                               tagger_path=io.facts("item_pred_tags", TaggerFacts).folder)
 
 
 def item_content(ctx: StageContext):
@@ -63,7 +78,7 @@ def run(ctx: StageContext) -> EmbedReport:
     from pipelines.embed import embed_items
 
     cfg, io = ctx.cfg, ctx.io
-    encoder = ItemEncoder(cfg.encoder)
+    encoder = ItemEncoder(encoder_config(cfg, io))
     folder = encoder.save(str(ctx.artifacts / "encoders"))
     ctx.tracker.artifact_dir(folder, "encoder")
     frames = embed_items(ctx.spark, item_content(ctx), encoder, cfg.embed)
