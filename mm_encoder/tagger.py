@@ -84,12 +84,15 @@ def predict(model, x: torch.Tensor, batch: int = 256) -> np.ndarray:
 
 
 def train_tagger(images: torch.Tensor, tags: Sequence[Sequence[str]], item_ids: np.ndarray,
-                 cfg: TaggerConfig, progress=None) -> TaggerResult:
-    """``images``: normalised (N, 3, S, S) tensor; ``tags``: each item's tags."""
+                 cfg: TaggerConfig, progress=None, hold: np.ndarray | None = None,
+                 init: dict | None = None) -> TaggerResult:
+    """``images``: normalised (N, 3, S, S) tensor; ``tags``: each item's tags. ``hold``: the
+    held-out items (default: ``holdout_mask`` of the ids); ``init``: backbone weights to start
+    from (a tagger trained on other tags: every tensor but the head's)."""
     from mm_encoder.losses import asymmetric_loss
     from mm_encoder.mltr import multilabel_metrics
 
-    hold = holdout_mask(item_ids, cfg.holdout)
+    hold = holdout_mask(item_ids, cfg.holdout) if hold is None else np.asarray(hold, bool)
     train = ~hold
     vocab = vocabulary(tags, train, cfg.min_count)
     if not vocab:
@@ -100,6 +103,10 @@ def train_tagger(images: torch.Tensor, tags: Sequence[Sequence[str]], item_ids: 
     y = torch.from_numpy(label_matrix(tags, vocab))
     torch.manual_seed(cfg.seed)
     model = build_backbone(cfg, len(vocab))
+    if init is not None:
+        own = model.state_dict()
+        model.load_state_dict({k: v for k, v in init.items()
+                               if not k.startswith("head.") and k in own}, strict=False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = int(train.sum()) // cfg.batch_size
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.epochs
