@@ -45,20 +45,32 @@ class CATConfig:
     extra: dict = field(default_factory=dict)
 
     def stage_resolutions(self) -> list[int]:
-        r = self.img_size // self.stem_stride
-        return [r // (2 ** i) for i in range(len(self.depths))]
+        return stage_resolutions(self.img_size, self.stem_stride, len(self.depths))
 
     def stage_patches(self) -> list[int]:
         return [min(self.patch, r) for r in self.stage_resolutions()]
 
     def validate(self) -> None:
-        if self.img_size % self.stem_stride:
-            raise ValueError(f"img_size {self.img_size} is not a multiple of the stem stride "
-                             f"{self.stem_stride}")
-        for i, (r, p) in enumerate(zip(self.stage_resolutions(), self.stage_patches())):
-            if r < 1 or r % p:
-                raise ValueError(f"stage {i + 1}: a {r}x{r} map does not divide into {p}x{p} "
-                                 f"patches; pick img_size so that every stage's map does")
+        check_stages(self.img_size, self.stem_stride, self.stage_resolutions(),
+                     self.stage_patches(), "patches")
+
+
+def stage_resolutions(img_size: int, stem_stride: int, stages: int) -> list[int]:
+    """The side of each stage's map: the stem divides by its stride, each merge by 2."""
+    r = img_size // stem_stride
+    return [r // (2 ** i) for i in range(stages)]
+
+
+def check_stages(img_size: int, stem_stride: int, resolutions: list[int], sides: list[int],
+                 unit: str) -> None:
+    """Raise ValueError unless every stage's map divides into ``sides``-wide squares."""
+    if img_size % stem_stride:
+        raise ValueError(f"img_size {img_size} is not a multiple of the stem stride "
+                         f"{stem_stride}")
+    for i, (r, p) in enumerate(zip(resolutions, sides)):
+        if r < 1 or r % p:
+            raise ValueError(f"stage {i + 1}: a {r}x{r} map does not divide into {p}x{p} "
+                             f"{unit}; pick img_size so that every stage's map does")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -190,7 +202,44 @@ class PatchMerging(nn.Module):
         return self.reduction(self.norm(x))                          # (B, H/2, W/2, 2C)
 
 
-class CAT(nn.Module):
+def init_weights(m: nn.Module) -> None:
+    """Truncated-normal linear weights, zero biases, unit LayerNorms."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+class HierarchicalBackbone(nn.Module):
+    """What CAT and MlTr share around their stages: conv stem + LayerNorm (+ absolute position
+    embedding), the stages with patch merging between them, final LayerNorm, mean pooling, a
+    linear head. Subclasses build ``patch_embed``, ``patch_norm``, ``pos_embed`` (or None),
+    ``stages``, ``merges``, ``norm`` and ``head``."""
+
+    pos_embed: nn.Parameter | None
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) → pooled (B, 8C) feature (after the final LayerNorm)."""
+        x = self.patch_norm(self.patch_embed(x).permute(0, 2, 3, 1))  # (B, H/s, W/s, C)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i < len(self.merges):
+                x = self.merges[i](x)
+        return self.norm(x).mean(dim=(1, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class CAT(HierarchicalBackbone):
     def __init__(self, cfg: CATConfig):
         super().__init__()
         cfg.validate()
@@ -224,35 +273,7 @@ class CAT(nn.Module):
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes else \
             nn.Identity()
-        self.apply(self._init)
-
-    @staticmethod
-    def _init(m):
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) → pooled (B, 8C) feature (after the final LayerNorm)."""
-        x = self.patch_norm(self.patch_embed(x).permute(0, 2, 3, 1))  # (B, H/4, W/4, C)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed
-        for i, stage in enumerate(self.stages):
-            x = stage(x)
-            if i < len(self.merges):
-                x = self.merges[i](x)
-        return self.norm(x).mean(dim=(1, 2))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
-
-    # ---------------------------------------------------------------- reporting
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        self.apply(init_weights)
 
     def flops(self) -> int:
         """Analytic multiply-adds of one forward pass (the paper's convention): linear layers,

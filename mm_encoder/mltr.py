@@ -44,7 +44,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from mm_encoder.cat import Block, InnerPatchAttention, PatchMerging, from_patches, to_patches
+from mm_encoder.cat import (Block, HierarchicalBackbone, InnerPatchAttention, PatchMerging,
+                            check_stages, from_patches, init_weights, stage_resolutions,
+                            to_patches)
 
 
 @dataclass
@@ -62,20 +64,14 @@ class MlTrConfig:
     drop_path: float = 0.1
 
     def stage_resolutions(self) -> list[int]:
-        r = self.img_size // self.stem_stride
-        return [r // (2 ** i) for i in range(len(self.depths))]
+        return stage_resolutions(self.img_size, self.stem_stride, len(self.depths))
 
     def stage_windows(self) -> list[int]:
         return [min(self.window, r) for r in self.stage_resolutions()]
 
     def validate(self) -> None:
-        if self.img_size % self.stem_stride:
-            raise ValueError(f"img_size {self.img_size} is not a multiple of the stem stride "
-                             f"{self.stem_stride}")
-        for i, (r, w) in enumerate(zip(self.stage_resolutions(), self.stage_windows())):
-            if r < 1 or r % w:
-                raise ValueError(f"stage {i + 1}: a {r}x{r} map does not divide into {w}x{w} "
-                                 "windows; pick img_size so that every stage's map does")
+        check_stages(self.img_size, self.stem_stride, self.stage_resolutions(),
+                     self.stage_windows(), "windows")
 
 
 class CrossWindowAttention(nn.Module):
@@ -106,7 +102,7 @@ class CrossWindowAttention(nn.Module):
         return from_patches(per_pixel, w, B, H, W)
 
 
-class MlTr(nn.Module):
+class MlTr(HierarchicalBackbone):
     def __init__(self, cfg: MlTrConfig):
         super().__init__()
         cfg.validate()
@@ -139,23 +135,7 @@ class MlTr(nn.Module):
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes else \
             nn.Identity()
-        self.apply(_init)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) → pooled (B, 8C) feature (after the final LayerNorm)."""
-        x = self.patch_norm(self.patch_embed(x).permute(0, 2, 3, 1)) + self.pos_embed
-        for i, stage in enumerate(self.stages):
-            x = stage(x)
-            if i < len(self.merges):
-                x = self.merges[i](x)
-        return self.norm(x).mean(dim=(1, 2))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """One logit per label."""
-        return self.head(self.forward_features(x))
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        self.apply(init_weights)
 
     def flops(self) -> int:
         """Analytic multiply-adds of one forward pass: linear layers, convolutions and attention
@@ -176,16 +156,6 @@ class MlTr(nn.Module):
         if cfg.num_classes:
             total += self.num_features * cfg.num_classes
         return int(total)
-
-
-def _init(m):
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 def mltr_s(num_classes: int = 80, **kw) -> MlTr:
