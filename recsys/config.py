@@ -162,7 +162,8 @@ class RetrievalConfig:
     temperature: float = 0.1
     #: Uniform sampled negatives per micro-batch, on top of the in-batch ones.
     sampled_negatives: int = 256
-    #: Sequences per global batch (split across ranks). Training runs at most ``epochs``
+    #: Sequences per global batch (split across ranks; capped at the number of training
+    #: sequences, so small data still trains). Training runs at most ``epochs``
     #: epochs and ``max_steps`` steps (0 = no step limit), validates (full-ranking NDCG@10 on
     #: the validation part) every ``valid_every`` steps (0 = once per epoch), and stops after
     #: ``patience`` validations without improvement, keeping the best weights.

@@ -45,17 +45,28 @@ class RetrievalResult:
     summary: dict = field(default_factory=dict)
 
 
-def tower_job(cfg, name: str, seed: int, out: Path, features: str, frozen: str,
-              sequences: str, valid: str):
-    from recsys.retrieval_train import RetrievalJob
-
+def global_batch(cfg, n_sequences: int) -> int:
+    """``retrieval.batch_size``, capped at the training sequences (rounded down to a multiple of
+    the ranks) so that small data still makes a batch."""
     if cfg.batch_size % cfg.ranks:
         raise ValueError(f"retrieval.batch_size {cfg.batch_size} must divide evenly over "
                          f"retrieval.ranks {cfg.ranks}")
+    batch = min(cfg.batch_size, (n_sequences // cfg.ranks) * cfg.ranks)
+    if batch == 0:
+        raise ValueError(f"{n_sequences} training sequences cannot feed {cfg.ranks} ranks: "
+                         "lower retrieval.ranks")
+    return batch
+
+
+def tower_job(cfg, name: str, seed: int, out: Path, features: str, frozen: str,
+              sequences: str, valid: str, n_sequences: int):
+    from recsys.retrieval_train import RetrievalJob
+
+    batch = global_batch(cfg, n_sequences)
     return RetrievalJob(name, str(out), features, frozen if name == "frozen_aligned" else "",
                         sequences, valid, cfg.dim, cfg.max_len, cfg.blocks, cfg.heads,
                         cfg.dropout, cfg.temperature, cfg.sampled_negatives,
-                        cfg.batch_size // cfg.ranks, cfg.epochs, cfg.patience, cfg.valid_every,
+                        batch // cfg.ranks, cfg.epochs, cfg.patience, cfg.valid_every,
                         cfg.max_steps, cfg.sparse_lr,
                         cfg.dense_lr, cfg.init_scale, seed, cfg.device, cfg.threads_per_rank,
                         cfg.timeout_s, cfg.ranks)
@@ -121,7 +132,7 @@ def run_retrieval(data, feats, aligned, pairs, cfg, work: Path, quiet: bool = Fa
         runs = []
         for seed in cfg.seeds:
             job = tower_job(cfg, name, seed, work / name.replace("+", "_") / f"seed{seed}",
-                            features, frozen, sequences, valid)
+                            features, frozen, sequences, valid, len(data.sequences))
             model, result = train_retriever(job, cfg.ranks, cfg.launcher, quiet)
             t.models.append(model), t.jobs.append(job), t.results.append(result)
             scorer = Tower(model, feats)

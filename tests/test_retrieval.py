@@ -82,6 +82,18 @@ def test_codes_outside_the_tables_are_refused_clearly():
         ItemFeatures.build(3, [0, 1], [[0, 1], [1, 1]], [[1], [7]], 4, np.zeros(3))
 
 
+def test_the_global_batch_fits_small_data():
+    from recsys.config import RetrievalConfig
+    from recsys.retrieval_eval import global_batch
+
+    assert global_batch(RetrievalConfig(batch_size=128, ranks=2), 1000) == 128
+    assert global_batch(RetrievalConfig(batch_size=128, ranks=2), 41) == 40
+    with pytest.raises(ValueError, match="cannot feed 2 ranks"):
+        global_batch(RetrievalConfig(batch_size=128, ranks=2), 1)
+    with pytest.raises(ValueError, match="divide evenly"):
+        global_batch(RetrievalConfig(batch_size=127, ranks=2), 1000)
+
+
 def test_bootstrap_of_identical_values_is_a_point():
     s = bootstrap_mean({"r": np.full(20, 0.25)}, 100)
     assert s["r"] == (0.25, 0.25, 0.25)
