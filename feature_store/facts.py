@@ -123,6 +123,10 @@ class ExamplesFacts:
     mean_vq: float
     codebook_version: str
     encoder_version: str
+    #: The tags of the ``pred_tags`` column (index -> tag; empty: no tagger ran, the column is
+    #: empty) and the mean number per example.
+    pred_tag_vocab: tuple[str, ...] = ()
+    mean_pred_tags: float = 0.0
 
 
 @dataclass(frozen=True)

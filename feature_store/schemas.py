@@ -138,6 +138,9 @@ def examples_schema(levels: int) -> pa.Schema:
             pa.field("rq_raw", rq),
             pa.field("vq_raw", pa.list_(pa.int32())),
             pa.field("frozen", pa.list_(pa.float32())),
+            # The target's tags as the pretrain stage's tagger predicts them, as indices into the
+            # examples facts' ``pred_tag_vocab`` (empty when no tagger ran).
+            pa.field("pred_tags", pa.list_(pa.int32())),
         ]
     )
 

@@ -96,8 +96,11 @@ def recommend(cfg, user: str, k: int = 20) -> Recommendation:
             ms = mine.ts.astype("datetime64[ms, UTC]").astype("int64").to_numpy()
             t = int(events.ts.max().value // 1_000_000) + 1
             qq = Queries(np.asarray([uid]), q.hist_offsets, hist, q.tgt_offsets, q.tgt_items)
+            tags = (store.read_arrow("item_pred_tags", columns=["item_id", "pred_tags"])
+                    .to_pandas() if ranker.spec.uses_pred_tags else None)
             rows, _ = candidate_examples(qq, top[None, :], {uid: (hist, ms, t)}, feats,
-                                         feats.popularity == 0, cfg.examples)
+                                         feats.popularity == 0, cfg.examples, tags,
+                                         ranker.spec.pred_tag_vocab)
             ranker_scores = dict(zip(rows.column("item_id").to_pylist(), score(ranker, rows)))
             top = np.asarray(sorted(top, key=lambda i: -ranker_scores[int(i)]))
             source += f", re-ranked by qarm-ranker v{rk.version} ({rk.tags.get('arm')})"

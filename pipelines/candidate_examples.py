@@ -9,10 +9,13 @@ import numpy as np
 import pandas as pd
 
 
-def candidate_examples(q, top: np.ndarray, times: dict, feats, cold: np.ndarray, ex_cfg):
+def candidate_examples(q, top: np.ndarray, times: dict, feats, cold: np.ndarray, ex_cfg,
+                       pred_tags: pd.DataFrame | None = None, vocab: tuple[str, ...] = ()):
     """Examples rows (the examples schema, as Arrow) of every query's candidates.
 
-    ``times``: user id -> (positive item ids, their epoch ms, in order; the first target's ms)."""
+    ``times``: user id -> (positive item ids, their epoch ms, in order; the first target's ms).
+    ``pred_tags`` (item_id, pred_tags) fills the ``pred_tags`` column with the indices of the
+    ranker's tag ``vocab``."""
     import pyarrow as pa
 
     from feature_store.schemas import examples_schema
@@ -21,6 +24,10 @@ def candidate_examples(q, top: np.ndarray, times: dict, feats, cold: np.ndarray,
     lk = ItemLookups(feats.rq, feats.vq_offsets, feats.vq_values, None, None, None, cold=cold,
                      exists_from=np.zeros(feats.n_items, np.int64),
                      neg_prob=np.full(feats.n_items, 1.0 / feats.n_items))
+    if pred_tags is not None:
+        from pipelines.examples import pred_tag_arrays
+
+        _, lk.tag_offsets, lk.tag_values = pred_tag_arrays(pred_tags, feats.n_items, vocab)
     frames = []
     for u in range(len(q)):
         user = int(q.users[u])

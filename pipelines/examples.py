@@ -9,6 +9,8 @@ with
 * the target item's RQ code per level and VQ code bag, from the aligned ``item_codes`` and, when
   the ``codes_raw`` arm is on, from ``item_codes_raw``;
 * optionally the target's frozen content embedding (the cascade arm's dense input);
+* optionally the target's **predicted tags** (``pred_tags``: the ``pretrain`` stage's tagger
+  output as indices into a vocabulary, a bag feature the ranker can read);
 * ``part`` (the event's part of the split), ``cold`` (the target item has no event in the
   training part) and ``new_user`` (the user has none).
 
@@ -65,6 +67,9 @@ class ItemLookups:
     cold: np.ndarray               # [n] bool: no event in the training part
     exists_from: np.ndarray        # [n] int64 epoch ms: created (or first seen); ALWAYS if neither
     neg_prob: np.ndarray           # [n] float64, sums to 1
+    #: Predicted tag bags ([n + 1] offsets into int32 tag indices); None: no ``pred_tags``.
+    tag_offsets: np.ndarray | None = None
+    tag_values: np.ndarray | None = None
 
     @property
     def levels(self) -> int:
@@ -115,6 +120,27 @@ def item_lookups(items: DataFrame, split: DataFrame, codes: DataFrame,
                        neg_prob=weight / weight.sum())
 
 
+def pred_tag_arrays(pred: pd.DataFrame, n: int, vocab: tuple[str, ...] | None = None
+                    ) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
+    """(vocabulary, offsets, values) of the items' predicted tags (``pred``: item_id,
+    pred_tags), indexed by the dense item id. The vocabulary is the sorted distinct tags (the
+    same snapshot always gives the same indices) unless ``vocab`` is given (a trained ranker's:
+    tags outside it are left out); items without a row get an empty bag."""
+    pred = pred[pred.item_id < n]
+    if vocab is None:
+        vocab = tuple(sorted({t for tags in pred.pred_tags for t in tags}))
+    index = {t: i for i, t in enumerate(vocab)}
+    known = pred.pred_tags.map(lambda tags: [t for t in tags if t in index])
+    lens = np.zeros(n, np.int64)
+    ids = pred.item_id.to_numpy(np.int64)
+    lens[ids] = known.map(len).to_numpy()
+    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    values = np.zeros(int(offsets[-1]), np.int32)
+    for i, tags in zip(ids, known.to_numpy()):
+        values[offsets[i]:offsets[i + 1]] = [index[t] for t in tags]
+    return vocab, offsets, values
+
+
 def _bag(offsets, values, ids):
     return [values[offsets[i]:offsets[i + 1]].tolist() for i in ids]
 
@@ -163,13 +189,16 @@ def user_examples(pdf: pd.DataFrame, lk: ItemLookups, cfg: ExamplesConfig,
         out["vq_raw"] = _bag(lk.vq_raw_offsets, lk.vq_raw_values, items)
     else:
         out["hist_rq_raw"] = out["rq_raw"] = out["vq_raw"] = [None] * len(ts)
+    out["pred_tags"] = (_bag(lk.tag_offsets, lk.tag_values, items)
+                        if lk.tag_offsets is not None else [None] * len(ts))
     return pd.DataFrame(out)
 
 
 _UDF_SCHEMA = ("user_id long, item_id long, ts long, label byte, part string, cold boolean, "
                "new_user boolean, sampled boolean, hist_item_ids array<long>, "
                "hist_rq array<array<int>>, rq array<int>, vq array<int>, "
-               "hist_rq_raw array<array<int>>, rq_raw array<int>, vq_raw array<int>")
+               "hist_rq_raw array<array<int>>, rq_raw array<int>, vq_raw array<int>, "
+               "pred_tags array<int>")
 
 #: Which examples table each part of the split goes to.
 PART_TABLES = {"train": "train_examples", "valid": "valid_examples", "test": "eval_examples"}
@@ -196,10 +225,12 @@ def wants_negatives(split: DataFrame, cfg: ExamplesConfig) -> bool:
 
 def build_examples(split: DataFrame, items: DataFrame, codes: DataFrame,
                    codes_raw: DataFrame | None, frozen: DataFrame | None,
-                   cfg: ExamplesConfig) -> tuple[DataFrame, dict[str, DataFrame], dict]:
+                   cfg: ExamplesConfig, pred_tags: pd.DataFrame | None = None
+                   ) -> tuple[DataFrame, dict[str, DataFrame], dict]:
     """(all examples, persisted: unpersist when written; the examples table of each part of
     the split; facts for the manifest). Each table's rows are ordered by a seeded hash, so
-    reading its Parquet files in name order is a fixed shuffle."""
+    reading its Parquet files in name order is a fixed shuffle. ``pred_tags`` (item_id,
+    pred_tags: the tagger's output) fills the ``pred_tags`` column."""
     from pyspark import StorageLevel
 
     spark = split.sparkSession
@@ -207,6 +238,9 @@ def build_examples(split: DataFrame, items: DataFrame, codes: DataFrame,
         raise ExamplesError("examples.history_len and examples.neg_ratio must be >= 1")
     sample = wants_negatives(split, cfg)
     lk = item_lookups(items, split, codes, codes_raw, cfg)
+    vocab: tuple[str, ...] = ()
+    if pred_tags is not None:
+        vocab, lk.tag_offsets, lk.tag_values = pred_tag_arrays(pred_tags, lk.rq.shape[0])
     bc = spark.sparkContext.broadcast(lk)
 
     def per_user(pdf: pd.DataFrame) -> pd.DataFrame:
@@ -224,13 +258,15 @@ def build_examples(split: DataFrame, items: DataFrame, codes: DataFrame,
     ex = ex.withColumn("_order", F.xxhash64("user_id", "item_id", "ts", "sampled",
                                             F.lit(cfg.seed)))
     cols = ["user_id", "item_id", "ts", "label", "part", "cold", "new_user", "sampled",
-            "hist_item_ids", "hist_rq", "rq", "vq", "hist_rq_raw", "rq_raw", "vq_raw", "frozen"]
+            "hist_item_ids", "hist_rq", "rq", "vq", "hist_rq_raw", "rq_raw", "vq_raw", "frozen",
+            "pred_tags"]
     ex = ex.select(*cols, "_order").persist(StorageLevel.MEMORY_AND_DISK)
     out = {table: ex.where(F.col("part") == part).orderBy("_order").select(*cols)
            for part, table in PART_TABLES.items()}
     facts = {"implicit_negatives": sample, "levels": lk.levels,
              "n_items": int(lk.rq.shape[0]), "history_len": cfg.history_len,
-             "raw_codes": codes_raw is not None, "frozen": frozen is not None}
+             "raw_codes": codes_raw is not None, "frozen": frozen is not None,
+             "pred_tag_vocab": vocab}
     return ex, out, facts
 
 
@@ -244,6 +280,7 @@ class ExampleStats:
     n_users: int
     mean_history: float
     mean_vq: float
+    mean_pred_tags: float = 0.0
 
     @property
     def observed(self) -> int:
@@ -264,7 +301,8 @@ def example_stats(examples: DataFrame) -> ExampleStats:
         F.sum(F.col("cold").cast("int")).alias("cold"),
         F.sum(F.col("new_user").cast("int")).alias("new_user"),
         F.max(F.array_max("rq")).alias("max_rq"), F.max(F.array_max("rq_raw")).alias("max_rq_raw"),
-        F.avg(F.size("vq")).alias("vq"), F.max("user_id").alias("max_user")).collect()}
+        F.avg(F.size("vq")).alias("vq"), F.avg(F.size("pred_tags")).alias("tags"),
+        F.max("user_id").alias("max_user")).collect()}
     for part in ("train", "test"):
         if part not in rows:
             raise ExamplesError(f"no {part} examples: the split leaves the {part} part empty")
@@ -276,10 +314,12 @@ def example_stats(examples: DataFrame) -> ExampleStats:
                        "new_user": int(s.get("new_user") or 0),
                        "mean_history": float(s.get("hist") or 0.0),
                        "max_rq": s.get("max_rq"), "max_rq_raw": s.get("max_rq_raw"),
-                       "mean_vq": float(s.get("vq") or 0.0), "max_user": s.get("max_user")}
+                       "mean_vq": float(s.get("vq") or 0.0), "max_user": s.get("max_user"),
+                       "mean_pred_tags": max(float(s.get("tags") or 0.0), 0.0)}
     return ExampleStats(
         parts,
         codes_per_level=int(max(s[k] or 0 for s in parts.values()
                                 for k in ("max_rq", "max_rq_raw"))) + 1,
         n_users=int(max(s["max_user"] or 0 for s in parts.values())) + 1,
-        mean_history=parts["train"]["mean_history"], mean_vq=parts["train"]["mean_vq"])
+        mean_history=parts["train"]["mean_history"], mean_vq=parts["train"]["mean_vq"],
+        mean_pred_tags=parts["train"]["mean_pred_tags"])

@@ -32,6 +32,9 @@ class ModelConfig:
     l2: float = 0.03
     #: Dropout on the dense input of the cross layers (training only).
     dropout: float = 0.3
+    #: Read the target's predicted tags (the ``pretrain`` stage's tagger; the examples'
+    #: ``pred_tags`` column) as one more bag feature, in every arm.
+    pred_tags: bool = False
 
 
 @dataclass

@@ -96,6 +96,13 @@ class FeatureSpec:
     frozen_slots: int = 0
     #: Cosine thresholds of the similarity-matched history pools (frozen arms without codes).
     match_thresholds: tuple[float, ...] = ()
+    #: The target's predicted tags are a bag feature: the ``pred_tags`` table has a row per tag
+    #: of this vocabulary (the examples' indices; serving maps tags with it). Empty: no feature.
+    pred_tag_vocab: tuple[str, ...] = ()
+
+    @property
+    def uses_pred_tags(self) -> bool:
+        return bool(self.pred_tag_vocab)
 
     @property
     def uses_codes(self) -> bool:
@@ -142,9 +149,12 @@ class FeatureSpec:
 def build_spec(arm: str, *, dim: int, history_len: int, levels: int, codes_per_level: int,
                n_items: int, n_users: int, item_hash_size: int = 0, user_hash_size: int = 0,
                frozen_dim: int = 0, vq_size: int = 0, mean_history: float | None = None,
-               vq_k: float = 10.0, match_thresholds: tuple[float, ...] = ()) -> FeatureSpec:
+               vq_k: float = 10.0, match_thresholds: tuple[float, ...] = (),
+               pred_tag_vocab: tuple[str, ...] = (), mean_pred_tags: float = 1.0
+               ) -> FeatureSpec:
     """The spec of one arm. Hash sizes of 0 mean "one row per id" (ids are dense).
-    ``frozen_dim``: width of the frozen content vectors (frozen arms)."""
+    ``frozen_dim``: width of the frozen content vectors (frozen arms). ``pred_tag_vocab``: the
+    predicted tags' vocabulary when the target's predicted tags are a feature (empty: not)."""
     if arm not in ARMS:
         raise FeatureSpecError(f"unknown arm {arm!r}; arms: {', '.join(ARMS)}")
     if arm in FROZEN_SOURCE and frozen_dim <= 0:
@@ -170,6 +180,12 @@ def build_spec(arm: str, *, dim: int, history_len: int, levels: int, codes_per_l
             sparse.append(SparseFeature(f"hist_{t}", t, f"hist_rq{suffix}", "history", level=lv))
         tables.append(Table("vq", vq_size or item_rows, dim, ("vq",), "bag", "mean", (vq_k,)))
         sparse.append(SparseFeature("vq", "vq", f"vq{suffix}", "bag", hashed=True))
+    if pred_tag_vocab:
+        # Mean-pooled: an item's vector of tags does not grow with how many were predicted.
+        # One extra row: indices outside the vocabulary map there.
+        tables.append(Table("pred_tags", len(pred_tag_vocab) + 1, dim, ("pred_tags",), "bag", "mean",
+                            (max(mean_pred_tags, 1.0),)))
+        sparse.append(SparseFeature("pred_tags", "pred_tags", "pred_tags", "bag"))
     source = FROZEN_SOURCE.get(arm, "")
     slots = 0
     if source:
@@ -181,7 +197,7 @@ def build_spec(arm: str, *, dim: int, history_len: int, levels: int, codes_per_l
                        frozen_dim=frozen_dim if source else 0, frozen_source=source,
                        frozen_slots=slots,
                        match_thresholds=tuple(match_thresholds) if source and not use_codes
-                       else ())
+                       else (), pred_tag_vocab=tuple(pred_tag_vocab))
 
 
 def spec_for_examples(arm: str, model: ModelConfig, facts: ExamplesFacts, frozen_dim: int = 0,
@@ -191,12 +207,18 @@ def spec_for_examples(arm: str, model: ModelConfig, facts: ExamplesFacts, frozen
     if arm == "codes_raw" and not facts.raw_codes:
         raise FeatureSpecError("arm codes_raw needs raw codes in the examples "
                                "(quantize.raw_arm=true), or drop it from train.arms")
+    if model.pred_tags and not facts.pred_tag_vocab:
+        raise FeatureSpecError("train.model.pred_tags needs predicted tags in the examples: "
+                               "enable the pretrain stage (pretrain.enabled=true) and re-run "
+                               "examples, or set train.model.pred_tags=false")
     return build_spec(arm, dim=model.dim, history_len=facts.history_len, levels=facts.levels,
                       codes_per_level=facts.codes_per_level, n_items=facts.n_items,
                       n_users=facts.n_users, item_hash_size=model.item_hash_size,
                       user_hash_size=model.user_hash_size, frozen_dim=frozen_dim,
                       mean_history=facts.mean_history, vq_k=max(facts.mean_vq, 1.0),
-                      match_thresholds=match_thresholds)
+                      match_thresholds=match_thresholds,
+                      pred_tag_vocab=facts.pred_tag_vocab if model.pred_tags else (),
+                      mean_pred_tags=facts.mean_pred_tags)
 
 
 def match_thresholds(table, codes_per_level: int, seed: int = 0,

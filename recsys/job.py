@@ -79,7 +79,8 @@ def spec_from_dict(d: dict):
         sparse=tuple(SparseFeature(**f) for f in d["sparse"]),
         frozen_rows=d["frozen_rows"], frozen_dim=d["frozen_dim"],
         frozen_source=d["frozen_source"], frozen_slots=d["frozen_slots"],
-        match_thresholds=tuple(d["match_thresholds"]))
+        match_thresholds=tuple(d["match_thresholds"]),
+        pred_tag_vocab=tuple(d.get("pred_tag_vocab", ())))
 
 
 def model_config(d: dict):

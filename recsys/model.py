@@ -9,6 +9,7 @@ shared by target and history). Then:
 * **prefix-matched history**: the mean of the history items whose level-1 (and level-1..2) RQ
   code equals the target's, two features (QARM's cross features); zero when none match;
 * user id embedding, the VQ code bag (mean of its code embeddings), log history length;
+* optionally (``model.pred_tags``) the mean of the target's predicted-tag embeddings;
 * frozen arms (the cascade): the frozen content vector, normalised and projected, is one more
   part of every item's representation: the target's comes with the example, the history items'
   from ``frozen_table``, a non-trainable buffer of the content embeddings by item id;
@@ -145,6 +146,8 @@ class OverArch(nn.Module):
         if spec.uses_codes or spec.uses_frozen:
             # Two prefix- (or similarity-) matched pools, the VQ bag (or its frozen analogue).
             width += 2 * item_w + d
+        if spec.uses_pred_tags:
+            width += d
         self.frozen = self.frozen_bag = None
         if spec.uses_frozen:
             # Content vectors arrive at whatever scale their encoder produced: normalise them.
@@ -201,6 +204,8 @@ class OverArch(nn.Module):
                                                                                ).unsqueeze(2)
             feats.append(pooled.flatten(1))
             feats.append(emb["vq"] if self.spec.uses_codes else self.frozen_bag(t_vec))
+        if self.spec.uses_pred_tags:
+            feats.append(emb["pred_tags"])
         x = torch.cat(feats, dim=1)
         logit = self.mlp(self.cross(self.dropout(x))).squeeze(1)
         if self.dot:

@@ -57,6 +57,9 @@ def random_examples(n: int, *, n_items: int = 50, n_users: int = 20, levels: int
         "rq_raw": pa.array(item_rq[items][:, ::-1].tolist(), rq_t),
         "vq_raw": pa.array([v.tolist() for v in vq], pa.list_(pa.int32())),
         "frozen": pa.array(frozen[items].tolist(), pa.list_(pa.float32())),
+        # Predicted tags: the item's level-1 code (what the label depends on) and its parity.
+        "pred_tags": pa.array([[int(c), codes + int(c) % 2] for c in item_rq[items, 0]],
+                              pa.list_(pa.int32())),
     }
     return pa.table(cols, schema=examples_schema(levels))
 

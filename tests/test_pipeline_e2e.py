@@ -324,6 +324,24 @@ def test_pretrain_tags_every_item_registers_the_tagger_and_tags_a_folder(run, tm
         assert [t["tag"] for t in got] == stage[:len(got)]
 
 
+def test_examples_carry_the_predicted_tags_and_a_ranker_can_read_them(own_run, capsys):
+    root, store = own_run
+    pred = store.read_arrow("item_pred_tags").to_pandas()
+    ex = store.get("train_examples")
+    vocab = ex.facts.pred_tag_vocab
+    assert list(vocab) == sorted({t for tags in pred.pred_tags for t in tags})
+    assert ex.facts.mean_pred_tags >= 1.0
+    got = store.read_arrow("train_examples", columns=["item_id", "pred_tags"]).to_pandas()
+    want = dict(zip(pred.item_id, pred.pred_tags))
+    for r in got.itertuples():
+        assert [vocab[i] for i in r.pred_tags] == list(want[r.item_id])
+    assert main(["train", *_own_args(root, "--set", "train.model.pred_tags=true",
+                                     "--set", "train.arms=[codes]",
+                                     "--set", "train.baselines=[]")]) == 0
+    assert "codes" in capsys.readouterr().out
+    assert store.get("ranker_predictions").facts.arms == ("codes",)
+
+
 def test_the_tagger_backbone_is_the_image_tower_when_configured(own_run, capsys):
     root, store = own_run
     assert main(["embed", *_own_args(root, "--set", "encoder.image_tower=tagger")]) == 0

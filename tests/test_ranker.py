@@ -368,3 +368,44 @@ def test_the_cascade_arm_reads_its_frozen_table_and_never_trains_it(data, tmp_pa
     np.testing.assert_array_equal(model.over.frozen_table.numpy(), frozen_table())
     with pytest.raises(FeatureSpecError, match="frozen content table"):
         train_arm(spec("frozen_mm"), train_cfg(max_steps=3), data[0], data[1], tmp_path / "g")
+
+
+def test_predicted_tags_are_a_bag_feature_that_trains_and_round_trips(data, tmp_path):
+    from recsys.features import spec_for_examples
+
+    vocab = tuple(f"tag{i}" for i in range(10))            # random_examples: 8 codes + 2
+    s = build_spec("codes", **SPEC_ARGS, pred_tag_vocab=vocab, mean_pred_tags=2.0)
+    assert s.table("pred_tags").num_embeddings == 11 and s.table("pred_tags").kind == "bag"
+    assert "pred_tags" in s.columns() and "pred_tags" not in spec("codes").columns()
+    t = random_examples(6, seed=3)
+    bag = to_batch(t, s).pooled.to_dict()["pred_tags"]
+    np.testing.assert_array_equal(bag.lengths().numpy(), [2] * 6)
+    np.testing.assert_array_equal(bag.values().numpy(),
+                                  np.concatenate(t.column("pred_tags").to_pylist()))
+    res = train_arm(s, train_cfg(max_steps=2), data[0], data[1], tmp_path / "tags", quiet=True)
+    model = load_trained(res.out_dir)
+    assert model.spec.pred_tag_vocab == vocab
+    assert model.over.cross.v[0].in_features == build_ranker_width(spec("codes")) + 8
+    # Without a tagger the examples carry no tags: asking for them is a clear error.
+    facts = dataclasses.replace(_facts(), pred_tag_vocab=())
+    with pytest.raises(FeatureSpecError, match="pretrain.enabled"):
+        spec_for_examples("codes", ModelConfig(pred_tags=True), facts)
+    assert spec_for_examples("codes", ModelConfig(pred_tags=True), dataclasses.replace(
+        facts, pred_tag_vocab=vocab)).pred_tag_vocab == vocab
+
+
+def build_ranker_width(s) -> int:
+    from recsys.model import build_ranker
+
+    return build_ranker(s, ModelConfig(dim=8, attention_dim=8, cross_rank=8, mlp=[16])
+                        ).over.cross.v[0].in_features
+
+
+def _facts():
+    from feature_store.facts import ExamplesFacts
+
+    return ExamplesFacts(implicit_negatives=False, levels=2, n_items=50, n_users=20,
+                         split_mode="global", history_len=5, raw_codes=False, frozen=False,
+                         frozen_dim=0, frozen_embeddings=None, codes_per_level=8,
+                         mean_history=3.0, mean_vq=3.0, codebook_version="c",
+                         encoder_version="e")

@@ -17,6 +17,8 @@ def inputs(cfg) -> tuple[str, ...]:
         ins += ("item_codes_raw",)
     if cfg.examples.frozen_embedding:
         ins += ("item_embeddings",)
+    if cfg.pretrain.enabled:          # the tagger's predicted tags: the pred_tags column
+        ins += ("item_pred_tags",)
     return ins
 
 
@@ -54,10 +56,12 @@ def run(ctx: StageContext) -> ExamplesReport:
     codes_raw = io.spark(spark, "item_codes_raw") if io.has("item_codes_raw") else None
     frozen = io.spark(spark, "item_embeddings") if io.has("item_embeddings") else None
     split = io.facts("split_events", SplitFacts)
+    pred_tags = (io.arrow("item_pred_tags", ["item_id", "pred_tags"]).to_pandas()
+                 if io.has("item_pred_tags") else None)
     every, tables, built = build_examples(io.spark(spark, "split_events"),
                                           io.spark(spark, "items"),
                                           io.spark(spark, "item_codes"), codes_raw, frozen,
-                                          cfg.examples)
+                                          cfg.examples, pred_tags)
     stats = example_stats(every)
     codes = io.facts("item_codes", CodesFacts)
     facts = ExamplesFacts(
@@ -69,7 +73,8 @@ def run(ctx: StageContext) -> ExamplesReport:
         frozen_embeddings=io.manifest("item_embeddings").ref if frozen is not None else None,
         codes_per_level=stats.codes_per_level, mean_history=stats.mean_history,
         mean_vq=stats.mean_vq, codebook_version=codes.codebook_version,
-        encoder_version=codes.encoder_version)
+        encoder_version=codes.encoder_version, pred_tag_vocab=built["pred_tag_vocab"],
+        mean_pred_tags=stats.mean_pred_tags)
     schema = schemas.examples_schema(facts.levels)
     out = {t: io.write_spark(t, df, schema, facts=facts) for t, df in tables.items()}
     every.unpersist()

@@ -24,6 +24,8 @@ def inputs(cfg) -> tuple[str, ...]:
     if two_stage_on(cfg):
         # The ranker trained on the same split's training part (registered by train).
         out += ["train_examples", "ranker_predictions"]
+        if cfg.train.model.pred_tags and cfg.pretrain.enabled:
+            out.append("item_pred_tags")     # the ranker reads the candidates' predicted tags
     return tuple(out)
 
 
@@ -198,8 +200,11 @@ def run(ctx: StageContext) -> RetrieveReport:
         ranker, version = found
         from pipelines.candidate_examples import candidate_examples
 
+        tags = (io.arrow("item_pred_tags", ["item_id", "pred_tags"]).to_pandas()
+                if ranker.spec.uses_pred_tags else None)
         two_stage(res, data, ranker, lambda q, top: candidate_examples(
-            q, top, data.test_times, feats, data.cold, ctx.cfg.examples), r.rerank, r)
+            q, top, data.test_times, feats, data.cold, ctx.cfg.examples, tags,
+            ranker.spec.pred_tag_vocab), r.rerank, r)
         res.summary["two_stage"]["ranker"] = f"qarm-ranker v{version}"
     for name, t in res.towers.items():
         for step, value in t.results[0]["valid_curve"]:
