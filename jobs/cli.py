@@ -7,6 +7,7 @@ Examples::
     qarm run --ds 2026-11-26 --only ingest --force       # one stage again
     qarm ingest --config configs/demo.yaml               # same as: run --only ingest
     qarm ablation --config configs/demo.yaml             # grid, 3 seeds, intervals
+    qarm compare .qarm/ablation/A .qarm/ablation/B       # per arm: A - B, paired
     qarm status                                          # which stages of which run are done
     qarm report                                          # re-render the newest run report
     qarm promote --config configs/demo.yaml              # the promotion gate again
@@ -52,12 +53,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from recsys.index import FaissIndexError
     from recsys.retrieval import RetrievalError
     from recsys.saved import ModelFormatError
+    from jobs.compare import CompareError
 
     return (ConfigError, DagError, FactsError, SchemaError, SchemaMismatch, SnapshotNotFound,
             SourceError, SparkUnavailable, UnusableData, CodebookExists, CodebookNotFound,
             ModelNotFound, TooFewPoints, ExamplesError, FeatureSpecError, TrainError,
             ReportError, RegistryError, RecommendError, FaissIndexError, RetrievalError,
-            ModelFormatError, TagError, TaggerError)
+            ModelFormatError, TagError, TaggerError, CompareError)
 
 
 def _config_only(p: argparse.ArgumentParser) -> None:
@@ -125,6 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-grid", action="store_true",
                    help="skip the grid: train with the config's settings (train.tuned)")
     p.add_argument("--seeds", type=int, metavar="N", help="same as --set ablation.seeds=N")
+
+    p = sub.add_parser(
+        "compare", help="paired differences between two ablations of one split (e.g. two "
+                        "image towers), per arm",
+        description="Compare two `qarm ablation` outputs (folders <root>/ablation/<ds>-<time>/) "
+                    "that scored the same test examples, for example the default config and "
+                    "one with encoder.image_tower=tagger. For every arm in both: each side's "
+                    "seed-averaged test AUC/GAUC and the paired difference A - B with a 95%% "
+                    "bootstrap interval over users (the same resamples for both sides), per "
+                    "slice. Writes <A>/compare-<B>.json and .txt and logs to MLflow.")
+    p.add_argument("a", metavar="A", help="an ablation folder (the change)")
+    p.add_argument("b", metavar="B", help="an ablation folder (the reference)")
+    p.add_argument("--label-a", default="", help="name of side A (default: its folder name)")
+    p.add_argument("--label-b", default="", help="name of side B (default: its folder name)")
+    _config_only(p)
 
     p = sub.add_parser(
         "report", help="rebuild a run's HTML report (the newest without --run), or build one "
@@ -295,6 +312,17 @@ def main(argv: list[str] | None = None) -> int:
                     raise RegistryError(f"{args.model} has no alias {version!r}")
                 version = v.version
             print(format_lineage(reg.lineage(args.model, version)))
+            return 0
+        if args.command == "compare":
+            from jobs.compare import (compare_ablations, format_compare, log_compare,
+                                      write_compare)
+
+            res = compare_ablations(args.a, args.b, label_a=args.label_a,
+                                    label_b=args.label_b, bootstrap=cfg.ablation.bootstrap,
+                                    level=cfg.ablation.level)
+            path = write_compare(res)
+            log_compare(cfg, res)
+            print(f"{format_compare(res)}\n\n{path}")
             return 0
         if args.command == "tag":
             from jobs.tag import format_rows, tag_folder

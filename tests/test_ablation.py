@@ -212,3 +212,60 @@ def test_the_grid_never_reads_the_evaluation_labels(small_data):
             .label.to_numpy()[-320:]).any()
     with pytest.raises(Exception, match="unknown settings"):
         grid_combos({"learning_rate": [1.0]})
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def _ablation_dir(path, frames):
+    import json
+
+    path.mkdir(parents=True)
+    preds = pd.concat(frames, ignore_index=True).assign(sampled=False)
+    preds.to_parquet(path / "predictions.parquet", index=False)
+    (path / "ablation.json").write_text(json.dumps({"examples": "train_examples@x"}))
+    return path
+
+
+def test_compare_pairs_two_ablations_per_arm_and_refuses_other_examples(tmp_path):
+    from jobs.compare import CompareError, compare_ablations, format_compare
+
+    rng = np.random.default_rng(1)
+    users = np.repeat(np.arange(150), 12)
+    y = (rng.random(len(users)) < 0.3).astype(np.int8)
+    cold = np.tile(np.arange(12) < 3, 150)
+    base = rng.random(len(users))
+    better = np.where(y == 1, base + 0.3, base)
+    # Side A: a better content model helps arm "codes" (2 seeds), leaves "id_only" as it is.
+    a = _ablation_dir(tmp_path / "tagger", [
+        _preds("codes", users, y, better, 0, cold), _preds("codes", users, y, better, 1, cold),
+        _preds("id_only", users, y, base, 0, cold), _preds("mf", users, y, base, 0, cold)])
+    b = _ablation_dir(tmp_path / "mobilenet", [
+        _preds("codes", users, y, base, 0, cold), _preds("id_only", users, y, base, 0, cold),
+        _preds("popularity", users, y, base, 0, cold)])
+    res = compare_ablations(a, b, bootstrap=300)
+    assert res["arms"] == ["codes", "id_only"]                 # only arms both sides have
+    rows = {(r["arm"], r["slice"]): r for r in res["rows"]}
+    codes = rows[("codes", "all")]
+    assert codes["seeds_a"] == 2 and codes["seeds_b"] == 1 and codes["users"] == 150
+    assert codes["auc_a"] == pytest.approx(auc(y, better))
+    assert codes["auc_diff"] == pytest.approx(auc(y, better) - auc(y, base))
+    assert codes["auc_diff_ci"][0] > 0 and codes["auc_p_le_0"] == 0.0
+    assert rows[("codes", "cold")]["n"] == 450
+    same = rows[("id_only", "all")]
+    assert same["auc_diff"] == 0.0 and same["auc_diff_ci"] == [0.0, 0.0]
+    text = format_compare(res)
+    assert "tagger (A) vs mobilenet (B)" in text and "slice cold" in text
+    # Another split (other test rows) cannot be paired.
+    other = _ablation_dir(tmp_path / "other", [_preds("codes", users[:-12], y[:-12],
+                                                      base[:-12], 0, cold[:-12])])
+    with pytest.raises(CompareError, match="different test examples"):
+        compare_ablations(a, other, bootstrap=10)
+    with pytest.raises(CompareError, match="no ablation.json"):
+        compare_ablations(a, tmp_path, bootstrap=10)
+    from jobs.cli import main
+
+    assert main(["compare", str(a), str(b), "--label-a", "tagger", "--label-b", "mnv2",
+                 "--set", f"paths.root={tmp_path / 'q'}", "--set", "mlflow.enabled=false"]) == 0
+    assert (a / "compare-mobilenet.json").is_file() and (a / "compare-mobilenet.txt").is_file()
+    assert main(["compare", str(a), str(a), "--set", f"paths.root={tmp_path / 'q'}"]) == 2
