@@ -18,7 +18,7 @@ SHELL := /bin/bash
 # once per package. Drop that noise, keep real warnings and errors.
 QUIET := 2>&1 | sed '/^WARNING: Location .* is ignored/d'
 
-.PHONY: setup demo test test-all bench clean report-check airflow-check tagger-check
+.PHONY: setup demo test test-all bench clean report-check airflow-check tagger-check camoe-check
 
 setup: $(STAMP)
 
@@ -56,6 +56,9 @@ airflow-check: setup
 # scratch vs MlTr pre-trained on the synthetic world (JSON on stdout).
 tagger-check: setup
 	$(PY) checks/tagger_coco.py
+
+camoe-check: setup
+	$(PY) checks/camoe_synthetic.py
 
 test: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

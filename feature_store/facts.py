@@ -165,6 +165,26 @@ class TaggerFacts:
     n_holdout: int
 
 
+@dataclass(frozen=True)
+class VideoTextFacts:
+    #: The video-text model's content version ("" when none was trained: no item has a video
+    #: and a caption), its kind, loss and folder, and the image tower its frames went through.
+    version: str
+    model: str
+    loss: str
+    folder: str
+    image_tower: str
+    dim: int
+    n_train: int
+    n_holdout: int
+    #: Held-out text->video R@1, R@5, median rank; with DSL re-ranking R@1; video->text R@1.
+    t2v_r1: float
+    t2v_r5: float
+    t2v_mdr: float
+    t2v_dsl_r1: float
+    v2t_r1: float
+
+
 #: The facts kind of each table that has one.
 TABLE_FACTS: dict[str, type] = {
     **{t: WorldFacts for t in ("raw_items", "raw_events", "truth_items", "truth_users",
@@ -185,6 +205,7 @@ TABLE_FACTS: dict[str, type] = {
     "ranker_predictions": PredictionsFacts,
     "candidates": CandidatesFacts,
     "item_pred_tags": TaggerFacts,
+    "item_video_embeddings": VideoTextFacts,
 }
 
 

@@ -201,6 +201,17 @@ def quarantine_schema() -> pa.Schema:
     )
 
 
+def item_video_embeddings_schema() -> pa.Schema:
+    """The ``pretrain`` stage's video-text model's vector of every item with a video (the
+    action, entity and scene streams, concatenated)."""
+    return pa.schema(
+        [
+            pa.field("item_id", pa.int64(), nullable=False),
+            pa.field("embedding", pa.list_(pa.float32()), nullable=False),
+        ]
+    )
+
+
 def id_map_schema() -> pa.Schema:
     return pa.schema(
         [
@@ -218,6 +229,7 @@ FIXED_SCHEMAS = {
     "quarantine": quarantine_schema,
     "candidates": candidates_schema,
     "item_pred_tags": item_pred_tags_schema,
+    "item_video_embeddings": item_video_embeddings_schema,
     "item_id_map": id_map_schema,
     "user_id_map": id_map_schema,
 }

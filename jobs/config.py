@@ -120,7 +120,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{p} must hold a mapping of sections, got {type(data).__name__}")
     for item in overrides or []:
         apply_override(data, item)
-    return from_dict(QarmConfig, data, ConfigError)
+    return check_consistent(from_dict(QarmConfig, data, ConfigError))
+
+
+def check_consistent(cfg: QarmConfig) -> QarmConfig:
+    """Settings that name each other: a tower the ``pretrain`` stage trains needs the stage."""
+    e, p = cfg.encoder, cfg.pretrain
+    if e.image_tower == "tagger" and not e.tagger_path and not p.enabled:
+        raise ConfigError("encoder.image_tower=tagger needs the tagger of the pretrain stage: "
+                          "set pretrain.enabled=true (or encoder.tagger_path to a saved one)")
+    if (e.video and e.video_tower == "camoe" and not e.camoe_path
+            and not (p.enabled and p.video.enabled)):
+        raise ConfigError("encoder.video_tower=camoe needs the video-text model of the pretrain "
+                          "stage: set pretrain.enabled=true and pretrain.video.enabled=true (or "
+                          "encoder.camoe_path to a saved one)")
+    return cfg
 
 
 def apply_override(data: dict, item: str) -> None:

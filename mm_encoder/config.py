@@ -17,6 +17,11 @@ class ItemEncoderConfig:
     image_tower: Literal["mobilenet_v2", "cat", "clip", "tagger", "none"] = "mobilenet_v2"
     #: Encode video frames with the image tower (ignored when there is no image tower).
     video: bool = True
+    #: The video tower over those frames: ``frames`` (the mean frame feature and the
+    #: last-minus-first difference) or ``camoe`` (the video side of the video-text model the
+    #: ``pretrain`` stage trained, ``pretrain.video``; the embed stage sets ``camoe_path``).
+    video_tower: Literal["frames", "camoe"] = "frames"
+    camoe_path: Optional[str] = None
     #: Side length images and frames are resized to before the image tower.
     image_size: int = 96
     clip_path: Optional[str] = None
@@ -57,6 +62,37 @@ class AlignConfig:
 
 
 @dataclass
+class VideoTextConfig:
+    """The video-text model the ``pretrain`` stage trains on the items' (video, caption) pairs
+    (``mm_encoder/camoe.py``); its video side can be the item encoder's video tower."""
+    #: Train it (items without a video are left out; with none, nothing is trained).
+    enabled: bool = False
+    #: ``camoe`` (action/entity/scene streams, text gate) or ``mean_pool`` (the reference).
+    model: Literal["camoe", "mean_pool"] = "camoe"
+    #: ``dsl`` (the Dual Softmax Loss) or ``infonce``.
+    loss: Literal["dsl", "infonce"] = "dsl"
+    #: Width of each stream's vector (the item's video vector is 3 x dim) and of the streams'
+    #: internal frame features.
+    dim: int = 64
+    width: int = 128
+    temporal_layers: int = 1
+    #: Frames read per video (longer videos: evenly spaced), tokens per caption.
+    max_frames: int = 8
+    max_tokens: int = 32
+    #: Similarity temperature (logits = cosine / temperature) and DSL's prior temperature on
+    #: those logits (large: close to InfoNCE; the paper uses 1000 on ~100x logits).
+    temperature: float = 0.05
+    dsl_temperature: float = 1000.0
+    epochs: int = 40
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    #: Share of the items held out (a hash of the item id) for R@K / MdR / MnR.
+    holdout: float = 0.2
+    seed: int = 0
+
+
+@dataclass
 class PretrainConfig:
     """The ``pretrain`` stage: a multi-label tagger trained on the items' tags
     (``mm_encoder/tagger.py``); its backbone can be the item encoder's image tower."""
@@ -80,3 +116,5 @@ class PretrainConfig:
     threshold: float = 0.5
     top: int = 5
     seed: int = 0
+    #: The video-text model (CAMoE) trained in the same stage.
+    video: VideoTextConfig = field(default_factory=VideoTextConfig)

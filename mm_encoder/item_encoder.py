@@ -73,12 +73,29 @@ class Towers:
                              f"none, got "
                              f"{cfg.image_tower!r}")
 
+        self.video = None
+        if cfg.video and self.image is not None and cfg.video_tower == "camoe":
+            from mm_encoder.camoe import CAMoEError, load_video_text
+
+            if not cfg.camoe_path:
+                raise CAMoEError("encoder.video_tower is camoe but no trained video-text model "
+                                 "is given: enable pretrain.video (the embed stage then reads "
+                                 "its folder) or set encoder.camoe_path")
+            self.video, meta = load_video_text(cfg.camoe_path)
+            if meta["image_tower"] != cfg.image_tower or meta["frame_dim"] != self.image.dim:
+                raise CAMoEError(f"the video-text model at {cfg.camoe_path} read frames of the "
+                                 f"{meta['image_tower']} image tower; this encoder's is "
+                                 f"{cfg.image_tower}: retrain it (qarm pretrain --force)")
+        elif cfg.video_tower not in ("frames", "camoe"):
+            raise ValueError(f"encoder.video_tower must be frames or camoe, got "
+                             f"{cfg.video_tower!r}")
+
     def dims(self) -> dict[str, int]:
         d = {"text": self.text.dim}
         if self.image is not None:
             d["image"] = self.image.dim
             if self.cfg.video:
-                d["video"] = 2 * self.image.dim
+                d["video"] = self.video.out_dim if self.video is not None else 2 * self.image.dim
         return d
 
 
@@ -202,14 +219,21 @@ class ItemEncoder:
             masks["image"] = torch.zeros(n, dtype=torch.bool)
             masks["image"][have] = True
             if self.cfg.video:
-                vid_feat = torch.zeros(n, 2 * dim)
+                video = self.towers.video
+                vid_feat = torch.zeros(n, self.towers.dims()["video"])
                 vids = [i for i, (_, v) in enumerate(media) if v is not None]
                 if vids and hasattr(image, "forward_tensor"):
                     lengths = [len(media[i][1]) for i in vids]
                     frames = to_tensor([f for i in vids for f in media[i][1]])
-                    per_frame = image.forward_tensor(frames).split(lengths)
-                    vid_feat[vids] = torch.stack(
-                        [torch.cat([f.mean(0), f[-1] - f[0]]) for f in per_frame])
+                    per_frame = image.forward_tensor(frames).float().split(lengths)
+                    if video is not None:          # the trained video-text model's video side
+                        from mm_encoder.camoe import pad_frames
+
+                        x, m = pad_frames(per_frame, video.n_frames)
+                        vid_feat[vids] = video.item_vectors(x, m)
+                    else:
+                        vid_feat[vids] = torch.stack(
+                            [torch.cat([f.mean(0), f[-1] - f[0]]) for f in per_frame])
                 else:
                     vids = []
                 feats["video"] = vid_feat

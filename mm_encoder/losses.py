@@ -12,17 +12,19 @@ def info_nce(logits: torch.Tensor) -> torch.Tensor:
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
-def dual_softmax_loss(logits: torch.Tensor, temperature: float = 1000.0) -> torch.Tensor:
+def dual_softmax_loss(logits: torch.Tensor, temperature: float = 1000.0,
+                      reduction: str = "mean") -> torch.Tensor:
     """DSL (arXiv 2109.04290): revise S by a prior ``P = softmax(S / T, dim=0)`` (down each column)
     to ``S' = S * P * B``, then cross-entropy on the rows with the diagonal as target; symmetric
     over S and its transpose. The gradient flows through the prior. As T → ∞, P → 1/B and the
-    loss equals InfoNCE."""
+    loss equals InfoNCE. ``reduction="none"``: the loss of each pair (its row's and its column's
+    cross-entropy, averaged), in the order of the diagonal."""
     b = len(logits)
     target = torch.arange(b, device=logits.device)
 
     def one_side(s):
         prior = torch.softmax(s / temperature, dim=0)
-        return F.cross_entropy(s * prior * b, target)
+        return F.cross_entropy(s * prior * b, target, reduction=reduction)
 
     return 0.5 * (one_side(logits) + one_side(logits.T))
 

@@ -45,6 +45,10 @@ class WorldConfig:
     #: Frames per video; 0 writes no video.
     video_frames: int = 6
     video_size: int = 24
+    #: Opt-in caption variety: each item's caption names everything (``full``, 40%) or only the
+    #: motion, the object or the scene (20% each), as real captions do; off: every caption is
+    #: ``full`` ("a red circle moves left over grass"). See ``pipelines.synthetic.caption``.
+    caption_variety: bool = False
     #: Probability that an item's object shape / motion follows its topic (content reveals the
     #: topic only partly).
     shape_fidelity: float = 0.8

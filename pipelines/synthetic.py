@@ -9,7 +9,10 @@ Items
     background). Each item has a rendered PNG image (main object plus 0-2 smaller distractor
     objects, so the tag set is a real multi-label target), a short video (PNG frames, the object
     moving), a title, a caption-like text ("a red circle moves left over grass": action = motion,
-    entity = object, scene = background) and tags.
+    entity = object, scene = background) and tags. With ``caption_variety`` (opt-in) a caption
+    names everything (40%) or only the motion ("something moves left"), the object ("a red
+    circle") or the scene ("a clip over grass"), 20% each: the video-text model's gate must then
+    learn which of its streams a caption speaks to.
 
 Users
     ``pref[u] ~ Dirichlet(pref_concentration = 0.2)`` over topics (one or two favourites), a bias
@@ -244,13 +247,34 @@ def render_item(cfg: WorldConfig, i: int, lat: WorldLatents) -> tuple[bytes, lis
     return _png(img), frames, tags
 
 
+#: Caption kinds of ``caption_variety`` and their shares.
+CAPTION_KINDS = {"full": 0.4, "motion": 0.2, "object": 0.2, "scene": 0.2}
+
+
+def caption(kind: str, colour: str, shape: str, motion: str, background: str) -> str:
+    """The caption of an item of the given attributes: ``full`` names all, ``motion`` only the
+    motion, ``object`` only the object, ``scene`` only the background."""
+    motion = motion.replace("_", " ")
+    if kind == "full":
+        return f"a {colour} {shape} moves {motion} over {background}"
+    if kind == "motion":
+        return f"something moves {motion}"
+    if kind == "object":
+        return f"a {colour} {shape}"
+    if kind == "scene":
+        return f"a clip over {background}"
+    raise ValueError(f"caption kind must be one of {', '.join(CAPTION_KINDS)}, got {kind!r}")
+
+
 def _text(cfg: WorldConfig, i: int, lat: WorldLatents) -> tuple[str, str]:
     rng = np.random.default_rng([cfg.seed, 3, i])
     colour, bg = COLOUR_NAMES[lat.colour[i]], BACKGROUNDS[lat.background[i]]
-    shape, motion = SHAPES[lat.shape[i]], MOTIONS[lat.motion[i]].replace("_", " ")
+    shape, motion = SHAPES[lat.shape[i]], MOTIONS[lat.motion[i]]
     title = f"{colour.title()} {bg} {TITLE_WORDS[rng.integers(len(TITLE_WORDS))]} {i}"
-    text = f"a {colour} {shape} moves {motion} over {bg}"
-    return title, text
+    kind = "full"
+    if cfg.caption_variety:
+        kind = str(rng.choice(list(CAPTION_KINDS), p=list(CAPTION_KINDS.values())))
+    return title, caption(kind, colour, shape, motion, bg)
 
 
 # ----------------------------------------------------------------------------- tables

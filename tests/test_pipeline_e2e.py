@@ -28,7 +28,8 @@ EXTRA = ["world.n_users=80", "world.impressions_per_user=60", "encoder.image_siz
          "retrieval.max_steps=30", "retrieval.valid_every=10", "retrieval.dim=8",
          "retrieval.max_len=10", "retrieval.batch_size=32", "retrieval.sampled_negatives=32",
          "retrieval.bootstrap=200", "retrieval.rerank=30", "retrieval.top_k=20",
-         "pretrain.epochs=2", "pretrain.batch_size=32"]
+         "pretrain.epochs=2", "pretrain.batch_size=32", "pretrain.video.enabled=true",
+         "pretrain.video.epochs=3", "pretrain.video.dim=8", "pretrain.video.width=16"]
 
 
 def _args(root, *extra):
@@ -348,6 +349,24 @@ def test_the_tagger_backbone_is_the_image_tower_when_configured(own_run, capsys)
     assert "image=tagger" in capsys.readouterr().out
     dims = store.get("item_features").facts.dims
     assert dims["image"] == 128                          # MlTr micro's pooled width (4C)
+
+
+def test_pretrain_trains_the_video_text_model_and_it_can_be_the_video_tower(own_run, capsys):
+    root, store = own_run
+    vt = store.get("item_video_embeddings")
+    f = vt.facts
+    assert f.version and f.model == "camoe" and f.loss == "dsl" and f.dim == 24
+    assert f.n_train + f.n_holdout == vt.row_count == 120 and 0 <= f.t2v_r1 <= 100
+    emb = store.read_arrow("item_video_embeddings").to_pandas()
+    assert emb.embedding.map(len).eq(24).all()
+    assert main(["embed", *_own_args(root, "--set", "encoder.video_tower=camoe")]) == 0
+    capsys.readouterr()
+    from mm_encoder.item_encoder import ItemEncoder
+
+    m = store.get("item_embeddings")
+    enc = ItemEncoder.load(m.facts.encoder_artifact)
+    assert enc.cfg.video_tower == "camoe" and enc.cfg.camoe_path == f.folder
+    assert enc.towers.dims()["video"] == 24 and m.row_count == 120
 
 
 def test_rerun_skips_everything(own_run, capsys):

@@ -15,22 +15,36 @@ def has_dated_tags(cfg) -> bool:
 
 
 def inputs(cfg) -> tuple[str, ...]:
-    # The tagger image tower is the backbone the pretrain stage trained.
+    # The tagger image tower is the backbone the pretrain stage trained; the camoe video tower
+    # is the video side of the video-text model it trained.
     return ("items",) + (("item_tags", "split_events") if has_dated_tags(cfg) else ()) + (
-        ("item_pred_tags",) if cfg.encoder.image_tower == "tagger" else ())
+        ("item_pred_tags",) if cfg.encoder.image_tower == "tagger" else ()) + (
+        ("item_video_embeddings",) if camoe_video(cfg) and not cfg.encoder.camoe_path else ())
+
+
+def camoe_video(cfg) -> bool:
+    return cfg.encoder.video and cfg.encoder.video_tower == "camoe"
 
 
 def encoder_config(cfg, io):
     """The encoder config, with the tagger folder of the pretrain stage's output when the image
-    tower is the tagger."""
+    tower is the tagger, and the video-text model's folder when the video tower is camoe."""
     import dataclasses
 
-    from feature_store.facts import TaggerFacts
+    from feature_store.facts import TaggerFacts, VideoTextFacts
+    from mm_encoder.camoe import CAMoEError
 
-    if cfg.encoder.image_tower != "tagger" or cfg.encoder.tagger_path:
-        return cfg.encoder
-    return dataclasses.replace(cfg.encoder,
-                               tagger_path=io.facts("item_pred_tags", TaggerFacts).folder)
+    enc = cfg.encoder
+    if enc.image_tower == "tagger" and not enc.tagger_path:
+        enc = dataclasses.replace(enc, tagger_path=io.facts("item_pred_tags",
+                                                            TaggerFacts).folder)
+    if camoe_video(cfg) and not enc.camoe_path:
+        facts = io.facts("item_video_embeddings", VideoTextFacts)
+        if not facts.version:
+            raise CAMoEError("encoder.video_tower is camoe, but the pretrain stage trained no "
+                             "video-text model (no item has a video and a caption)")
+        enc = dataclasses.replace(enc, camoe_path=facts.folder)
+    return enc
 
 
 def item_content(ctx: StageContext):

@@ -2,7 +2,14 @@
 and tags with a held-out share of the items, log its curve and held-out metrics beside the
 label-frequency baseline, register it (``qarm-tagger``) and write every item's predicted tags
 (``item_pred_tags``). With ``encoder.image_tower: tagger`` its backbone is the item encoder's
-image tower. Items whose image does not decode, or that have no tags, are not trained on."""
+image tower. Items whose image does not decode, or that have no tags, are not trained on.
+
+With ``pretrain.video.enabled`` the stage also trains the video-text model (CAMoE,
+``mm_encoder/camoe.py``) on the items' (video, caption) pairs, over the per-frame features of the
+item encoder's image tower and the text tower's token states, judges it on a held-out share
+(text->video and video->text R@1/5/10, MdR, MnR, with and without DSL re-ranking), registers it
+(``qarm-video-tower``) and writes every video's vector (``item_video_embeddings``). With
+``encoder.video_tower: camoe`` its video side is the item encoder's video tower."""
 
 from __future__ import annotations
 
@@ -17,8 +24,12 @@ class PretrainReport(StageReport):
     curve: list
     held_out: dict
     skipped: str = ""
+    video: object = None
 
     def text(self) -> str:
+        return self.tagger_text() + (f"\n{self.video.text()}" if self.video else "")
+
+    def tagger_text(self) -> str:
         f = self.facts
         if self.skipped:
             return f"no tagger trained: {self.skipped}"
@@ -30,10 +41,38 @@ class PretrainReport(StageReport):
                 f"{m['OR']:.3f} OF1 {m['OF1']:.3f} at 0.5; saved {f.folder}")
 
     def metrics(self) -> dict[str, float]:
+        out = {} if self.skipped else {
+            **{f"holdout_{k}": v for k, v in self.held_out.items()},
+            "baseline_mAP": self.facts.baseline_map}
+        if self.video:
+            out.update(self.video.metrics())
+        return out
+
+
+@dataclass
+class VideoReport:
+    facts: object
+    metrics_: dict
+    skipped: str = ""
+    out: object = None
+
+    def text(self) -> str:
+        f = self.facts
         if self.skipped:
-            return {}
-        return {**{f"holdout_{k}": v for k, v in self.held_out.items()},
-                "baseline_mAP": self.facts.baseline_map}
+            return f"no video-text model trained: {self.skipped}"
+        from jobs.report import text_table
+
+        rows = [(k.replace("_dsl", " + DSL re-ranking"), m["R@1"], m["R@5"], m["R@10"],
+                 m["MdR"], m["MnR"]) for k, m in self.metrics_.items()]
+        return (f"video-text model {f.version} ({f.model}, {f.loss} loss, frames through "
+                f"{f.image_tower}; {f.n_train} training and {f.n_holdout} held-out videos; "
+                f"item vectors of width {f.dim}), held-out retrieval:\n"
+                + text_table([("direction", "s"), ("R@1", ".1f"), ("R@5", ".1f"),
+                              ("R@10", ".1f"), ("MdR", ".1f"), ("MnR", ".1f")], rows)
+                + f"\nsaved {f.folder}")
+
+    def metrics(self) -> dict[str, float]:
+        return {f"video.{d}.{k}": v for d, m in self.metrics_.items() for k, v in m.items()}
 
 
 def decoded(items, size: int):
@@ -90,7 +129,8 @@ def run(ctx: StageContext) -> PretrainReport:
         facts = TaggerFacts("", cfg.backbone, "", 0, float("nan"), float("nan"), 0, 0)
         out = io.write_arrow("item_pred_tags", schema.empty_table(), schema=schema,
                              facts=facts)
-        return PretrainReport({"item_pred_tags": out}, facts, [], {}, str(e))
+        return with_video(ctx, PretrainReport({"item_pred_tags": out}, facts, [], {}, str(e)),
+                          None)
     blob = json.dumps([io.manifest("items").ref, ctx.cfg.section_hash("pretrain")])
     version = "tg-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
     folder = save_tagger(res, ctx.artifacts / "taggers" / version)
@@ -108,12 +148,123 @@ def run(ctx: StageContext) -> PretrainReport:
             "tagger_version": version, "backbone": cfg.backbone,
             "items": io.manifest("items").ref, "holdout_mAP": f"{res.metrics['mAP']:.4f}"})
     out = io.write_arrow("item_pred_tags", table, schema=schema, facts=facts)
-    return PretrainReport({"item_pred_tags": out}, facts, res.curve, res.metrics)
+    return with_video(ctx, PretrainReport({"item_pred_tags": out}, facts, res.curve,
+                                          res.metrics), folder)
+
+
+def with_video(ctx: StageContext, report: PretrainReport, tagger_folder) -> PretrainReport:
+    """The report, with the video-text model trained when ``pretrain.video.enabled``."""
+    if ctx.cfg.pretrain.video.enabled:
+        report.video = train_video(ctx, tagger_folder)
+        report.outputs["item_video_embeddings"] = report.video.out
+    return report
+
+
+def video_pairs(ctx: StageContext, tagger_folder):
+    """(towers, Pairs of every item with a video and a caption, the image tower's name)."""
+    import dataclasses
+
+    import numpy as np
+
+    from mm_encoder.camoe import CAMoEError, Pairs, frame_features, token_states
+    from mm_encoder.item_encoder import Towers
+    from mm_encoder.towers import decode_rgb
+
+    enc, v = ctx.cfg.encoder, ctx.cfg.pretrain.video
+    if enc.image_tower not in ("mobilenet_v2", "cat", "tagger"):
+        raise CAMoEError(f"the video-text model reads per-frame features of the image tower; "
+                         f"encoder.image_tower {enc.image_tower!r} has none (use mobilenet_v2, "
+                         "cat or tagger)")
+    if enc.image_tower == "tagger":
+        if tagger_folder is None:
+            raise CAMoEError("encoder.image_tower is tagger, but no tagger was trained")
+        enc = dataclasses.replace(enc, tagger_path=str(tagger_folder))
+    items = ctx.io.arrow("items", columns=["item_id", "text", "video"]).to_pandas()
+    towers = Towers(dataclasses.replace(enc, video=False))
+    size = getattr(towers.image, "image_size", enc.image_size)
+    ids, captions, videos = [], [], []
+    for r in items.itertuples():
+        if r.video is None or len(r.video) == 0 or not r.text:
+            continue
+        try:
+            frames = np.stack([decode_rgb(f, size) for f in r.video])
+        except Exception:                  # noqa: BLE001 - ingest validated; skip, never fail
+            continue
+        ids.append(r.item_id), captions.append(r.text), videos.append(frames)
+    if len(ids) < 4:
+        raise CAMoEError(f"{len(ids)} items have a video and a caption: too few to train on")
+    fr, fm = frame_features(towers.image, videos, v.max_frames)
+    tk, tm = token_states(towers.text, captions, v.max_tokens)
+    return Pairs(fr, fm, tk, tm, np.asarray(ids, np.int64)), enc.image_tower
+
+
+def train_video(ctx: StageContext, tagger_folder) -> VideoReport:
+    import hashlib
+    import json
+
+    import numpy as np
+    import pyarrow as pa
+    import torch
+
+    from feature_store import schemas
+    from feature_store.facts import VideoTextFacts
+    from mm_encoder.camoe import CAMoEError, save_video_text, train_video_text
+    from mm_encoder.tagger import holdout_mask
+
+    v, io = ctx.cfg.pretrain.video, ctx.io
+    schema = schemas.item_video_embeddings_schema()
+    try:
+        pairs, image_tower = video_pairs(ctx, tagger_folder)
+        from tqdm.auto import tqdm
+
+        with tqdm(total=v.epochs, desc=f"pretrain {v.model}", unit="epoch", disable=None) as bar:
+            def step(c):
+                bar.update(1)
+                bar.set_postfix(loss=f"{c['loss']:.3f}")
+                ctx.tracker.metrics({"video_loss": c["loss"]}, step=c["epoch"])
+
+            res = train_video_text(pairs, v, holdout_mask(pairs.item_ids, v.holdout),
+                                   progress=step)
+    except CAMoEError as e:
+        facts = VideoTextFacts("", v.model, v.loss, "", ctx.cfg.encoder.image_tower, 0, 0, 0,
+                               *[float("nan")] * 5)
+        out = io.write_arrow("item_video_embeddings", schema.empty_table(), schema=schema,
+                             facts=facts)
+        return VideoReport(facts, {}, str(e), out)
+    res.image_tower = image_tower
+    blob = json.dumps([io.manifest("items").ref, ctx.cfg.section_hash("pretrain"),
+                       ctx.cfg.section_hash("encoder")])
+    version = "vt-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
+    folder = save_video_text(res, ctx.artifacts / "video_towers" / version)
+    with torch.no_grad():
+        vecs = torch.cat([res.model.item_vectors(pairs.frames[i:i + 512],
+                                                 pairs.frame_mask[i:i + 512])
+                          for i in range(0, len(pairs), 512)]).numpy().astype(np.float32)
+    m = res.metrics
+    facts = VideoTextFacts(version, v.model, v.loss, str(folder), image_tower, vecs.shape[1],
+                           res.n_train, res.n_holdout, m["t2v"]["R@1"], m["t2v"]["R@5"],
+                           m["t2v"]["MdR"], m["t2v_dsl"]["R@1"], m["v2t"]["R@1"])
+    if ctx.cfg.mlflow.enabled:
+        ctx.tracker.register_folder(str(folder), "video_tower", "qarm-video-tower", tags={
+            "video_tower_version": version, "model": v.model, "loss": v.loss,
+            "items": io.manifest("items").ref, "image_tower": image_tower,
+            "holdout_t2v_R1": f"{m['t2v']['R@1']:.1f}"})
+    table = pa.table({"item_id": pa.array(pairs.item_ids, pa.int64()),
+                      "embedding": pa.array(list(vecs), pa.list_(pa.float32()))},
+                     schema=schema)
+    out = io.write_arrow("item_video_embeddings", table, schema=schema, facts=facts)
+    return VideoReport(facts, m, "", out)
+
+
+def outputs(cfg) -> tuple[str, ...]:
+    return ("item_pred_tags",) + (("item_video_embeddings",) if cfg.pretrain.video.enabled
+                                  else ())
 
 
 STAGE = Stage(
-    "pretrain", run, engine="torch", inputs=("items",), outputs=("item_pred_tags",),
-    config=("pretrain",), applies=lambda cfg: cfg.pretrain.enabled,
+    "pretrain", run, engine="torch", inputs=("items",), outputs=outputs,
+    config=("pretrain", "encoder"), applies=lambda cfg: cfg.pretrain.enabled,
     help="train the multi-label tagger (MlTr or CAT backbone, asymmetric loss) on the items' "
          "images and tags, held-out mAP beside the label-frequency baseline, register it, "
-         "write every item's predicted tags")
+         "write every item's predicted tags; with pretrain.video.enabled also the video-text "
+         "model (CAMoE, DSL) on the items' videos and captions, held-out R@K/MdR/MnR")
