@@ -88,7 +88,11 @@ def launch(job: TrainJob, ranks: int, launcher: str = "local", quiet: bool = Fal
 def rank_main(argv, prog: str, description: str, load_job, run_rank) -> None:
     """The ``main`` of a rank module: read ``--job``, send log lines (ours and TorchRec's
     planner, gloo, fbgemm) to the rank's log file in the job's folder (the console of rank 0
-    keeps the progress bar and any traceback), run the rank."""
+    keeps the progress bar and any traceback), run the rank.
+
+    A rank that finished its work leaves with ``os._exit(0)`` once its files and streams are
+    flushed: under heavy CPU contention the interpreter's teardown of the process group's and
+    fbgemm's native threads has aborted (SIGABRT) a rank whose results were already written."""
     import argparse
     import logging
 
@@ -105,3 +109,7 @@ def rank_main(argv, prog: str, description: str, load_job, run_rank) -> None:
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     logging.captureWarnings(True)
     run_rank(job)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
