@@ -39,7 +39,6 @@ trained on); nothing is pickled.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -388,34 +387,20 @@ def pad_frames(per_video: Sequence[torch.Tensor], max_frames: int
 
 
 def save_video_text(res: VideoTextResult, folder: Path) -> Path:
-    from safetensors.torch import save_file
+    from mm_encoder.saved import save_folder
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     m = res.model
-    save_file({k: v.contiguous() for k, v in m.state_dict().items()},
-              str(folder / "weights.safetensors"), metadata={"format": FORMAT})
-    (folder / "camoe.json").write_text(json.dumps({
-        "format": FORMAT, "config": asdict(res.cfg), "frame_dim": m.frame_dim,
-        "token_dim": m.token_dim, "frames": m.n_frames, "image_tower": res.image_tower,
-        "metrics": res.metrics, "n_train": res.n_train, "n_holdout": res.n_holdout}, indent=1))
-    return folder
+    return save_folder(folder, m.state_dict(), "camoe.json", FORMAT, {
+        "config": asdict(res.cfg), "frame_dim": m.frame_dim, "token_dim": m.token_dim,
+        "frames": m.n_frames, "image_tower": res.image_tower, "metrics": res.metrics,
+        "n_train": res.n_train, "n_holdout": res.n_holdout})
 
 
 def load_video_text(folder: str | Path) -> tuple[nn.Module, dict]:
     """(model in eval mode, its camoe.json) of a saved model; never unpickles."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from mm_encoder.saved import load_folder
 
-    folder = Path(folder)
-    try:
-        meta = json.loads((folder / "camoe.json").read_text())
-        state = load_file(str(folder / "weights.safetensors"))
-    except (OSError, ValueError, SafetensorError) as e:
-        raise CAMoEError(f"{folder} is not a saved video-text model ({e}); weights load only "
-                         "as plain tensors, never by unpickling") from None
-    if meta.get("format") != FORMAT:
-        raise CAMoEError(f"{folder} is not a {FORMAT} model")
+    meta, state = load_folder(folder, "camoe.json", FORMAT, CAMoEError, "video-text model")
     cfg = VideoTextConfig(**meta["config"])
     model = build_model(cfg, meta["frame_dim"], meta["token_dim"], meta["frames"])
     model.load_state_dict(state)

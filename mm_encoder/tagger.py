@@ -10,7 +10,6 @@ frequency (its mAP is what a tagger that ignores the image reaches).
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -144,32 +143,18 @@ def train_tagger(images: torch.Tensor, tags: Sequence[Sequence[str]], item_ids: 
 
 
 def save_tagger(res: TaggerResult, folder: Path) -> Path:
-    from safetensors.torch import save_file
+    from mm_encoder.saved import save_folder
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in res.model.state_dict().items()},
-              str(folder / "weights.safetensors"), metadata={"format": FORMAT})
-    (folder / "tagger.json").write_text(json.dumps({
-        "format": FORMAT, "config": asdict(res.cfg), "vocab": res.vocab,
-        "metrics": res.metrics, "baseline": res.baseline}, indent=1))
-    return folder
+    return save_folder(folder, res.model.state_dict(), "tagger.json", FORMAT, {
+        "config": asdict(res.cfg), "vocab": res.vocab, "metrics": res.metrics,
+        "baseline": res.baseline})
 
 
 def load_tagger(folder: Path):
     """(model in eval mode, vocabulary, config) of a saved tagger; never unpickles."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from mm_encoder.saved import load_folder
 
-    folder = Path(folder)
-    try:
-        meta = json.loads((folder / "tagger.json").read_text())
-        state = load_file(str(folder / "weights.safetensors"))
-    except (OSError, ValueError, SafetensorError) as e:
-        raise TaggerError(f"{folder} is not a saved tagger ({e}); weights load only as plain "
-                          "tensors, never by unpickling") from None
-    if meta.get("format") != FORMAT:
-        raise TaggerError(f"{folder} is not a {FORMAT} tagger")
+    meta, state = load_folder(folder, "tagger.json", FORMAT, TaggerError, "tagger")
     cfg = TaggerConfig(**meta["config"])
     model = build_backbone(cfg, len(meta["vocab"]))
     model.load_state_dict(state)
