@@ -149,7 +149,8 @@ class Dag:
         return inputs
 
     def config_hash(self, s: Stage) -> str:
-        return self.cfg.section_hash(*s.config) if s.config else ""
+        sections = s.config_sections(self.cfg)
+        return self.cfg.section_hash(*sections) if sections else ""
 
     def input_key(self, s: Stage, inputs: dict[str, Manifest]) -> str:
         blob = json.dumps({
@@ -215,7 +216,7 @@ class Dag:
         refs = {t: m.ref for t, m in inputs.items()}
         with tracker.run(s.name, nested=True, tags={"qarm.stage": s.name}) as run_id:
             section = self.cfg.to_dict()
-            tracker.params({sec: section[sec] for sec in s.config})
+            tracker.params({sec: section[sec] for sec in s.config_sections(self.cfg)})
             tracker.tags({f"input.{t}": ref for t, ref in refs.items()})
             log.info("stage %s: running (ds=%s)", s.name, ds)
             try:

@@ -47,8 +47,9 @@ class Stage:
     inputs: Tables | Callable[["QarmConfig"], Tables]
     #: Tables written, or a function of the config giving them.
     outputs: Tables | Callable[["QarmConfig"], Tables]
-    #: Config sections the stage depends on (part of its skip key).
-    config: Tables
+    #: Config sections the stage depends on (part of its skip key), or a function of the config
+    #: giving them.
+    config: Tables | Callable[["QarmConfig"], Tables]
     help: str
     #: Whether the stage belongs to the DAG for this config (e.g. ``world`` only for synthetic).
     applies: Callable[["QarmConfig"], bool] = lambda cfg: True
@@ -67,6 +68,9 @@ class Stage:
 
     def output_tables(self, cfg: "QarmConfig") -> Tables:
         return tuple(self.outputs(cfg) if callable(self.outputs) else self.outputs)
+
+    def config_sections(self, cfg: "QarmConfig") -> Tables:
+        return tuple(self.config(cfg) if callable(self.config) else self.config)
 
 
 @dataclass

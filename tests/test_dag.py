@@ -244,3 +244,21 @@ def test_the_scheduler_graph_is_the_dag_with_engines_and_upstream_edges(capsys):
     assert "examples" in by["train"]["upstream"] and "evaluate" in by["promote"]["upstream"]
     assert main(["dag", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == graph
+
+
+def test_a_stage_s_config_sections_can_depend_on_the_config(tmp_path):
+    from jobs.stages import build_dag
+
+    base = ["paths.root=" + str(tmp_path)]
+    plain = build_dag(load_config(None, base))
+    pretrain = plain.stage("pretrain")
+    assert pretrain.config_sections(plain.cfg) == ("pretrain",)
+    # The tagger does not read the encoder: an encoder change keeps its skip key.
+    other = build_dag(load_config(None, [*base, "encoder.dim=32"]))
+    assert other.config_hash(other.stage("pretrain")) == plain.config_hash(pretrain)
+    # The video-text model reads the encoder's towers: then an encoder change retrains it.
+    video = ["pretrain.video.enabled=true"]
+    v1 = build_dag(load_config(None, [*base, *video]))
+    v2 = build_dag(load_config(None, [*base, *video, "encoder.dim=32"]))
+    assert v1.stage("pretrain").config_sections(v1.cfg) == ("pretrain", "encoder")
+    assert v1.config_hash(v1.stage("pretrain")) != v2.config_hash(v2.stage("pretrain"))

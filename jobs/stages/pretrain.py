@@ -256,6 +256,11 @@ def train_video(ctx: StageContext, tagger_folder) -> VideoReport:
     return VideoReport(facts, m, "", out)
 
 
+def config_sections(cfg) -> tuple[str, ...]:
+    """The video-text model reads the encoder's image and text towers; the tagger does not."""
+    return ("pretrain",) + (("encoder",) if cfg.pretrain.video.enabled else ())
+
+
 def outputs(cfg) -> tuple[str, ...]:
     return ("item_pred_tags",) + (("item_video_embeddings",) if cfg.pretrain.video.enabled
                                   else ())
@@ -263,7 +268,7 @@ def outputs(cfg) -> tuple[str, ...]:
 
 STAGE = Stage(
     "pretrain", run, engine="torch", inputs=("items",), outputs=outputs,
-    config=("pretrain", "encoder"), applies=lambda cfg: cfg.pretrain.enabled,
+    config=config_sections, applies=lambda cfg: cfg.pretrain.enabled,
     help="train the multi-label tagger (MlTr or CAT backbone, asymmetric loss) on the items' "
          "images and tags, held-out mAP beside the label-frequency baseline, register it, "
          "write every item's predicted tags; with pretrain.video.enabled also the video-text "
