@@ -216,10 +216,33 @@ def init_weights(m: nn.Module) -> None:
 class HierarchicalBackbone(nn.Module):
     """What CAT and MlTr share around their stages: conv stem + LayerNorm (+ absolute position
     embedding), the stages with patch merging between them, final LayerNorm, mean pooling, a
-    linear head. Subclasses build ``patch_embed``, ``patch_norm``, ``pos_embed`` (or None),
-    ``stages``, ``merges``, ``norm`` and ``head``."""
+    linear head. Subclasses call :meth:`_stem`, then :meth:`_add_stage` once per stage (in
+    order, so parameters are created in the same order whatever the subclass), then
+    :meth:`_finish`."""
 
     pos_embed: nn.Parameter | None
+
+    def _stem(self, cfg, pos: bool) -> None:
+        C, s = cfg.embed_dim, cfg.stem_stride
+        self.patch_embed = nn.Conv2d(cfg.in_chans, C, kernel_size=s, stride=s)
+        self.patch_norm = nn.LayerNorm(C)
+        r0 = cfg.stage_resolutions()[0]
+        self.pos_embed = nn.Parameter(torch.zeros(1, r0, r0, C)) if pos else None
+        if self.pos_embed is not None:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.stages, self.merges = nn.ModuleList(), nn.ModuleList()
+
+    def _add_stage(self, blocks: list[nn.Module], dim: int, last: bool) -> None:
+        self.stages.append(nn.Sequential(*blocks))
+        if not last:
+            self.merges.append(PatchMerging(dim))
+
+    def _finish(self, cfg) -> None:
+        self.num_features = cfg.embed_dim * 2 ** (len(cfg.depths) - 1)
+        self.norm = nn.LayerNorm(self.num_features)
+        self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes else \
+            nn.Identity()
+        self.apply(init_weights)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) → pooled (B, 8C) feature (after the final LayerNorm)."""
@@ -244,17 +267,10 @@ class CAT(HierarchicalBackbone):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        C, s = cfg.embed_dim, cfg.stem_stride
-        self.patch_embed = nn.Conv2d(cfg.in_chans, C, kernel_size=s, stride=s)
-        self.patch_norm = nn.LayerNorm(C)
-        r0 = cfg.stage_resolutions()[0]
-        self.pos_embed = nn.Parameter(torch.zeros(1, r0, r0, C)) if cfg.abs_pos else None
-        if self.pos_embed is not None:
-            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        C = cfg.embed_dim
+        self._stem(cfg, pos=cfg.abs_pos)
         n_blocks = 3 * sum(cfg.depths)
         rates = torch.linspace(0, cfg.drop_path, n_blocks).tolist()
-        self.stages = nn.ModuleList()
-        self.merges = nn.ModuleList()
         k = 0
         for i, (units, heads, p) in enumerate(zip(cfg.depths, cfg.num_heads,
                                                   cfg.stage_patches())):
@@ -266,14 +282,8 @@ class CAT(HierarchicalBackbone):
                             else CrossPatchAttention(p, cfg.qkv_bias))
                     blocks.append(Block(dim, attn, cfg.mlp_ratio, rates[k]))
                     k += 1
-            self.stages.append(nn.Sequential(*blocks))
-            if i < len(cfg.depths) - 1:
-                self.merges.append(PatchMerging(dim))
-        self.num_features = C * 2 ** (len(cfg.depths) - 1)
-        self.norm = nn.LayerNorm(self.num_features)
-        self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes else \
-            nn.Identity()
-        self.apply(init_weights)
+            self._add_stage(blocks, dim, last=i == len(cfg.depths) - 1)
+        self._finish(cfg)
 
     def flops(self) -> int:
         """Analytic multiply-adds of one forward pass (the paper's convention): linear layers,

@@ -44,9 +44,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mm_encoder.cat import (Block, HierarchicalBackbone, InnerPatchAttention, PatchMerging,
-                            check_stages, from_patches, init_weights, stage_resolutions,
-                            to_patches)
+from mm_encoder.cat import (Block, HierarchicalBackbone, InnerPatchAttention, check_stages,
+                            from_patches, stage_resolutions, to_patches)
 
 
 @dataclass
@@ -107,14 +106,9 @@ class MlTr(HierarchicalBackbone):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        C, s = cfg.embed_dim, cfg.stem_stride
-        self.patch_embed = nn.Conv2d(cfg.in_chans, C, kernel_size=s, stride=s)
-        self.patch_norm = nn.LayerNorm(C)
-        r0 = cfg.stage_resolutions()[0]
-        self.pos_embed = nn.Parameter(torch.zeros(1, r0, r0, C))
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        C = cfg.embed_dim
+        self._stem(cfg, pos=True)
         rates = torch.linspace(0, cfg.drop_path, 2 * sum(cfg.depths)).tolist()
-        self.stages, self.merges = nn.ModuleList(), nn.ModuleList()
         k = 0
         for i, (units, heads, w, r) in enumerate(zip(cfg.depths, cfg.num_heads,
                                                      cfg.stage_windows(),
@@ -128,14 +122,8 @@ class MlTr(HierarchicalBackbone):
                                                               cfg.qkv_bias),
                                     cfg.mlp_ratio, rates[k + 1]))
                 k += 2
-            self.stages.append(nn.Sequential(*blocks))
-            if i < len(cfg.depths) - 1:
-                self.merges.append(PatchMerging(dim))
-        self.num_features = C * 2 ** (len(cfg.depths) - 1)
-        self.norm = nn.LayerNorm(self.num_features)
-        self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes else \
-            nn.Identity()
-        self.apply(init_weights)
+            self._add_stage(blocks, dim, last=i == len(cfg.depths) - 1)
+        self._finish(cfg)
 
     def flops(self) -> int:
         """Analytic multiply-adds of one forward pass: linear layers, convolutions and attention
