@@ -5,7 +5,8 @@
   the ranker's click probability per item. ``at`` (epoch ms, optional) scores as of that time
   (the history is the positives strictly before it); ``content`` carries items the store does not
   know (``{"id", "title", "text", "tags", "image": base64, "video": [base64 frames]}``),
-  coded on the fly with the champion's encoder and codebook. An unknown item without content is flagged, not scored.
+  coded on the fly with the champion's encoder and codebook. An unknown item without content
+  is flagged, not scored.
 * ``GET /recommend?user_id=u1&k=10``: the champion retriever's candidates re-ranked by the
   ranker; an unknown user (or one without history) gets the most popular items.
 * ``GET /healthz``: the models and store versions (503 when the store no longer matches).
