@@ -18,7 +18,7 @@ SHELL := /bin/bash
 # once per package. Drop that noise, keep real warnings and errors.
 QUIET := 2>&1 | sed '/^WARNING: Location .* is ignored/d'
 
-.PHONY: setup demo test test-all bench clean report-check airflow-check tagger-check camoe-check
+.PHONY: setup demo test test-all bench clean report-check airflow-check tagger-check camoe-check gmu-check
 
 setup: $(STAMP)
 
@@ -61,6 +61,11 @@ tagger-check: setup
 
 camoe-check: setup
 	$(PY) checks/camoe_synthetic.py
+
+# GMU video grounding on held-out synthetic untrimmed videos: the four variants x 3 seeds and
+# the trivial baseline, R@K at IoU 0.3/0.5/0.7 and mIoU with intervals (JSON on stdout).
+gmu-check: setup
+	$(PY) checks/gmu_synthetic.py
 
 test: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

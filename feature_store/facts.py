@@ -185,6 +185,24 @@ class VideoTextFacts:
     v2t_r1: float
 
 
+@dataclass(frozen=True)
+class GroundingFacts:
+    """The GMU model the ``ground`` stage trained and applied, and its held-out figures."""
+    version: str
+    folder: str
+    data: str
+    n_train: int
+    n_holdout: int
+    #: Held-out R@1 at IoU 0.5 and 0.7 and mIoU (percent), and the trivial baseline's.
+    r1_05: float
+    r1_07: float
+    miou: float
+    trivial_r1_05: float
+    trivial_miou: float
+    #: Items given a highlight.
+    items: int
+
+
 #: The facts kind of each table that has one.
 TABLE_FACTS: dict[str, type] = {
     **{t: WorldFacts for t in ("raw_items", "raw_events", "truth_items", "truth_users",
@@ -206,6 +224,7 @@ TABLE_FACTS: dict[str, type] = {
     "candidates": CandidatesFacts,
     "item_pred_tags": TaggerFacts,
     "item_video_embeddings": VideoTextFacts,
+    "item_highlights": GroundingFacts,
 }
 
 

@@ -212,6 +212,19 @@ def item_video_embeddings_schema() -> pa.Schema:
     )
 
 
+def item_highlights_schema() -> pa.Schema:
+    """The ``ground`` stage's moment of each item's video that its title describes, as shares of
+    the video ([0, 1]), with the model's score of it."""
+    return pa.schema(
+        [
+            pa.field("item_id", pa.int64(), nullable=False),
+            pa.field("highlight_start", pa.float32(), nullable=False),
+            pa.field("highlight_end", pa.float32(), nullable=False),
+            pa.field("score", pa.float32(), nullable=False),
+        ]
+    )
+
+
 def id_map_schema() -> pa.Schema:
     return pa.schema(
         [
@@ -230,6 +243,7 @@ FIXED_SCHEMAS = {
     "candidates": candidates_schema,
     "item_pred_tags": item_pred_tags_schema,
     "item_video_embeddings": item_video_embeddings_schema,
+    "item_highlights": item_highlights_schema,
     "item_id_map": id_map_schema,
     "user_id_map": id_map_schema,
 }

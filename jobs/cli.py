@@ -15,6 +15,7 @@ Examples::
     qarm recommend --config configs/demo.yaml --user u12 --k 10   # one user's top items
     qarm tag ../shared/data/coco128-train/images --top 3          # tag a folder of images
     qarm serve --config configs/demo.yaml --port 8000             # the HTTP service
+    qarm ground frames/ "a red circle moves left"                 # where in a video
     qarm config --config configs/demo.yaml --set world.n_items=500   # the effective config
 """
 
@@ -58,13 +59,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from feature_store.online import OnlineStoreError
     from jobs.serve import ServeError
     from recsys.serving import VersionSkew
+    from mm_encoder.gmu import GroundingError
 
     return (ConfigError, DagError, FactsError, SchemaError, SchemaMismatch, SnapshotNotFound,
             SourceError, SparkUnavailable, UnusableData, CodebookExists, CodebookNotFound,
             ModelNotFound, TooFewPoints, ExamplesError, FeatureSpecError, TrainError,
             ReportError, RegistryError, RecommendError, FaissIndexError, RetrievalError,
             ModelFormatError, TagError, TaggerError, CompareError, OnlineStoreError, ServeError,
-            VersionSkew)
+            VersionSkew, GroundingError)
 
 
 def _config_only(p: argparse.ArgumentParser) -> None:
@@ -110,6 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(s.name, help=s.help, description=f"{s.help}. Same as "
                             f"`qarm run --only {s.name}`.")
         _common(sp)
+        if s.name == "ground":
+            sp.description += (" With VIDEO and QUERY it runs no stage: it ranks the moments "
+                               "of VIDEO (a folder of frame images in name order, or a .npy "
+                               "of per-step features) that QUERY describes, with the GMU "
+                               "model the stage trained (or --model); spans are shares of "
+                               "the video, and frame indices.")
+            sp.add_argument("video", nargs="?", metavar="VIDEO")
+            sp.add_argument("query", nargs="?", metavar="QUERY")
+            sp.add_argument("--top", type=int, default=5, help="moments to print (default 5)")
+            sp.add_argument("--model", metavar="FOLDER", help="a saved GMU model folder")
+            sp.add_argument("--json", action="store_true", help="as JSON")
         if s.name == "quantize":
             sp.add_argument("--assign-only", action="store_true",
                             help="do not fit: code the items with an existing codebook "
@@ -344,6 +357,15 @@ def main(argv: list[str] | None = None) -> int:
             from jobs.serve import serve
 
             serve(cfg, args.host, args.port)
+            return 0
+        if args.command == "ground" and args.video is not None:
+            if args.query is None:
+                raise ConfigError('qarm ground VIDEO needs a QUERY: qarm ground VIDEO "a red '
+                                  'circle moves left"')
+            from jobs.ground_video import format_moments, ground_video
+
+            print(format_moments(ground_video(cfg, args.video, args.query, args.top,
+                                              args.model), args.json))
             return 0
         if args.command == "tag":
             from jobs.tag import format_rows, tag_folder

@@ -22,7 +22,7 @@ from typing import Literal, Optional
 import yaml
 
 from feature_store.typed import from_dict
-from mm_encoder.config import AlignConfig, ItemEncoderConfig, PretrainConfig
+from mm_encoder.config import AlignConfig, GroundingConfig, ItemEncoderConfig, PretrainConfig
 from pipelines.config import (EmbedConfig, ExamplesConfig, IngestConfig, PairsConfig,
                               QuantizeConfig, SourceConfig, SparkConfig, SplitConfig,
                               WorldConfig)
@@ -73,6 +73,7 @@ class QarmConfig:
     source: SourceConfig = field(default_factory=SourceConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    ground: GroundingConfig = field(default_factory=GroundingConfig)
     encoder: ItemEncoderConfig = field(default_factory=ItemEncoderConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
@@ -137,6 +138,19 @@ def check_consistent(cfg: QarmConfig) -> QarmConfig:
         raise ConfigError("encoder.video_tower=camoe needs the video-text model of the pretrain "
                           "stage: set pretrain.enabled=true and pretrain.video.enabled=true (or "
                           "encoder.camoe_path to a saved one)")
+    if e.video_highlight and not cfg.ground.enabled:
+        raise ConfigError("encoder.video_highlight encodes the moment the ground stage finds: "
+                          "set ground.enabled=true")
+    g = cfg.ground
+    if not (g.moment or g.clip):
+        raise ConfigError("ground needs ground.moment or ground.clip (or both)")
+    if g.data == "charades" and not (g.charades_annotations and g.charades_features
+                                     and g.charades_durations):
+        raise ConfigError("ground.data=charades needs ground.charades_annotations, "
+                          "ground.charades_features and ground.charades_durations")
+    if cfg.world.multi_event_share > 0 and cfg.world.video_frames < 9:
+        raise ConfigError(f"world.multi_event_share needs world.video_frames >= 9 (2-3 events "
+                          f"of at least 3 frames), got {cfg.world.video_frames}")
     if cfg.online.keep_positives < cfg.examples.history_len:
         raise ConfigError(f"online.keep_positives ({cfg.online.keep_positives}) is below "
                           f"examples.history_len ({cfg.examples.history_len}): the service "

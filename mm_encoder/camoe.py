@@ -362,6 +362,23 @@ def frame_features(image_tower, videos: Sequence[np.ndarray], max_frames: int,
     return pad_frames(list(feats.split([len(v) for v in picked])), max_frames)
 
 
+def decode_videos(ids, texts, videos, size: int):
+    """(ids, texts, decoded videos (F, size, size, 3)) of the items that have a video and a
+    text; a video that does not decode is left out (ingest validated them)."""
+    from mm_encoder.towers import decode_rgb
+
+    out_ids, out_texts, out_videos = [], [], []
+    for i, t, v in zip(ids, texts, videos):
+        if v is None or len(v) == 0 or not t:
+            continue
+        try:
+            frames = np.stack([decode_rgb(f, size) for f in v])
+        except Exception:                  # noqa: BLE001 - ingest validated; skip, never fail
+            continue
+        out_ids.append(i), out_texts.append(t), out_videos.append(frames)
+    return out_ids, out_texts, out_videos
+
+
 def frame_index(n: int, max_frames: int) -> np.ndarray:
     """The frames a video of ``n`` frames contributes: all, or ``max_frames`` evenly spaced."""
     if n <= max_frames:

@@ -21,6 +21,9 @@ class ItemEncoderConfig:
     #: last-minus-first difference) or ``camoe`` (the video side of the video-text model the
     #: ``pretrain`` stage trained, ``pretrain.video``; the embed stage sets ``camoe_path``).
     video_tower: Literal["frames", "camoe"] = "frames"
+    #: Encode only the highlight of each item's video (the moment its title describes, found
+    #: by the ``ground`` stage, ``ground.enabled``) instead of the whole video.
+    video_highlight: bool = False
     camoe_path: Optional[str] = None
     #: Side length images and frames are resized to before the image tower.
     image_size: int = 96
@@ -90,6 +93,48 @@ class VideoTextConfig:
     #: Share of the items held out (a hash of the item id) for R@K / MdR / MnR.
     holdout: float = 0.2
     seed: int = 0
+
+
+@dataclass
+class GroundingConfig:
+    """The GMU video-grounding model (``mm_encoder/gmu.py``) and the ``ground`` stage."""
+    #: Run the ground stage (items with a video and a title get their highlight).
+    enabled: bool = False
+    #: The parts of GMU: moment level (start/end per step), clip level (proposals over window
+    #: lengths), and the generator whose implicit boundary and clip features query the
+    #: cross-attention discriminator. Each can be switched off (not both levels).
+    moment: bool = True
+    clip: bool = True
+    generator: bool = True
+    #: Width of the model, temporal transformer layers over the frames, attention heads.
+    dim: int = 64
+    layers: int = 2
+    heads: int = 4
+    #: Steps per video (longer videos: evenly spaced frames), tokens per query.
+    max_frames: int = 24
+    max_tokens: int = 16
+    #: Clip-level proposal lengths, as shares of the video (every start, stride 1 step).
+    windows: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.375, 0.5, 0.75])
+    #: Weight of the clip score against the boundary log-probabilities at inference.
+    clip_weight: float = 1.0
+    epochs: int = 40
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    #: Share of the grounding videos held out for R@K / mIoU.
+    holdout: float = 0.2
+    seed: int = 0
+    #: Training data: ``synthetic`` (untrimmed videos with several events, rendered from the
+    #: world's visual vocabulary) or ``charades`` (an annotation file ``video_id start
+    #: end##sentence`` over precomputed frame features, ``charades_*`` below).
+    data: Literal["synthetic", "charades"] = "synthetic"
+    synthetic_videos: int = 800
+    synthetic_frames: int = 24
+    synthetic_size: int = 24
+    charades_annotations: Optional[str] = None
+    #: Folder of ``<video_id>.npy`` arrays (steps, d) and a CSV ``id,length`` of durations (s).
+    charades_features: Optional[str] = None
+    charades_durations: Optional[str] = None
 
 
 @dataclass

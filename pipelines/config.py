@@ -49,6 +49,12 @@ class WorldConfig:
     #: motion, the object or the scene (20% each), as real captions do; off: every caption is
     #: ``full`` ("a red circle moves left over grass"). See ``pipelines.synthetic.caption``.
     caption_variety: bool = False
+    #: Opt-in: the share of items whose video is untrimmed: 2-3 events one after another (each
+    #: an object crossing the frame), one of them the item's own object and motion at a random
+    #: position, the others random; the item's title names that event ("a red circle moves
+    #: left"). The ``ground`` stage finds it (``ground.enabled``) and the video tower can encode
+    #: only it (``encoder.video_highlight``). Needs ``video_frames`` >= 9.
+    multi_event_share: float = 0.0
     #: Probability that an item's object shape / motion follows its topic (content reveals the
     #: topic only partly).
     shape_fidelity: float = 0.8

@@ -16,7 +16,6 @@ import pytest
 from feature_store.snapshots import SnapshotStore
 from jobs.cli import main
 from jobs.config import load_config
-from jobs.stages import build_dag
 from tests.conftest import DS, EXTRA, _args, tiny_world_overrides
 
 @pytest.fixture(scope="module")
@@ -44,13 +43,14 @@ def test_every_stage_ran_and_printed_its_report(run):
     _, _, dag, out = run
     for stage in ("world", "ingest", "split", "pretrain", "embed", "pairs", "align", "quantize",
                   "quantize_raw", "examples", "train", "evaluate", "promote", "retrieve",
-                  "promote_retriever"):
+                  "promote_retriever", "publish"):
         assert dag.state.last_success(DS, stage) is not None, stage
     for needle in ("rows_in", "embedded 120 of 120", "mean score", "aligned encoder",
                    "10-NN purity", "utilization", "sharing an RQ prefix", "mean history",
                    "examples/s", "cold AUC", "truth (ceiling)", "codes+frozen",
                    "split global_time", "validation part:", "known AUC", "frozen_aligned",
-                   "paired differences", "codes - frozen_aligned", "cal NE", "best step"):
+                   "paired differences", "codes - frozen_aligned", "cal NE", "best step",
+                   "published online store"):
         assert needle in out, needle
 
 
@@ -563,3 +563,34 @@ def test_loading_a_registered_model_never_unpickles(run, tmp_path):
     with pytest.raises(ModelFormatError, match="never by unpickling"):
         load_ranker(folder)
     assert not marker.exists()
+
+
+def test_ground_finds_each_items_highlight_and_embed_encodes_only_it(own_run, capsys,
+                                                                      tmp_path):
+    root, store = own_run
+    extra = ["--set", "ground.enabled=true", "--set", "encoder.video_highlight=true",
+             "--set", "ground.synthetic_videos=40", "--set", "ground.synthetic_frames=12",
+             "--set", "ground.max_frames=12", "--set", "ground.epochs=2",
+             "--set", "ground.dim=16", "--set", "ground.layers=1"]
+    assert main(["run", "--only", "ground", *_own_args(root, *extra)]) == 0
+    out = capsys.readouterr().out
+    assert "[ground]" in out and "trivial (mean span)" in out
+    items = store.read_arrow("items", columns=["item_id", "video"]).to_pylist()
+    with_video = {r["item_id"] for r in items if r["video"]}
+    h = store.read_arrow("item_highlights").to_pandas()
+    assert set(h.item_id) == with_video
+    assert ((0 <= h.highlight_start) & (h.highlight_start < h.highlight_end)
+            & (h.highlight_end <= 1)).all()
+    facts = store.get("item_highlights").facts
+    assert facts.version.startswith("gmu-") and facts.items == len(with_video)
+    # `qarm ground VIDEO QUERY` on an item's frames, with the model the stage trained.
+    frames = next(r["video"] for r in items if r["video"])
+    for k, f in enumerate(frames):
+        (tmp_path / f"{k:03d}.png").write_bytes(f)
+    assert main(["ground", str(tmp_path), "a red circle moves left", "--top", "2",
+                 *_own_args(root, *extra)]) == 0
+    table = capsys.readouterr().out
+    assert table.count("\n") >= 3 and "first_frame" in table
+    # The embed stage reads the highlights (and so encodes only them).
+    assert main(["run", "--only", "embed", *_own_args(root, *extra)]) == 0
+    assert store.get("item_highlights").ref in store.get("item_embeddings").parents

@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from feature_store.online import (ItemRecord, OnlineConfig, OnlineStoreError, RedisStore,
-                                  SqliteStore, StoreMeta, UserRecord, records_from_tables)
+from feature_store.online import (ItemRecord, OnlineStoreError, RedisStore, SqliteStore,
+                                  StoreMeta, UserRecord, records_from_tables)
 from recsys.serving import history_before
 from tests.conftest import EXTRA, free_port, tiny_world_overrides
 

@@ -19,7 +19,8 @@ def inputs(cfg) -> tuple[str, ...]:
     # is the video side of the video-text model it trained.
     return ("items",) + (("item_tags", "split_events") if has_dated_tags(cfg) else ()) + (
         ("item_pred_tags",) if cfg.encoder.image_tower == "tagger" else ()) + (
-        ("item_video_embeddings",) if camoe_video(cfg) and not cfg.encoder.camoe_path else ())
+        ("item_video_embeddings",) if camoe_video(cfg) and not cfg.encoder.camoe_path else ()) + (
+        ("item_highlights",) if cfg.encoder.video_highlight else ())
 
 
 def camoe_video(cfg) -> bool:
@@ -47,6 +48,22 @@ def encoder_config(cfg, io):
     return enc
 
 
+def highlight_videos(items, highlights):
+    """``items`` with each video cut to its highlight (frames ``floor(start * n)`` to
+    ``ceil(end * n)``, at least one); items without a highlight keep their whole video."""
+    from pyspark.sql import functions as F
+
+    h = highlights.select("item_id", "highlight_start", "highlight_end")
+    n = F.size("video")
+    first = F.floor(F.col("highlight_start") * n).cast("int")
+    length = F.greatest(F.ceil(F.col("highlight_end") * n).cast("int") - first, F.lit(1))
+    cut = F.slice("video", first + 1, length)
+    return (items.join(h, "item_id", "left")
+            .withColumn("video", F.when(F.col("highlight_start").isNotNull() & (n > 0), cut)
+                        .otherwise(F.col("video")))
+            .drop("highlight_start", "highlight_end"))
+
+
 def item_content(ctx: StageContext):
     """The items as the encoder reads them: with the dated tags allowed by the split."""
     from feature_store.facts import SplitFacts
@@ -54,6 +71,8 @@ def item_content(ctx: StageContext):
 
     io, spark = ctx.io, ctx.spark
     items = io.spark(spark, "items")
+    if io.has("item_highlights"):
+        items = highlight_videos(items, io.spark(spark, "item_highlights"))
     if not io.has("item_tags"):
         return items
     return with_allowed_tags(items, allowed_tags(io.spark(spark, "item_tags"),

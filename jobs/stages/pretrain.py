@@ -166,9 +166,9 @@ def video_pairs(ctx: StageContext, tagger_folder):
 
     import numpy as np
 
-    from mm_encoder.camoe import CAMoEError, Pairs, frame_features, token_states
+    from mm_encoder.camoe import (CAMoEError, Pairs, decode_videos, frame_features,
+                                  token_states)
     from mm_encoder.item_encoder import Towers
-    from mm_encoder.towers import decode_rgb
 
     enc, v = ctx.cfg.encoder, ctx.cfg.pretrain.video
     if enc.image_tower not in ("mobilenet_v2", "cat", "tagger"):
@@ -182,15 +182,7 @@ def video_pairs(ctx: StageContext, tagger_folder):
     items = ctx.io.arrow("items", columns=["item_id", "text", "video"]).to_pandas()
     towers = Towers(dataclasses.replace(enc, video=False))
     size = getattr(towers.image, "image_size", enc.image_size)
-    ids, captions, videos = [], [], []
-    for r in items.itertuples():
-        if r.video is None or len(r.video) == 0 or not r.text:
-            continue
-        try:
-            frames = np.stack([decode_rgb(f, size) for f in r.video])
-        except Exception:                  # noqa: BLE001 - ingest validated; skip, never fail
-            continue
-        ids.append(r.item_id), captions.append(r.text), videos.append(frames)
+    ids, captions, videos = decode_videos(items.item_id, items.text, items.video, size)
     if len(ids) < 4:
         raise CAMoEError(f"{len(ids)} items have a video and a caption: too few to train on")
     fr, fm = frame_features(towers.image, videos, v.max_frames)
