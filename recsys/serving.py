@@ -213,15 +213,18 @@ class Service:
         look = self.store.lookup(user)
         self._check(look.meta)
         u = look.user
-        if u is None or not u.items or self.tower is None:
-            why = ("unknown_user" if u is None else "no_history" if not u.items
-                   else "no_retriever")
+        known = ([i for i in u.items if i < self.feats.n_items]
+                 if u is not None and self.tower is not None else [])
+        if u is None or not known or self.tower is None:
+            # No history the retriever knows (none, or only items newer than it).
+            why = ("unknown_user" if u is None else "no_retriever" if self.tower is None
+                   else "no_history")
             top = look.meta.popular[:k]
             recs = self.store.lookup(item_ids=top).by_id
             return {"user_id": user, "known_user": u is not None, "source": "popularity",
                     "fallback": why, "store_version": look.meta.version,
                     "items": [self._row(recs.get(i), None) for i in top]}
-        hist = np.asarray([i for i in u.items if i < self.feats.n_items], np.int64)
+        hist = np.asarray(known, np.int64)
         with torch.no_grad():
             s = self.tower.scores([hist[-self.tower.model.max_len:]])[0]
         s[torch.from_numpy(np.unique(np.asarray(u.items, np.int64)[
