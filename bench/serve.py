@@ -134,18 +134,11 @@ def store_lookups(cfg, users, items, calls: int, seed: int) -> dict:
     from feature_store.online import LocalRedis, RedisStore, SqliteStore
 
     sqlite = SqliteStore(cfg.online.sqlite_path or cfg.root / "online.db")
-    meta = sqlite.meta()
-    con = sqlite._con()
-    recs_items = [r[0] for r in con.execute("SELECT record FROM items WHERE version = ?",
-                                            (meta.version,))]
-    recs_users = [r[0] for r in con.execute("SELECT record FROM users WHERE version = ?",
-                                            (meta.version,))]
-    from feature_store.online import _item, _user
-
+    meta, recs_items, recs_users = sqlite.records()
     folder = tempfile.mkdtemp(prefix="qarm-bench-redis-")
     with LocalRedis(folder) as url:
         red = RedisStore(url, "bench")
-        red.publish(meta, [_item(t) for t in recs_items], [_user(t) for t in recs_users])
+        red.publish(meta, recs_items, recs_users)
         out = {}
         for name, store in (("sqlite", sqlite), ("redis", red)):
             rng = random.Random(seed)

@@ -244,6 +244,22 @@ class SqliteStore(OnlineStore):
         return Lookup(meta, u, {str(x): got.get(str(x)) for x in items},
                       {int(i): by.get(int(i)) for i in item_ids})
 
+    def records(self) -> tuple[StoreMeta, list[ItemRecord], list[UserRecord]]:
+        """The current version's metadata and every record (to copy a store elsewhere)."""
+        con = self._con()
+        con.execute("BEGIN")
+        try:
+            meta = self._meta(con)
+            if meta is None:
+                raise OnlineStoreError(f"the online store {self.path} is empty")
+            items = [_item(r[0]) for r in con.execute(
+                "SELECT record FROM items WHERE version = ? ORDER BY id", (meta.version,))]
+            users = [_user(r[0]) for r in con.execute(
+                "SELECT record FROM users WHERE version = ? ORDER BY external", (meta.version,))]
+        finally:
+            con.execute("COMMIT")
+        return meta, items, users
+
     def close(self) -> None:
         con = getattr(self._local, "con", None)
         if con is not None:

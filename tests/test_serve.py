@@ -366,3 +366,33 @@ def test_the_redis_backend_serves_the_same_scores(served, e2e_run, redis_url):
     b = svc.score("u2", ["i1", "i5", "i9"])["scores"]
     assert [x["score"] for x in a] == pytest.approx([x["score"] for x in b], rel=1e-6)
     svc.store.close()
+
+
+def test_publish_recodes_every_item_for_a_champion_of_an_older_codebook(served, capsys):
+    """A refit (another codebook today) that the gate has not promoted: publish codes every
+    item with the champion's encoder and codebook, the same codes the champion trained on."""
+    from jobs.cli import main
+    from jobs.registry import CHAMPION, RANKER, Registry
+    from tests.conftest import _args
+
+    root = served[0]
+    from feature_store.snapshots import SnapshotStore
+
+    st = SnapshotStore(str(root / "store"))
+    before = st.read_arrow("item_codes").to_pandas().set_index("item_id").sort_index()
+    champ = Registry(_cfg(root)).alias(RANKER, CHAMPION)
+    assert champ.tags["codebook_version"] == st.get("item_codes").facts.codebook_version
+    db = root / "recoded.db"
+    extra = ["--set", "quantize.rq.seed=7", "--set", f"online.sqlite_path={db}"]
+    assert main(["run", "--only", "quantize", *_args(root, *extra)]) == 0
+    assert st.get("item_codes").facts.codebook_version != champ.tags["codebook_version"]
+    assert main(["run", "--only", "publish", *_args(root, *extra)]) == 0
+    assert f"recoded for the champion qarm-ranker v{champ.version}" in capsys.readouterr().out
+    store = SqliteStore(db)
+    meta = store.meta()
+    assert meta.codebook_version == champ.tags["codebook_version"]
+    look = store.lookup(item_ids=before.index[:50].tolist())
+    got = np.asarray([look.by_id[int(i)].rq for i in before.index[:50]])
+    want = np.stack(before.rq.to_numpy()[:50])
+    assert (got == want).all(axis=1).mean() >= 0.95
+    store.close()

@@ -43,26 +43,33 @@ def promotions_schema():
 def score_version(reg, v, rows, ids, feats, present):
     """Click probabilities of ranker version ``v`` on ``rows``, recoded with its own encoder and
     codebook when it reads codes."""
-    import torch
-
-    from jobs.registry import CODEBOOK, ENCODER
-    from mm_encoder.item_encoder import ItemEncoder, unpack_features
-    from quantizer.codebook import Codebook
     from recsys.recode import recode_examples
     from recsys.saved import load_ranker
     from recsys.scorer import score
 
     model = load_ranker(reg.download(v))
     if model.spec.uses_codes:
-        enc = ItemEncoder.load(str(reg.download(reg.version(ENCODER,
-                                                            v.tags["encoder_model_version"]))))
-        cb_dir = reg.download(reg.version(CODEBOOK, v.tags["codebook_model_version"]))
-        cb = Codebook.from_bytes((cb_dir / "codebook.npz").read_bytes())
-        with torch.no_grad():
-            emb = enc.fusion(unpack_features(feats, present, enc.towers.dims())).numpy()
-        rq, vq = cb.encode(ids, emb)
+        rq, vq = codes_of_version(reg, v, ids, feats, present)
         rows = recode_examples(rows, ids, rq, vq)
     return score(model, rows)
+
+
+def codes_of_version(reg, v, ids, feats, present):
+    """(rq, vq) of items ``ids`` coded from their tower features with the encoder and codebook
+    registered with ranker version ``v``."""
+    import torch
+
+    from jobs.registry import CODEBOOK, ENCODER
+    from mm_encoder.item_encoder import ItemEncoder, unpack_features
+    from quantizer.codebook import Codebook
+
+    enc = ItemEncoder.load(str(reg.download(reg.version(ENCODER,
+                                                        v.tags["encoder_model_version"]))))
+    cb_dir = reg.download(reg.version(CODEBOOK, v.tags["codebook_model_version"]))
+    cb = Codebook.from_bytes((cb_dir / "codebook.npz").read_bytes())
+    with torch.no_grad():
+        emb = enc.fusion(unpack_features(feats, present, enc.towers.dims())).numpy()
+    return cb.encode(ids, emb)
 
 
 @dataclass

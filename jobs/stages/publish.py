@@ -66,24 +66,13 @@ def champion_codes(ctx: StageContext, facts):
     want = champ.tags.get("codebook_version") if champ is not None else None
     if champ is None or not want or want == facts.codebook_version:
         return codes, facts.codebook_version, facts.encoder_version, ""
-    import torch
-
     from feature_store.arrays import list_matrix
-    from jobs.registry import CODEBOOK, ENCODER
-    from mm_encoder.item_encoder import ItemEncoder, unpack_features
-    from quantizer.codebook import Codebook
+    from jobs.stages.promote import codes_of_version
 
-    enc = ItemEncoder.load(str(reg.download(reg.version(ENCODER,
-                                                        champ.tags["encoder_model_version"]))))
-    cb_dir = reg.download(reg.version(CODEBOOK, champ.tags["codebook_model_version"]))
-    cb = Codebook.from_bytes((cb_dir / "codebook.npz").read_bytes())
     t = ctx.io.arrow("item_features").sort_by("item_id")
     ids = t.column("item_id").to_numpy()
-    with torch.no_grad():
-        emb = enc.fusion(unpack_features(list_matrix(t.column("features"), np.float32),
-                                         list_matrix(t.column("present"), bool),
-                                         enc.towers.dims())).numpy()
-    rq, vq = cb.encode(ids, emb)
+    rq, vq = codes_of_version(reg, champ, ids, list_matrix(t.column("features"), np.float32),
+                              list_matrix(t.column("present"), bool))
     frame = pd.DataFrame({"item_id": ids, "rq": list(rq), "vq": list(vq)})
     return frame, want, champ.tags.get("encoder_version", ""), f"qarm-ranker v{champ.version}"
 
