@@ -131,7 +131,8 @@ def http(method: str, path: str, body: bytes = b"") -> bytes:
 
 def store_lookups(cfg, users, items, calls: int, seed: int) -> dict:
     """p50/p99 of one request's lookup (a user + 100 items), SQLite then Redis (same publish)."""
-    from feature_store.online import LocalRedis, RedisStore, SqliteStore
+    from feature_store.online import SqliteStore
+    from feature_store.online_redis import LocalRedis, RedisStore
 
     sqlite = SqliteStore(cfg.online.sqlite_path or cfg.root / "online.db")
     meta, recs_items, recs_users = sqlite.records()

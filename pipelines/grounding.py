@@ -161,7 +161,7 @@ def synthetic_set(n_videos: int, frames: int, size: int, seed: int, image_tower,
     """Queries (one per event) over ``n_videos`` synthetic untrimmed videos of ``frames`` steps
     (read as ``max_frames`` steps, evenly spaced, when fewer)."""
     from mm_encoder.camoe import frame_features, token_states
-    from pipelines.synthetic import grounding_videos
+    from pipelines.synthetic_events import grounding_videos
 
     videos, events = grounding_videos(seed, n_videos, frames, size)
     image_size = getattr(image_tower, "image_size", size)

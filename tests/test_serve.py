@@ -13,8 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from feature_store.online import (ItemRecord, OnlineStoreError, RedisStore, SqliteStore,
-                                  StoreMeta, UserRecord, records_from_tables)
+from feature_store.online import (ItemRecord, OnlineStoreError, SqliteStore, StoreMeta,
+                                  UserRecord, records_from_tables)
+from feature_store.online_redis import RedisStore
 from recsys.serving import history_before
 from tests.conftest import EXTRA, free_port, tiny_world_overrides
 
