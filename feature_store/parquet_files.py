@@ -41,6 +41,11 @@ def to_declared(data, expected: pa.Schema, table: str):
         col = data.column(field.name)
         if pa.types.is_timestamp(field.type) and not field.type.equals(col.type):
             col = pc.cast(col, options=pc.CastOptions(field.type, allow_time_truncate=True))
+        elif not field.type.equals(col.type) and field.nullable and \
+                col.null_count == len(col):
+            # All null (an arm that is off): build the nulls in the declared type. pyarrow's
+            # cast of an all-null list to a fixed-size list crashes the process.
+            col = pa.nulls(len(col), field.type)
         elif not field.type.equals(col.type):
             try:
                 col = col.cast(field.type)

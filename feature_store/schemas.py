@@ -98,6 +98,13 @@ def item_features_schema() -> pa.Schema:
     )
 
 
+def content_hashes_schema() -> pa.Schema:
+    """Per embedded item, the hash of the content it was embedded from (the daily job embeds
+    only items whose hash changed)."""
+    return pa.schema([pa.field("item_id", pa.int64(), nullable=False),
+                      pa.field("content_hash", pa.string(), nullable=False)])
+
+
 def item_codes_schema(levels: int) -> pa.Schema:
     return pa.schema(
         [
@@ -109,12 +116,15 @@ def item_codes_schema(levels: int) -> pa.Schema:
     )
 
 
-def examples_schema(levels: int) -> pa.Schema:
+def examples_schema(levels: int, raw_codes: bool = True) -> pa.Schema:
     """Ranker examples (``train_examples`` / ``eval_examples``): one impression with its label,
     the user's history before it and the target's codes. ``*_raw`` columns hold the codes fitted
     on the unaligned embeddings (the ``codes_raw`` arm; empty when that arm is off); ``frozen`` is
     the content embedding for the cascade arm (empty when off)."""
     rq = pa.list_(pa.int32(), levels)
+    # Without raw codes the *_raw columns are all null: variable-size lists then, because
+    # Parquet cannot round-trip a null fixed-size list (pyarrow reads it back as a bad size).
+    rq_raw = rq if raw_codes else pa.list_(pa.int32())
     return pa.schema(
         [
             pa.field("user_id", pa.int64(), nullable=False),
@@ -134,8 +144,8 @@ def examples_schema(levels: int) -> pa.Schema:
             pa.field("hist_rq", pa.list_(rq), nullable=False),
             pa.field("rq", rq, nullable=False),
             pa.field("vq", pa.list_(pa.int32()), nullable=False),
-            pa.field("hist_rq_raw", pa.list_(rq)),
-            pa.field("rq_raw", rq),
+            pa.field("hist_rq_raw", pa.list_(rq_raw)),
+            pa.field("rq_raw", rq_raw),
             pa.field("vq_raw", pa.list_(pa.int32())),
             pa.field("frozen", pa.list_(pa.float32())),
             # The target's tags as the pretrain stage's tagger predicts them, as indices into the

@@ -75,7 +75,7 @@ def run(ctx: StageContext) -> ExamplesReport:
         mean_vq=stats.mean_vq, codebook_version=codes.codebook_version,
         encoder_version=codes.encoder_version, pred_tag_vocab=built["pred_tag_vocab"],
         mean_pred_tags=stats.mean_pred_tags)
-    schema = schemas.examples_schema(facts.levels)
+    schema = schemas.examples_schema(facts.levels, raw_codes=facts.raw_codes)
     out = {t: io.write_spark(t, df, schema, facts=facts) for t, df in tables.items()}
     every.unpersist()
     check_rows("examples: events in, observed examples out",
