@@ -10,6 +10,7 @@ alternative that accepts the value); ``Literal[...]`` (choices);
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import difflib
 import types
 import typing
@@ -93,6 +94,8 @@ def coerce(tp, value, key: str, error: type[Exception] = ValueError):
     if tp is str:
         if isinstance(value, bool):    # YAML reads `true` as a bool; Spark settings want "true"
             return "true" if value else "false"
+        if isinstance(value, (dt.date, dt.datetime)):   # YAML reads 2026-01-30 as a date
+            return value.isoformat()
         if not isinstance(value, (str, int, float)):
             raise error(f"{key} must be a string, got {value!r}")
         return str(value)
