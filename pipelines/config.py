@@ -68,6 +68,16 @@ class WorldConfig:
     item_bias_std: float = 0.5
     user_bias_std: float = 0.3
     chunk_items: int = 5000
+    #: Opt-in daily increments (for the daily job, ``daily.incremental``): the ``world`` stage of
+    #: the run for ``ds`` emits the world as it stands at the end of that day, the items created
+    #: by then and the events before then. The period starts on 2026-01-01 and lasts ``days``
+    #: days; from the training cut-off on, new (cold) items arrive every day.
+    daily: bool = False
+    #: Opt-in drift (ISO date): the items created from this day on come from ``drift_topics``
+    #: new topics, a new kind of content: shapes and scenes no earlier item has; users like
+    #: each new topic as much as one old topic. The daily job's drift measure should refit.
+    drift_ds: Optional[str] = None
+    drift_topics: int = 2
 
 
 @dataclass
@@ -128,7 +138,9 @@ class SplitConfig:
     #: period). ``per_user``: each user's last ``test_last_n`` positives (and what follows them)
     #: are test, the ``valid_last_n`` before them validation, the rest training; for data whose
     #: timestamps only order each user's sequence.
-    mode: Literal["global_time", "per_user"] = "global_time"
+    #: ``last_days``: the daily job's protocol (test = the last ``test_days`` whole days,
+    #: validation the ``valid_days`` before them; ``pipelines/split.py``).
+    mode: Literal["global_time", "per_user", "last_days"] = "global_time"
     #: global_time: explicit test start (ISO-8601, UTC); events at or after it are test.
     train_end: Optional[str] = None
     #: global_time: otherwise this share of the events' time range precedes the test part.
@@ -138,6 +150,9 @@ class SplitConfig:
     #: per_user: positives per user in the test part, and in the validation part.
     test_last_n: int = 1
     valid_last_n: int = 1
+    #: last_days: whole days (UTC) in the test part, and in the validation part before it.
+    test_days: int = 1
+    valid_days: int = 1
 
 
 @dataclass

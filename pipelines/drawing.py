@@ -9,6 +9,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPES = ["circle", "square", "triangle", "cross", "diamond", "ring", "bar", "star"]
+#: Shapes only the items of a drift day have (``world.drift_ds``): new topics, unseen content.
+DRIFT_SHAPES = ["hexagon", "moon", "arrow", "heart"]
+#: Every shape an item can have: an item's shape index points into this list.
+ALL_SHAPES = SHAPES + DRIFT_SHAPES
 MOTIONS = ["left", "right", "up", "down", "down_right", "up_left", "up_right", "down_left"]
 MOTION_VEC = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1),
               "down_right": (1, 1), "up_left": (-1, -1), "up_right": (1, -1),
@@ -18,6 +22,9 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 80, 230),
            "white": (245, 245, 245), "black": (15, 15, 15)}
 COLOUR_NAMES = list(COLOURS)
 BACKGROUNDS = ["grass", "sky", "sand", "night", "snow", "brick"]
+#: Scenes only the items of a drift day have (``world.drift_ds``).
+DRIFT_BACKGROUNDS = ["lava", "circuit"]
+ALL_BACKGROUNDS = BACKGROUNDS + DRIFT_BACKGROUNDS
 
 
 def _bg(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
@@ -34,6 +41,12 @@ def _bg(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
         base = np.array([20, 20, 50]) + 200 * (rng.random((size, size, 1)) < 0.03)
     elif kind == "snow":
         base = np.array([235, 240, 250]) + noise
+    elif kind == "lava":
+        crack = rng.random((size, size, 1)) < 0.15
+        base = np.where(crack, [255, 200, 40], [90, 15, 5]) + noise
+    elif kind == "circuit":
+        line = (((xx % 5) == 0) | ((yy % 7) == 0))[..., None]
+        base = np.where(line, [180, 230, 120], [10, 60, 30])
     else:  # brick
         mortar = ((yy % 6) == 0) | (((xx + 3 * ((yy // 6) % 2)) % 8) == 0)
         base = np.where(mortar[..., None], [200, 200, 190], [170, 70, 50])
@@ -60,6 +73,19 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
         draw.ellipse(box, outline=colour, width=max(int(r / 3), 1))
     elif shape == "bar":
         draw.rectangle([cx - r, cy - r / 3, cx + r, cy + r / 3], fill=colour)
+    elif shape == "hexagon":
+        draw.polygon([(cx + r * np.cos(a), cy + r * np.sin(a))
+                      for a in np.arange(6) * np.pi / 3], fill=colour)
+    elif shape == "moon":
+        draw.pieslice(box, 90, 270, fill=colour)
+    elif shape == "arrow":
+        w = r / 3
+        draw.polygon([(cx - r, cy - w), (cx, cy - w), (cx, cy - r), (cx + r, cy), (cx, cy + r),
+                      (cx, cy + w), (cx - r, cy + w)], fill=colour)
+    elif shape == "heart":
+        draw.ellipse([cx - r, cy - r, cx, cy], fill=colour)
+        draw.ellipse([cx, cy - r, cx + r, cy], fill=colour)
+        draw.polygon([(cx - r, cy - r / 2), (cx + r, cy - r / 2), (cx, cy + r)], fill=colour)
     else:  # star
         pts = []
         for j in range(10):

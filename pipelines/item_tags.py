@@ -31,7 +31,7 @@ def allowed_tags(item_tags: "DataFrame", split: "DataFrame", facts: SplitFacts) 
     """The (item_id, tag) pairs of ``item_tags`` dated before their author's split point."""
     from pyspark.sql import functions as F
 
-    if facts.mode == "global_time":
+    if facts.mode in ("global_time", "last_days"):
         cutoff = dt.datetime.fromisoformat(facts.valid_start or facts.test_start)
         return item_tags.where(F.col("ts") < F.lit(cutoff)).select("item_id", "tag")
     per_user = (split.where(F.col("part") != "train").groupBy("user_id")

@@ -8,6 +8,11 @@ scored, never learned from. Two modes (``split.mode``):
     One cut for everyone. The test part starts at ``split.train_end``, or ``train_share`` of the
     way through the events' time range; the validation part is the last ``valid_share`` of the
     period before it. Items and users that first appear later are cold / new.
+``last_days``
+    The daily job's protocol: the test part is the last ``test_days`` whole days (UTC) of the
+    events (the day the run is for), the validation part the ``valid_days`` days before them,
+    training everything earlier. Each new day moves every cut by one day: yesterday's validation
+    day becomes training, yesterday's test day validation.
 ``per_user``
     For data whose timestamps only order each user's sequence (the sequential-recommendation
     protocol on Amazon-style data). Each user's events in order (time, then item id, then label);
@@ -39,7 +44,7 @@ def _utc(t: dt.datetime) -> dt.datetime:
 
 
 def time_bounds(cfg: SplitConfig, events: "DataFrame") -> tuple[dt.datetime, dt.datetime]:
-    """global_time: (validation start, test start) as UTC datetimes."""
+    """global_time and last_days: (validation start, test start) as UTC datetimes."""
     from pyspark.sql import functions as F
 
     row = events.agg(F.min("ts").alias("lo"), F.max("ts").alias("hi")).first()
@@ -47,6 +52,10 @@ def time_bounds(cfg: SplitConfig, events: "DataFrame") -> tuple[dt.datetime, dt.
         raise UnusableData("the events table is empty: nothing to split into training, "
                            "validation and test; check the ingest report")
     lo, hi = _utc(row["lo"]), _utc(row["hi"])
+    if cfg.mode == "last_days":
+        end = dt.datetime(hi.year, hi.month, hi.day, tzinfo=dt.timezone.utc) + dt.timedelta(1)
+        test_start = end - dt.timedelta(days=cfg.test_days)
+        return test_start - dt.timedelta(days=cfg.valid_days), test_start
     if cfg.train_end:
         test_start = _utc(dt.datetime.fromisoformat(cfg.train_end.replace("Z", "+00:00")))
     else:
@@ -61,7 +70,7 @@ def split_events(events: "DataFrame", cfg: SplitConfig) -> tuple["DataFrame", di
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    if cfg.mode == "global_time":
+    if cfg.mode in ("global_time", "last_days"):
         valid_start, test_start = time_bounds(cfg, events)
         part = (F.when(F.col("ts") >= F.lit(test_start), "test")
                 .when(F.col("ts") >= F.lit(valid_start), "valid").otherwise("train"))
@@ -138,9 +147,9 @@ def check_usable(f: SplitFacts, cfg: SplitConfig) -> None:
     for part, why in (("train", "raise split.train_share or set a later split.train_end"),
                       ("test", "lower split.train_share or set an earlier split.train_end")):
         if f.rows[part] == 0:
-            raise UnusableData(f"the global_time split leaves the {part} part empty ({where}): "
+            raise UnusableData(f"the {f.mode} split leaves the {part} part empty ({where}): "
                                f"the events span too short a time for it; {why}, or use "
                                f"split.mode: per_user")
     if cfg.valid_share > 0 and f.rows["valid"] == 0:
-        raise UnusableData(f"the global_time split leaves the validation part empty ({where}); "
+        raise UnusableData(f"the {f.mode} split leaves the validation part empty ({where}); "
                            f"raise split.valid_share or set it to 0 for no validation slice")

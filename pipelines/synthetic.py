@@ -51,8 +51,9 @@ from feature_store.facts import WorldFacts
 from feature_store.schemas import TS
 from pipelines.config import WorldConfig
 # The visual vocabulary and the drawing primitives (re-exported: callers read them here).
-from pipelines.drawing import (BACKGROUNDS, COLOUR_NAMES, COLOURS, MOTION_VEC,  # noqa: F401
-                               MOTIONS, SHAPES, _bg, _draw_shape, _png)
+from pipelines.drawing import (ALL_BACKGROUNDS, ALL_SHAPES, BACKGROUNDS,  # noqa: F401
+                               COLOUR_NAMES, COLOURS, DRIFT_BACKGROUNDS, MOTION_VEC, MOTIONS,
+                               SHAPES, _bg, _draw_shape, _png)
 from pipelines.synthetic_events import Event, event_caption, plan_events, render_events
 
 log = logging.getLogger(__name__)
@@ -142,8 +143,49 @@ def draw_latents(cfg: WorldConfig) -> WorldLatents:
     pref = rng.dirichlet(np.full(k, cfg.pref_concentration), cfg.n_users)
     user_bias = rng.normal(0, cfg.user_bias_std, cfg.n_users)
     activity = rng.lognormal(0.0, 0.5, cfg.n_users)
+    if cfg.drift_ds:
+        topic, shape, motion, background, pref = _drift(cfg, created_ms, topic, shape, motion,
+                                                        background, pref)
     return WorldLatents(topic, shape, motion, colour, background, item_bias, created_ms, cold,
                         pref, user_bias, activity, cutoff_ms, end_ms)
+
+
+def day_start_ms(ds: str) -> int:
+    """Epoch ms of 00:00 UTC on the ISO date ``ds``."""
+    d = dt.date.fromisoformat(ds)
+    return int(dt.datetime(d.year, d.month, d.day, tzinfo=dt.timezone.utc).timestamp() * 1000)
+
+
+def _drift(cfg: WorldConfig, created_ms, topic, shape, motion, background, pref):
+    """Items created from ``drift_ds`` on belong to ``drift_topics`` new topics (ids
+    ``n_topics`` and up), a new kind of content: each new topic's object is a shape no earlier
+    item has (``DRIFT_SHAPES``) with its own motion, over scenes no earlier item has
+    (``DRIFT_BACKGROUNDS``); users like a new topic as much as one old topic they are mapped
+    to. Drawn from their own generator, so the rest of the world is unchanged."""
+    rng = np.random.default_rng([cfg.seed, 20])
+    k, m = cfg.n_topics, cfg.drift_topics
+    drifted = created_ms >= day_start_ms(cfg.drift_ds)
+    new = k + rng.integers(0, m, int(drifted.sum()))
+    topic, shape, motion = topic.copy(), shape.copy(), motion.copy()
+    background = background.copy()
+    topic[drifted] = new
+    shape[drifted] = len(SHAPES) + (new - k)
+    motion[drifted] = (3 * new + 1) % len(MOTIONS)
+    background[drifted] = len(BACKGROUNDS) + rng.integers(0, len(DRIFT_BACKGROUNDS),
+                                                           int(drifted.sum()))
+    like = rng.permutation(k)[:m]
+    return topic, shape, motion, background, np.concatenate([pref, pref[:, like]], axis=1)
+
+
+def as_of(cfg: WorldConfig, lat: WorldLatents, ds: str) -> tuple[np.ndarray, int]:
+    """``world.daily``: the item indices created by the end of ``ds`` and that end (epoch ms):
+    the world as it stands that evening."""
+    end = day_start_ms(ds) + 86_400_000
+    start_ms = int(START.timestamp() * 1000)
+    if end <= start_ms:
+        raise ValueError(f"world.daily: ds {ds} is before the world's period, which starts on "
+                         f"{START.date().isoformat()} and lasts world.days={cfg.days} days")
+    return np.flatnonzero(lat.created_ms < end), end
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -153,8 +195,8 @@ def render_item(cfg: WorldConfig, i: int, lat: WorldLatents) -> tuple[bytes, lis
     """Render item ``i``: (PNG image, PNG video frames, tags)."""
     rng = np.random.default_rng([cfg.seed, 2, i])
     s = cfg.image_size
-    shape, colour_name = SHAPES[lat.shape[i]], COLOUR_NAMES[lat.colour[i]]
-    background = BACKGROUNDS[lat.background[i]]
+    shape, colour_name = ALL_SHAPES[lat.shape[i]], COLOUR_NAMES[lat.colour[i]]
+    background = ALL_BACKGROUNDS[lat.background[i]]
     img = _bg(background, s, rng)
     draw = ImageDraw.Draw(img)
     shapes_present = {shape}
@@ -223,8 +265,8 @@ def multi_event_plan(cfg: WorldConfig, i: int, lat: WorldLatents) -> "list[Event
 
 def _text(cfg: WorldConfig, i: int, lat: WorldLatents) -> tuple[str, str]:
     rng = np.random.default_rng([cfg.seed, 3, i])
-    colour, bg = COLOUR_NAMES[lat.colour[i]], BACKGROUNDS[lat.background[i]]
-    shape, motion = SHAPES[lat.shape[i]], MOTIONS[lat.motion[i]]
+    colour, bg = COLOUR_NAMES[lat.colour[i]], ALL_BACKGROUNDS[lat.background[i]]
+    shape, motion = ALL_SHAPES[lat.shape[i]], MOTIONS[lat.motion[i]]
     title = f"{colour.title()} {bg} {TITLE_WORDS[rng.integers(len(TITLE_WORDS))]} {i}"
     if multi_event_plan(cfg, i, lat) is not None:       # the title names the item's event
         title = event_caption(colour, shape, motion)
@@ -237,26 +279,28 @@ def _text(cfg: WorldConfig, i: int, lat: WorldLatents) -> tuple[str, str]:
 # ----------------------------------------------------------------------------- tables
 
 
-def item_chunks(cfg: WorldConfig, lat: WorldLatents, progress: bool = True) -> Iterator[pa.Table]:
-    """Raw item tables (the generic input format, images inline), ``chunk_items`` rows each."""
-    n = cfg.n_items
+def item_chunks(cfg: WorldConfig, lat: WorldLatents, progress: bool = True,
+                items=None) -> Iterator[pa.Table]:
+    """Raw item tables (the generic input format, images inline), ``chunk_items`` rows each;
+    of the item indices ``items`` (default: every item)."""
+    all_ids = np.arange(cfg.n_items) if items is None else np.asarray(items)
+    n = len(all_ids)
     bar = tqdm(total=n, desc="world: render items", unit="item", disable=not progress)
     for start in range(0, n, cfg.chunk_items):
-        idx = range(start, min(n, start + cfg.chunk_items))
+        ids = all_ids[start:start + cfg.chunk_items]
         titles, texts, tags, images, videos = [], [], [], [], []
-        for i in idx:
-            img, frames, tg = render_item(cfg, i, lat)
-            t, x = _text(cfg, i, lat)
+        for i in ids:
+            img, frames, tg = render_item(cfg, int(i), lat)
+            t, x = _text(cfg, int(i), lat)
             titles.append(t), texts.append(x), tags.append(tg), images.append(img)
             videos.append(frames if frames else None)
-        ids = np.arange(idx.start, idx.stop)
         yield pa.Table.from_arrays([
             pa.array(item_key(ids)), pa.array(titles), pa.array(texts),
             pa.array(tags, pa.list_(pa.string())), pa.array(images, pa.binary()),
             pa.array(videos, pa.list_(pa.binary())),
             pa.array(lat.created_ms[ids], pa.int64()).cast(TS),
         ], schema=RAW_ITEMS_SCHEMA)
-        bar.update(len(idx))
+        bar.update(len(ids))
     bar.close()
 
 
@@ -264,9 +308,9 @@ def truth_items_table(lat: WorldLatents) -> pa.Table:
     n = len(lat.topic)
     return pa.Table.from_arrays([
         pa.array(item_key(np.arange(n))), pa.array(lat.topic.astype(np.int32)),
-        pa.array(np.array(SHAPES)[lat.shape]), pa.array(np.array(MOTIONS)[lat.motion]),
+        pa.array(np.array(ALL_SHAPES)[lat.shape]), pa.array(np.array(MOTIONS)[lat.motion]),
         pa.array(np.array(COLOUR_NAMES)[lat.colour]),
-        pa.array(np.array(BACKGROUNDS)[lat.background]),
+        pa.array(np.array(ALL_BACKGROUNDS)[lat.background]),
         pa.array(lat.item_bias.astype(np.float32)),
         pa.array(lat.created_ms, pa.int64()).cast(TS), pa.array(lat.cold),
     ], schema=TRUTH_ITEMS_SCHEMA)
@@ -323,11 +367,14 @@ def simulate_event_arrays(cfg: WorldConfig, lat: WorldLatents):
     return users[keep], items[keep], ts[keep], p[keep], label[keep]
 
 
-def world_summary(cfg: WorldConfig, lat: WorldLatents, events: pa.Table) -> WorldFacts:
+def world_summary(cfg: WorldConfig, lat: WorldLatents, events: pa.Table,
+                  items=None) -> WorldFacts:
+    """Facts of the world emitted: every item, or the item indices ``items`` (``world.daily``)."""
     labels = events.column("label").to_numpy()
+    cold = lat.cold if items is None else lat.cold[items]
     return WorldFacts(
-        items=cfg.n_items, users=cfg.n_users, events=events.num_rows,
-        ctr=float(labels.mean()) if len(labels) else 0.0, cold_items=int(lat.cold.sum()),
+        items=len(cold), users=cfg.n_users, events=events.num_rows,
+        ctr=float(labels.mean()) if len(labels) else 0.0, cold_items=int(cold.sum()),
         train_cutoff=dt.datetime.fromtimestamp(lat.cutoff_ms / 1000,
                                                dt.timezone.utc).isoformat())
 

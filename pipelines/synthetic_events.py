@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipelines.drawing import (BACKGROUNDS, COLOUR_NAMES, COLOURS, MOTION_VEC, MOTIONS, SHAPES,
-                               _bg, _draw_shape)
+from pipelines.drawing import (ALL_SHAPES, BACKGROUNDS, COLOUR_NAMES, COLOURS, MOTION_VEC,
+                               MOTIONS, SHAPES, _bg, _draw_shape)
 
 
 
@@ -58,7 +58,7 @@ def plan_events(rng: np.random.Generator, frames: int, n_events: int,
                     break
             motion = int(rng.integers(len(MOTIONS)))
         used.add((shape, colour))
-        events.append(Event(a, b, event_caption(COLOUR_NAMES[colour], SHAPES[shape],
+        events.append(Event(a, b, event_caption(COLOUR_NAMES[colour], ALL_SHAPES[shape],
                                                 MOTIONS[motion]), shape, motion, colour))
     return events
 
@@ -77,8 +77,9 @@ def render_events(rng: np.random.Generator, events: list[Event], frames: int, si
         x0 = size / 2 - dx * step * (n - 1) / 2
         y0 = size / 2 - dy * step * (n - 1) / 2
         for f in range(n):
-            _draw_shape(ImageDraw.Draw(out[ev.start + f]), SHAPES[ev.shape], x0 + dx * step * f,
-                        y0 + dy * step * f, r, COLOURS[COLOUR_NAMES[ev.colour]])
+            _draw_shape(ImageDraw.Draw(out[ev.start + f]), ALL_SHAPES[ev.shape],
+                        x0 + dx * step * f, y0 + dy * step * f, r,
+                        COLOURS[COLOUR_NAMES[ev.colour]])
     return out
 
 

@@ -17,7 +17,7 @@ class SplitReport(StageReport):
     def text(self) -> str:
         f = self.facts
         head = (f"split {f.mode}: validation from {f.valid_start}, test from {f.test_start}"
-                if f.mode == "global_time" else
+                if f.mode != "per_user" else
                 f"split per_user: each user's last positives are test and validation; "
                 f"{f.users_too_short} users with too few positives are training only")
         table = text_table([("part", "s"), ("events", "d"), ("positives", "d"), ("users", "d")],
