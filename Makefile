@@ -18,7 +18,7 @@ SHELL := /bin/bash
 # once per package. Drop that noise, keep real warnings and errors.
 QUIET := 2>&1 | sed '/^WARNING: Location .* is ignored/d'
 
-.PHONY: setup demo test test-all bench clean report-check airflow-check tagger-check camoe-check gmu-check
+.PHONY: setup demo test test-all bench clean report-check airflow-check tagger-check camoe-check gmu-check daily-check
 
 setup: $(STAMP)
 
@@ -66,6 +66,10 @@ camoe-check: setup
 # the trivial baseline, R@K at IoU 0.3/0.5/0.7 and mIoU with intervals (JSON on stdout).
 gmu-check: setup
 	$(PY) checks/gmu_synthetic.py
+
+# The daily job on the synthetic world (three days, a rebuild, a forced drift; ~30 min on 2 cores).
+daily-check: setup
+	$(PY) checks/daily_synthetic.py
 
 test: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -50,7 +50,7 @@ class EventsFacts:
 class SplitFacts:
     """How the events were split (``pipelines/split.py``)."""
 
-    mode: Literal["global_time", "per_user"]
+    mode: Literal["global_time", "per_user", "last_days"]
     #: global_time: start of the test part and of the validation part (ISO-8601, UTC).
     test_start: Optional[str]
     valid_start: Optional[str]
@@ -139,6 +139,10 @@ class PredictionsFacts:
     baselines: tuple[str, ...] = ()
     #: Click rate of the training part (NE against it is reported).
     train_rate: float = float("nan")
+    #: Each arm's training folder (job.json + model/), where a daily run warm-starts from.
+    models: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: Arms that warm-started from the previous day's model (daily runs).
+    warm_started: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,10 @@ class CandidatesFacts:
     index: str
     top_k: int
     users: int
+    #: Each tower's training folder (the first seed's), where a daily run warm-starts from.
+    models: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: Towers that warm-started from the previous day's (daily runs).
+    warm_started: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -203,6 +211,29 @@ class GroundingFacts:
     items: int
 
 
+@dataclass(frozen=True)
+class DailyPlanFacts:
+    """What a daily run decided before aligning (``daily_plan``): refit the alignment and the
+    codebook, or code the new items with the previous day's, and warm-start the rankers."""
+
+    refit: bool
+    #: Why: ``first day``, ``--refit``, ``drift: ...`` or ``no drift: ...``.
+    reason: str
+    new_items: int
+    #: The previous day's aligned encoder (folder, version) and codebook, kept when not
+    #: refitting ("" on a first day).
+    encoder_artifact: str = ""
+    encoder_version: str = ""
+    codebook_version: str = ""
+    #: The pairs snapshot the kept encoder was aligned on (lineage).
+    encoder_pairs: str = ""
+    previous_ds: str = ""
+    error_ratio: float = 1.0
+    error_ratio_null: float = 0.0
+    tv: float = 0.0
+    tv_null: float = 0.0
+
+
 #: The facts kind of each table that has one.
 TABLE_FACTS: dict[str, type] = {
     **{t: WorldFacts for t in ("raw_items", "raw_events", "truth_items", "truth_users",
@@ -225,6 +256,7 @@ TABLE_FACTS: dict[str, type] = {
     "item_pred_tags": TaggerFacts,
     "item_video_embeddings": VideoTextFacts,
     "item_highlights": GroundingFacts,
+    "daily_plan": DailyPlanFacts,
 }
 
 

@@ -8,6 +8,8 @@ Examples::
     qarm ingest --config configs/demo.yaml               # same as: run --only ingest
     qarm ablation --config configs/demo.yaml             # grid, 3 seeds, intervals
     qarm compare .qarm/ablation/A .qarm/ablation/B       # per arm: A - B, paired
+    qarm run --config configs/daily.yaml --ds 2026-01-28  # one day of the daily job
+    qarm backfill --config configs/daily.yaml --from 2026-01-27 --to 2026-01-29
     qarm status                                          # which stages of which run are done
     qarm report                                          # re-render the newest run report
     qarm promote --config configs/demo.yaml              # the promotion gate again
@@ -107,6 +109,21 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--until", metavar="STAGE", help="stop after this stage")
     g.add_argument("--only", metavar="STAGE", help="run just this stage (upstream must have run)")
+    p.add_argument("--refit", action="store_true",
+                   help="daily runs (daily.incremental): refit the encoder's alignment and the "
+                        "codebook today whatever the drift, and retrain from scratch (same as "
+                        "--set daily.refit=true)")
+
+    p = sub.add_parser(
+        "backfill", help="run the daily DAG for every day from --from to --to, in order",
+        description="Run the DAG for each day from --from to --to (both included), in order, "
+                    "each day continuing the previous one when daily.incremental is on. A day "
+                    "that already ran with the same inputs and config is skipped stage by "
+                    "stage, so rerunning a backfill (or one of its days) is idempotent. Stops "
+                    "at the first day that fails.")
+    _common(p)
+    p.add_argument("--from", dest="first", metavar="DATE", required=True)
+    p.add_argument("--to", dest="last", metavar="DATE", required=True)
 
     for s in STAGES:
         sp = sub.add_parser(s.name, help=s.help, description=f"{s.help}. Same as "
@@ -290,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--assign-only needs --codebook VERSION (an existing codebook)")
         if getattr(args, "codebook", None):
             args.overrides.append(f"quantize.codebook={args.codebook}")
+        if getattr(args, "refit", False):
+            args.overrides.append("daily.refit=true")
         if getattr(args, "seeds", None) is not None:
             args.overrides.append(f"ablation.seeds={args.seeds}")
         cfg = load_config(args.config, args.overrides)
@@ -383,6 +402,21 @@ def main(argv: list[str] | None = None) -> int:
 
             path = build(cfg, dag, args.ds) if args.ds else rebuild(cfg, args.run)
             print(f"report: {path}")
+            return 0
+        if args.command == "backfill":
+            from jobs.daily import days
+
+            if args.ds:
+                raise ConfigError("qarm backfill takes --from and --to, not --ds")
+            try:
+                todo = days(args.first, args.last)
+            except ValueError as e:
+                raise ConfigError(f"backfill: {e}") from None
+            for i, day in enumerate(todo, 1):
+                print(f"[backfill] day {i}/{len(todo)}: {day}", flush=True)
+                outcomes = build_dag(cfg).run(day, force=args.force,
+                                              progress=not args.no_progress)
+                print_outcomes(outcomes, dag.store.root)
             return 0
         ds = args.ds or today()
         if args.command == "ablation":

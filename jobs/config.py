@@ -65,6 +65,33 @@ class RegistryConfig:
 
 
 @dataclass
+class DailyConfig:
+    """The daily job (``qarm run --ds D`` once a day, ``qarm backfill``): see ``jobs/daily.py``.
+
+    Off (the default), every run rebuilds everything from its inputs. On, a day continues the
+    previous day's run (the latest earlier ``ds`` whose stages succeeded): unchanged items (by
+    content hash) keep their embeddings, new items are embedded and coded with the current
+    aligned encoder and codebook, and the production arm warm-starts from the previous day's
+    ranker. The encoder's alignment and the codebook are refitted together only when the new
+    items drift (or on ``refit``); a refit retrains the ranker from scratch."""
+
+    incremental: bool = False
+    #: Refit the alignment and the codebook today whatever the drift (``qarm run --refit``).
+    refit: bool = False
+    #: Refit when the new items' mean RQ reconstruction error, over what unseen items like the
+    #: already-coded ones get, exceeds this ratio (and chance: ``quantizer.metrics.drift``).
+    drift_threshold: float = 1.15
+    #: ... or when the new items' level-1 code distribution is this far (total variation) from
+    #: the already-coded items' (0 to 1; and beyond chance).
+    utilization_threshold: float = 0.3
+    #: Fewer new items than this never trigger a refit (the measures are noise on a handful).
+    min_new_items: int = 20
+    #: Between refits, start the rankers and retrievers from the previous day's weights
+    #: (false: train them from scratch every day, on every training example).
+    warm_start: bool = True
+
+
+@dataclass
 class QarmConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
@@ -87,6 +114,7 @@ class QarmConfig:
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     online: OnlineConfig = field(default_factory=OnlineConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    daily: DailyConfig = field(default_factory=DailyConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -155,6 +183,24 @@ def check_consistent(cfg: QarmConfig) -> QarmConfig:
         raise ConfigError(f"online.keep_positives ({cfg.online.keep_positives}) is below "
                           f"examples.history_len ({cfg.examples.history_len}): the service "
                           "would score with shorter histories than the ranker trained on")
+    if cfg.daily.incremental and cfg.align.tune_text_layers:
+        raise ConfigError("daily.incremental keeps the previous day's aligned encoder between "
+                          "refits, which align.tune_text_layers (a tuned text tower) does not "
+                          "support yet: set align.tune_text_layers=0")
+    w = cfg.world
+    if w.drift_ds is not None:
+        import datetime as dt
+
+        from pipelines.drawing import DRIFT_SHAPES
+
+        try:
+            dt.date.fromisoformat(w.drift_ds)
+        except ValueError:
+            raise ConfigError(f"world.drift_ds must be an ISO date (YYYY-MM-DD), got "
+                              f"{w.drift_ds!r}") from None
+        if not 1 <= w.drift_topics <= len(DRIFT_SHAPES):
+            raise ConfigError(f"world.drift_topics must be 1..{len(DRIFT_SHAPES)} (one new "
+                              f"shape each), got {w.drift_topics}")
     return cfg
 
 

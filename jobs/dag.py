@@ -148,17 +148,33 @@ class Dag:
             inputs[table] = self.store.resolve(rec["outputs"][table])
         return inputs
 
+    def resolve_previous_day(self, s: Stage, ds: str) -> dict[str, Manifest]:
+        """The previous day's snapshots a daily stage reads (``Stage.previous``): for each
+        table, what its producing stage committed on the latest ``ds`` before this one; tables
+        no earlier day produced are absent (the first day builds from scratch)."""
+        out = {}
+        for table in s.previous_tables(self.cfg):
+            rec = self.state.last_success_before(ds, self.producer(table).name)
+            if rec is not None and table in rec["outputs"] and self.store.exists(
+                    rec["outputs"][table]):
+                out[table] = self.store.resolve(rec["outputs"][table])
+        return out
+
     def config_hash(self, s: Stage) -> str:
         sections = s.config_sections(self.cfg)
         return self.cfg.section_hash(*sections) if sections else ""
 
-    def input_key(self, s: Stage, inputs: dict[str, Manifest]) -> str:
-        blob = json.dumps({
+    def input_key(self, s: Stage, inputs: dict[str, Manifest],
+                  previous: Optional[dict[str, Manifest]] = None) -> str:
+        key = {
             "layout": LAYOUT_VERSION,
             "inputs": {t: m.ref for t, m in sorted(inputs.items())},
             "config": self.config_hash(s),
             "external": s.external_fingerprint(self.cfg),
-        }, sort_keys=True)
+        }
+        if previous:      # only daily runs that continue a day: other keys stay as they were
+            key["previous_day"] = {t: m.ref for t, m in sorted(previous.items())}
+        blob = json.dumps(key, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
     def run(self, ds: str, *, until: Optional[str] = None, only: Optional[str] = None,
@@ -200,7 +216,8 @@ class Dag:
 
     def _run_stage(self, s: Stage, ds: str, force: bool, tracker: Tracker) -> StageOutcome:
         inputs = self.resolve_inputs(s, ds)
-        key = self.input_key(s, inputs)
+        previous = self.resolve_previous_day(s, ds)
+        key = self.input_key(s, inputs, previous)
         prev = None if force else self._skippable(s, ds, key)
         if prev is not None:
             log.info("stage %s: inputs and config unchanged, outputs present: skipped", s.name)
@@ -211,13 +228,15 @@ class Dag:
                                 prev["metrics"].get("_report", ""))
         started = time.time()
         outputs = s.output_tables(self.cfg)
-        io = StageIO(self.store, s, inputs, outputs, self.config_hash(s))
+        io = StageIO(self.store, s, inputs, outputs, self.config_hash(s), previous,
+                     s.declared_previous(self.cfg))
         ctx = StageContext(self.cfg, ds, io, tracker)
         refs = {t: m.ref for t, m in inputs.items()}
         with tracker.run(s.name, nested=True, tags={"qarm.stage": s.name}) as run_id:
             section = self.cfg.to_dict()
             tracker.params({sec: section[sec] for sec in s.config_sections(self.cfg)})
             tracker.tags({f"input.{t}": ref for t, ref in refs.items()})
+            tracker.tags({f"previous_day.{t}": m.ref for t, m in previous.items()})
             log.info("stage %s: running (ds=%s)", s.name, ds)
             try:
                 report = s.run(ctx)

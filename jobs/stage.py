@@ -59,6 +59,11 @@ class Stage:
     #: ids it gave before). Read with ``ctx.io.previous``; recorded as parents of the new
     #: snapshots, not part of the skip key (it changes with every run of the stage itself).
     continues: Tables = ()
+    #: Tables of the previous day's run the stage reads when ``daily.incremental`` is on (or a
+    #: function of the config giving them): the snapshots their producing stages committed for
+    #: the latest earlier ``ds``. Read with ``ctx.io.previous_day``; part of the skip key and
+    #: of the lineage, so a day reruns when the day it continues changed.
+    previous: Tables | Callable[["QarmConfig"], Tables] = ()
     #: What runs the stage's work, for schedulers: ``spark`` (submit it with spark-submit),
     #: ``torch`` (training ranks: torchrun) or ``python`` (the driver process alone).
     engine: str = "python"
@@ -68,6 +73,13 @@ class Stage:
 
     def output_tables(self, cfg: "QarmConfig") -> Tables:
         return tuple(self.outputs(cfg) if callable(self.outputs) else self.outputs)
+
+    def declared_previous(self, cfg: "QarmConfig") -> Tables:
+        return tuple(self.previous(cfg) if callable(self.previous) else self.previous)
+
+    def previous_tables(self, cfg: "QarmConfig") -> Tables:
+        """The previous day's tables the stage reads in this config (none unless daily)."""
+        return self.declared_previous(cfg) if cfg.daily.incremental else ()
 
     def config_sections(self, cfg: "QarmConfig") -> Tables:
         return tuple(self.config(cfg) if callable(self.config) else self.config)
@@ -94,10 +106,16 @@ class StageIO:
     for this run) and its declared outputs, nothing else."""
 
     def __init__(self, store: SnapshotStore, stage: Stage, inputs: dict[str, Manifest],
-                 outputs: Tables, config_hash: str):
+                 outputs: Tables, config_hash: str,
+                 previous_day: Optional[dict[str, Manifest]] = None,
+                 previous_tables: Tables = ()):
         self.store, self.stage, self.inputs = store, stage, inputs
         self.outputs, self.config_hash = outputs, config_hash
         self.previous_refs: list[str] = []
+        #: The previous day's snapshots (daily runs): declared table -> manifest, absent when
+        #: no earlier day produced it.
+        self.previous_day_inputs = dict(previous_day or {})
+        self.previous_declared = tuple(previous_tables)
 
     # ---------------------------------------------------------------- reading
     def manifest(self, table: str) -> Manifest:
@@ -144,6 +162,29 @@ class StageIO:
         self.previous_refs.append(m.ref)
         return self.store.read_spark(spark, table, m.snapshot_id)
 
+    def previous_day(self, table: str) -> Optional[Manifest]:
+        """The previous day's snapshot of ``table`` (declared in ``Stage.previous``), or None on
+        the first day and whenever ``daily.incremental`` is off."""
+        if table not in self.previous_declared:
+            raise UndeclaredTable(f"stage '{self.stage.name}' read the previous day's '{table}', "
+                                  "which it does not declare in Stage.previous")
+        return self.previous_day_inputs.get(table)
+
+    def previous_day_arrow(self, table: str, columns: Optional[list[str]] = None) -> pa.Table:
+        m = self._previous_or_fail(table)
+        return self.store.read_arrow(table, m.snapshot_id, columns=columns)
+
+    def previous_day_spark(self, spark, table: str):
+        m = self._previous_or_fail(table)
+        return self.store.read_spark(spark, table, m.snapshot_id)
+
+    def _previous_or_fail(self, table: str) -> Manifest:
+        m = self.previous_day(table)
+        if m is None:
+            raise DagError(f"stage '{self.stage.name}' read the previous day's '{table}', but no "
+                           "earlier day produced it (check previous_day() first)")
+        return m
+
     def _check_written(self, m: Manifest) -> None:
         if m.table not in self.outputs:
             raise UndeclaredTable(f"stage '{self.stage.name}' read back '{m.table}', which it "
@@ -162,7 +203,8 @@ class StageIO:
     # ---------------------------------------------------------------- writing
     @property
     def parents(self) -> list[str]:
-        return [m.ref for m in self.inputs.values()] + self.previous_refs
+        return ([m.ref for m in self.inputs.values()] + self.previous_refs
+                + [m.ref for m in self.previous_day_inputs.values()])
 
     def _check_output(self, table: str) -> None:
         if table not in self.outputs:

@@ -34,6 +34,14 @@ class RunState:
                           "ORDER BY finished DESC LIMIT 1", (ds, stage_name)).fetchone()
         return None if r is None else _decoded(dict(r))
 
+    def last_success_before(self, ds: str, stage_name: str) -> Optional[dict]:
+        """The latest successful run of ``stage_name`` for the latest ``ds`` before ``ds``."""
+        with self._conn() as c:
+            c.row_factory = sqlite3.Row
+            r = c.execute("SELECT * FROM stage_runs WHERE ds<? AND stage=? AND status='done' "
+                          "ORDER BY ds DESC, finished DESC LIMIT 1", (ds, stage_name)).fetchone()
+        return None if r is None else _decoded(dict(r))
+
     def rows(self, ds: Optional[str] = None) -> list[dict]:
         with self._conn() as c:
             c.row_factory = sqlite3.Row

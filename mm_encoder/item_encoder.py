@@ -256,6 +256,22 @@ class ItemEncoder:
         return self.fusion(f).numpy().astype(np.float32), f
 
     # ------------------------------------------------------------------ artifact
+    @staticmethod
+    @torch.no_grad()
+    def embed_features_from(folder: str, feats: np.ndarray, present: np.ndarray) -> np.ndarray:
+        """Embed items from their stored tower features with the fusion head saved in
+        ``folder`` (no tower is loaded): (n, D) float32, unit norm."""
+        with open(os.path.join(folder, "encoder.pt"), "rb") as f:
+            obj = torch.load(f, map_location="cpu", weights_only=True)
+        with open(os.path.join(folder, "config.json")) as f:
+            dims = json.load(f)["dims"]
+        fusion = FusionHead(dims, obj["config"]["dim"])
+        fusion.load_state_dict(obj["fusion"])
+        if len(feats) == 0:
+            return np.zeros((0, obj["config"]["dim"]), np.float32)
+        f = unpack_features(feats, present, dims)
+        return fusion.eval()(f).numpy().astype(np.float32)
+
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
         torch.save({"config": dataclasses.asdict(self.cfg), "fusion": self.fusion.state_dict(),

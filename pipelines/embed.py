@@ -185,6 +185,54 @@ def embed_items(spark, items_df, encoder: ItemEncoder, cfg: EmbedConfig) -> Embe
                        ok.select("item_id", "features", "present"), bad.coalesce(1), stats, out)
 
 
+# ----------------------------------------------------------------------------- incremental
+
+
+def with_content_hash(items_df):
+    """``items_df`` with ``content_hash``: SHA-256 over everything the encoder reads (title,
+    text, tags, the image bytes or path, every video frame), so an item whose content did not
+    change keeps its hash from day to day."""
+    from pyspark.sql import functions as F
+
+    sep = "\x1f"
+    parts = [F.coalesce(F.col("title"), F.lit("")), F.coalesce(F.col("text"), F.lit("")),
+             F.coalesce(F.array_join("tags", "\x1e"), F.lit("")),
+             F.coalesce(F.sha2(F.col("image"), 256), F.lit("")),
+             F.coalesce(F.array_join(F.transform("video", lambda b: F.sha2(b, 256)), ","),
+                        F.lit(""))]
+    if "image_path" in items_df.columns:
+        parts.append(F.coalesce(F.col("image_path"), F.lit("")))
+    return items_df.withColumn("content_hash", F.sha2(F.concat_ws(sep, *parts), 256))
+
+
+@dataclass
+class Increment:
+    """Today's items split against the previous day's hashes: the items to embed (new or
+    changed) and the ids whose embeddings and features carry over."""
+
+    to_embed: "DataFrame"       # items with content_hash
+    kept_ids: "DataFrame"       # item_id
+    kept: int
+    changed: int
+
+
+def increment(items_df, previous_hashes) -> Increment:
+    """Split ``items_df`` (with ``content_hash``) by the previous day's ``item_content_hashes``
+    (None: every item is new)."""
+    from pyspark.sql import functions as F
+
+    if previous_hashes is None:
+        empty = items_df.select("item_id").limit(0)
+        return Increment(items_df, empty, 0, 0)
+    prev = previous_hashes.select("item_id", F.col("content_hash").alias("_prev_hash"))
+    joined = items_df.join(prev, "item_id", "left")
+    same = F.col("_prev_hash") == F.col("content_hash")
+    kept_ids = joined.where(same).select("item_id")
+    to_embed = joined.where(~same | F.col("_prev_hash").isNull()).drop("_prev_hash")
+    changed = joined.where(~same).count()
+    return Increment(to_embed, kept_ids, kept_ids.count(), changed)
+
+
 # ----------------------------------------------------------------------------- re-embedding
 
 _FUSIONS: dict[str, object] = {}

@@ -8,6 +8,8 @@ sum ||x - x_hat_l||^2 / sum ||x||^2.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 
@@ -109,3 +111,58 @@ def behaviour_sharing(src: np.ndarray, dst: np.ndarray,
             row[f"{name}_random"] = float((rq[ra, :prefix] == rq[rb, :prefix]).all(1).mean())
         rows.append(row)
     return rows
+
+
+def drift(rq, old: np.ndarray, new: np.ndarray, draws: int = 200, seed: int = 0) -> dict:
+    """How far new items sit from what the codebook ``rq`` was fitted for (the daily job's
+    refit trigger), against the items it already codes (``old``, its fit sample):
+
+    * ``error_ratio``: the new items' mean squared residual after every level, over what
+      unseen items of the old distribution get (1 = no drift). A codebook's error on the items
+      it was fitted on is lower than on any other items, so the old items' error is scaled by
+      the out-of-sample gap, measured by fitting the same codebook config on 80% of them and
+      coding the other 20%.
+    * ``tv``: total variation distance between the new items' level-1 code distribution and
+      the old items' (0 = the same codes in the same shares).
+
+    Each comes with ``*_null``: its 99th percentile over ``draws`` random sets of as many held-out
+    old items under that 80% codebook, the value chance alone reaches with that few items from
+    the old distribution (a handful of new items always looks far from the whole)."""
+    from quantizer.rq import ResidualKMeans
+
+    rng = np.random.default_rng(seed)
+    n = len(new)
+    if n == 0 or len(old) < 50:
+        return {"new_items": n, "error_ratio": 1.0, "error_ratio_null": float("inf"),
+                "tv": 0.0, "tv_null": 1.0}
+    k = rq.centroids.shape[1]
+
+    def sq_err(q, x):
+        return ((x - q.decode(q.encode(x))) ** 2).sum(axis=1)
+
+    def hist(q, x):
+        return np.bincount(q.encode(x)[:, 0], minlength=k) / len(x)
+
+    perm = rng.permutation(len(old))
+    hold, fit = old[perm[: len(old) // 5]], old[perm[len(old) // 5:]]
+    quiet = logging.getLogger("quantizer.kmeans")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)     # its few-points warning was given when rq was fitted
+    try:
+        ref = ResidualKMeans(rq.cfg).fit(fit)
+    finally:
+        quiet.setLevel(level)
+    hold_err = sq_err(ref, hold)
+    gap = hold_err.mean() / sq_err(ref, fit).mean()
+    expected = sq_err(rq, old).mean() * gap          # what unseen old-like items would get
+    hold_codes, ref_hist = ref.encode(hold)[:, 0], hist(ref, fit)
+    null_ratio, null_tv = [], []
+    for _ in range(draws):
+        pick = rng.choice(len(hold), n, replace=n > len(hold))
+        null_ratio.append(hold_err[pick].mean() / hold_err.mean())
+        h = np.bincount(hold_codes[pick], minlength=k) / n
+        null_tv.append(0.5 * np.abs(h - ref_hist).sum())
+    return {"new_items": n, "error_ratio": float(sq_err(rq, new).mean() / expected),
+            "error_ratio_null": float(np.quantile(null_ratio, 0.99)),
+            "tv": float(0.5 * np.abs(hist(rq, new) - hist(rq, old)).sum()),
+            "tv_null": float(np.quantile(null_tv, 0.99)), "out_of_sample_gap": float(gap)}

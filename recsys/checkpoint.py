@@ -35,6 +35,15 @@ import torch
 META = "meta.json"
 
 
+def save_state(model: torch.nn.Module, path: Path) -> str:
+    """``model``'s state dict at ``path``, written atomically (a warm start's ``init_from``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+    return str(path)
+
+
 def _sharded_type():
     # TorchRec's sharded tables are ShardedTensors; torchrec re-exports the class.
     from torchrec.distributed.types import ShardedTensor

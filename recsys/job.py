@@ -51,6 +51,10 @@ class TrainJob:
     profile_steps: int = 0
     #: Ranks the driver launches (``micro_batch * world`` is the global batch).
     world: int = 1
+    #: Warm start: a ``.pt`` state dict of a trained ranker of the same arm (the daily job's
+    #: previous day) that the initial weights come from instead of the seeded initialisation;
+    #: tables that have grown since (new items or users) keep its rows and initialise the rest.
+    init_from: str = ""
 
     def resume_key(self) -> dict:
         """What must match for a run to resume another's checkpoints: everything but the

@@ -59,7 +59,7 @@ def global_batch(cfg, n_sequences: int) -> int:
 
 
 def tower_job(cfg, name: str, seed: int, out: Path, features: str, frozen: str,
-              sequences: str, valid: str, n_sequences: int):
+              sequences: str, valid: str, n_sequences: int, init_from: str = ""):
     from recsys.retrieval_train import RetrievalJob
 
     batch = global_batch(cfg, n_sequences)
@@ -69,7 +69,7 @@ def tower_job(cfg, name: str, seed: int, out: Path, features: str, frozen: str,
                         batch // cfg.ranks, cfg.epochs, cfg.patience, cfg.valid_every,
                         cfg.max_steps, cfg.sparse_lr,
                         cfg.dense_lr, cfg.init_scale, seed, cfg.device, cfg.threads_per_rank,
-                        cfg.timeout_s, cfg.ranks)
+                        cfg.timeout_s, cfg.ranks, init_from)
 
 
 def baselines(cfg, data, feats, aligned, pairs, seed: int) -> dict:
@@ -102,9 +102,10 @@ def _evaluate(retriever, queries: dict[str, Queries], n_items: int) -> dict:
     return out
 
 
-def run_retrieval(data, feats, aligned, pairs, cfg, work: Path, quiet: bool = False
-                  ) -> RetrievalResult:
-    """Train every tower of ``cfg.towers`` on every seed, evaluate them and the baselines."""
+def run_retrieval(data, feats, aligned, pairs, cfg, work: Path, quiet: bool = False,
+                  init_from: dict[str, str] | None = None) -> RetrievalResult:
+    """Train every tower of ``cfg.towers`` on every seed, evaluate them and the baselines;
+    a tower named in ``init_from`` warm-starts from that state dict (the daily job)."""
     from recsys.retrievers import Tower
     from recsys.retrieval_train import save_features, train_retriever
 
@@ -132,7 +133,8 @@ def run_retrieval(data, feats, aligned, pairs, cfg, work: Path, quiet: bool = Fa
         runs = []
         for seed in cfg.seeds:
             job = tower_job(cfg, name, seed, work / name.replace("+", "_") / f"seed{seed}",
-                            features, frozen, sequences, valid, len(data.sequences))
+                            features, frozen, sequences, valid, len(data.sequences),
+                            (init_from or {}).get(name, ""))
             model, result = train_retriever(job, cfg.ranks, cfg.launcher, quiet)
             t.models.append(model), t.jobs.append(job), t.results.append(result)
             scorer = Tower(model, feats)

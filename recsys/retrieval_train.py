@@ -61,6 +61,9 @@ class RetrievalJob:
     threads: int = 1
     timeout_s: int = 600
     world: int = 1
+    #: Warm start: a ``.pt`` state dict of a trained retriever of the same tower (the daily
+    #: job's previous day); grown tables keep its rows (``recsys.train.warm_start``).
+    init_from: str = ""
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(dataclasses.asdict(self), indent=1))
@@ -100,10 +103,15 @@ def initial_state(job: RetrievalJob, feats) -> dict:
 
     from recsys.retrieval import init_tables
 
+    from recsys.train import warm_start
+
     torch.manual_seed(job.seed)
     model = build_model(job, feats)
     init_tables(model, job.init_scale)
-    return model.state_dict()
+    state = model.state_dict()
+    if job.init_from:
+        warm_start(state, torch.load(job.init_from, map_location="cpu", weights_only=True))
+    return state
 
 
 def _sharded_item_vectors(model, feats, world: int, rank: int, chunk: int = 2048):
@@ -289,6 +297,14 @@ def train_retriever(job: RetrievalJob, ranks: int, launcher: str = "local",
         shutil.rmtree(out / "model")
     result = launch(job, ranks, launcher, quiet=quiet, module="recsys.retrieval_train")
     return load_trained(out), result
+
+
+def save_initial(out_dir, path: Path) -> str:
+    """The trained retriever of ``out_dir`` as a state dict at ``path`` (a warm start's
+    ``init_from``)."""
+    from recsys.checkpoint import save_state
+
+    return save_state(load_trained(out_dir), path)
 
 
 def load_trained(out_dir):

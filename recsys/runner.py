@@ -32,7 +32,7 @@ class ArmResult:
 
 def make_job(spec: FeatureSpec, cfg: TrainConfig, train_files: list[str],
              eval_files: list[str], out_dir: Path, frozen_table: str = "",
-             valid_files: list[str] = ()) -> TrainJob:
+             valid_files: list[str] = (), init_from: str = "") -> TrainJob:
     """The job of one arm: trained on ``train_files``, early-stopped on ``valid_files`` (when
     given), then both ``valid_files`` and ``eval_files`` are scored."""
     if spec.frozen_rows and not frozen_table:
@@ -52,7 +52,8 @@ def make_job(spec: FeatureSpec, cfg: TrainConfig, train_files: list[str],
                     valid_files=sorted(valid_files), valid_every=cfg.valid_every,
                     patience=cfg.patience, valid_metric=cfg.valid_metric,
                     sparse_optimizer=cfg.sparse_optimizer,
-                    dense_weight_decay=cfg.dense_weight_decay, world=cfg.ranks)
+                    dense_weight_decay=cfg.dense_weight_decay, world=cfg.ranks,
+                    init_from=init_from)
 
 
 def prepare_out_dir(job: TrainJob) -> bool:
@@ -71,8 +72,10 @@ def prepare_out_dir(job: TrainJob) -> bool:
 
 def train_arm(spec: FeatureSpec, cfg: TrainConfig, train_files: list[str],
               eval_files: list[str], out_dir: Path, quiet: bool = False,
-              frozen_table: str = "", valid_files: list[str] = ()) -> ArmResult:
-    job = make_job(spec, cfg, train_files, eval_files, out_dir, frozen_table, valid_files)
+              frozen_table: str = "", valid_files: list[str] = (),
+              init_from: str = "") -> ArmResult:
+    job = make_job(spec, cfg, train_files, eval_files, out_dir, frozen_table, valid_files,
+                   init_from)
     resumed = prepare_out_dir(job)
     if resumed:
         log.info("arm %s: resuming the unfinished run in %s", spec.arm, out_dir)
@@ -95,6 +98,14 @@ def load_trained(out_dir: Path):
     # DCP assembles the shards of every rank into this unsharded model, in place.
     ck.load(Path(out_dir) / "model", {"model": model.state_dict()})
     return model.eval()
+
+
+def save_initial(out_dir: Path, path: Path) -> str:
+    """The trained ranker of ``out_dir`` as a state dict at ``path`` (a warm start's
+    ``init_from``)."""
+    from recsys.checkpoint import save_state
+
+    return save_state(load_trained(out_dir), path)
 
 
 def write_frozen_table(ids: np.ndarray, vectors: np.ndarray, n_items: int, path: Path) -> str:

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from recsys.early_stopping import EarlyStopping, validate
-from recsys.job import TrainJob, model_config, spec_from_dict
+from recsys.job import TrainError, TrainJob, model_config, spec_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,34 @@ def initial_state(job: TrainJob) -> dict:
     from recsys.model import build_ranker
 
     torch.manual_seed(job.seed)
-    return build_ranker(spec_from_dict(job.spec), model_config(job.model), "cpu",
-                        frozen_table=load_frozen_table(job)).state_dict()
+    state = build_ranker(spec_from_dict(job.spec), model_config(job.model), "cpu",
+                         frozen_table=load_frozen_table(job)).state_dict()
+    if job.init_from:
+        warm_start(state, torch.load(job.init_from, map_location="cpu", weights_only=True))
+    return state
+
+
+def warm_start(state: dict, previous: dict) -> None:
+    """Copy a previous model's weights into ``state`` in place: equal shapes whole; a table
+    that has grown (more rows, as items and users arrive) keeps the previous rows and its own
+    initialisation for the new ones. The frozen content table is today's, never copied. Any
+    other mismatch is a :class:`~recsys.job.TrainError`."""
+    missing = sorted(set(state) - set(previous))
+    if missing:
+        raise TrainError(f"cannot warm-start: the previous model has no {', '.join(missing[:5])}"
+                         " (another arm or feature set); train from scratch")
+    for key, cur in state.items():
+        if key.endswith("frozen_table"):
+            continue
+        prev = previous[key]
+        if prev.shape == cur.shape:
+            cur.copy_(prev)
+        elif prev.dim() == cur.dim() and prev.shape[1:] == cur.shape[1:] and \
+                prev.shape[0] <= cur.shape[0]:
+            cur[: prev.shape[0]].copy_(prev)
+        else:
+            raise TrainError(f"cannot warm-start {key}: shape {tuple(prev.shape)} in the "
+                             f"previous model, {tuple(cur.shape)} now; train from scratch")
 
 
 def load_frozen_table(job: TrainJob):

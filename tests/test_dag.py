@@ -122,8 +122,10 @@ def test_a_new_stage_is_planned_after_the_stages_whose_outputs_it_reads():
     assert order.index("pair_code_report") > order.index("quantize_raw")
     # Every stage comes after the producers of everything it reads; an opt-in stage that is
     # off (ground) is not planned.
-    assert "ground" not in order
-    for c in (cfg, load_config(None, ["ground.enabled=true", "encoder.video_highlight=true"])):
+    assert "ground" not in order and "drift" not in order
+    daily = load_config(None, ["daily.incremental=true"])
+    for c in (daily, cfg, load_config(None, ["ground.enabled=true",
+                                             "encoder.video_highlight=true"])):
         order = [s.name for s in plan_order(STAGES, c)]
         produced_by = {t: s.name for s in STAGES if s.applies(c) for t in s.output_tables(c)}
         for s in STAGES:
@@ -131,6 +133,8 @@ def test_a_new_stage_is_planned_after_the_stages_whose_outputs_it_reads():
                 for t in s.input_tables(c):
                     assert order.index(produced_by[t]) < order.index(s.name), (s.name, t)
     assert order.index("ground") < order.index("embed")
+    order = [s.name for s in plan_order(STAGES, daily)]
+    assert order.index("embed") < order.index("drift") < order.index("align")
     # Without the synthetic world, world is not part of the DAG and ingest reads raw files.
     generic = load_config(None, ["source.kind=generic"])
     assert [s.name for s in plan_order(STAGES, generic)][0] == "ingest"

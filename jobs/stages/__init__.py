@@ -8,13 +8,13 @@ function, write the outputs, return a typed report.
 from __future__ import annotations
 
 from jobs.stage import Stage
-from jobs.stages import (align, embed, evaluate, examples, ground, ingest, pairs, pretrain,
+from jobs.stages import (align, drift, embed, evaluate, examples, ground, ingest, pairs, pretrain,
                          promote, promote_retriever, publish, quantize, quantize_raw, retrieve,
                          split, train, world)
 
 STAGES: tuple[Stage, ...] = (
     world.STAGE, ingest.STAGE, split.STAGE, pretrain.STAGE, ground.STAGE, embed.STAGE,
-    pairs.STAGE, align.STAGE,
+    pairs.STAGE, drift.STAGE, align.STAGE,
     quantize.STAGE, quantize_raw.STAGE, examples.STAGE, train.STAGE, evaluate.STAGE,
     promote.STAGE, retrieve.STAGE, promote_retriever.STAGE, publish.STAGE,
 )

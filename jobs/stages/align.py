@@ -19,6 +19,8 @@ def inputs(cfg) -> tuple[str, ...]:
         ins += ("items",) + (("item_tags",) if has_dated_tags(cfg) else ())
     if is_synthetic(cfg):
         ins += ("truth_items", "item_id_map")
+    if cfg.daily.incremental:
+        ins += ("daily_plan",)
     return ins
 
 
@@ -37,13 +39,18 @@ class AlignReport(StageReport):
     reembedded: int
     retrieval: list[dict]
     purity: list[dict]
+    #: Daily runs without a refit: the previous day's aligned encoder, not trained today.
+    kept: bool = False
 
     def text(self) -> str:
         h = self.history
-        lines = [f"aligned encoder {self.encoder_version} trained on {self.pairs} pairs "
-                 f"({', '.join(self.sources)}; loss {self.loss}, {len(h)} epochs: contrastive "
-                 f"{h[0]['contrastive']:.3f} -> {h[-1]['contrastive']:.3f}); {self.reembedded} "
-                 f"items re-embedded",
+        head = (f"kept the previous day's aligned encoder {self.encoder_version} (no refit); "
+                f"{self.reembedded} items embedded with it" if self.kept else
+                f"aligned encoder {self.encoder_version} trained on {self.pairs} pairs "
+                f"({', '.join(self.sources)}; loss {self.loss}, {len(h)} epochs: contrastive "
+                f"{h[0]['contrastive']:.3f} -> {h[-1]['contrastive']:.3f}); {self.reembedded} "
+                f"items re-embedded")
+        lines = [head,
                  text_table([("held-out behaviour", "s"), ("pairs", "d"),
                              (f"Recall@{K} raw", ".4f"), ("aligned", ".4f"),
                              (f"NDCG@{K} raw", ".4f"), ("aligned", ".4f")],
@@ -60,7 +67,9 @@ class AlignReport(StageReport):
         return "\n".join(lines)
 
     def metrics(self) -> dict[str, float]:
-        m = {"align.pairs": self.pairs, "align.final_contrastive": self.history[-1]["contrastive"]}
+        m = {"align.pairs": self.pairs, "align.kept": int(self.kept)}
+        if self.history:
+            m["align.final_contrastive"] = self.history[-1]["contrastive"]
         for r in self.retrieval:
             key = r["pairs"].replace(" ", "_").replace("-", "_")
             for which in ("raw", "aligned"):
@@ -86,30 +95,42 @@ def run(ctx: StageContext) -> AlignReport:
     from pipelines.embed import reembed_features_spark
     from pipelines.pairs import heldout_pair_sets
 
+    from feature_store.facts import DailyPlanFacts
+
     cfg, io, spark = ctx.cfg, ctx.io, ctx.spark
     raw_facts = io.facts("item_embeddings", EmbeddingFacts)
-    encoder = ItemEncoder.load(raw_facts.encoder_artifact)
     feats_t = io.arrow("item_features").sort_by("item_id")
     ids = feats_t.column("item_id").to_numpy()
-    feats = list_matrix(feats_t.column("features"), np.float32)
-    present = list_matrix(feats_t.column("present"), bool)
     src, dst = pair_rows(io.arrow("item_pairs").to_pandas(), ids, cfg.align.sources)
-    texts = (item_texts(item_content(ctx).select("item_id", "title", "text", "tags").toPandas(),
-                        ids) if cfg.align.tune_text_layers else None)
-    result = align_encoder(encoder, feats, present, src, dst, cfg.align, texts)
-    aligned, history = result.encoder, result.history
-    folder = aligned.save(str(ctx.artifacts / "encoders"))
-    for h in history:
-        ctx.tracker.metrics({"align.contrastive": h["contrastive"], "align.content": h["content"]})
-    # Weights plus config (encoder.pt holds tensors only, config.json the settings).
-    ctx.tracker.register_folder(
-        folder, "encoder", "qarm-item-encoder",
-        tags={"encoder_version": aligned.version, "raw_encoder_version": encoder.version,
-              "pairs_snapshot": io.manifest("item_pairs").ref})
+    plan = io.facts("daily_plan", DailyPlanFacts) if io.has("daily_plan") else None
+    kept = plan is not None and not plan.refit
+    if kept:      # a daily run without drift: the previous day's encoder codes the new items
+        encoder = ItemEncoder.load(raw_facts.encoder_artifact)
+        aligned, history = ItemEncoder.load(plan.encoder_artifact, encoder.towers), []
+        folder = plan.encoder_artifact
+        result = None
+    else:
+        encoder = ItemEncoder.load(raw_facts.encoder_artifact)
+        feats = list_matrix(feats_t.column("features"), np.float32)
+        present = list_matrix(feats_t.column("present"), bool)
+        texts = (item_texts(item_content(ctx).select("item_id", "title", "text",
+                                                     "tags").toPandas(), ids)
+                 if cfg.align.tune_text_layers else None)
+        result = align_encoder(encoder, feats, present, src, dst, cfg.align, texts)
+        aligned, history = result.encoder, result.history
+        folder = aligned.save(str(ctx.artifacts / "encoders"))
+        for h in history:
+            ctx.tracker.metrics({"align.contrastive": h["contrastive"],
+                                 "align.content": h["content"]})
+        # Weights plus config (encoder.pt holds tensors only, config.json the settings).
+        ctx.tracker.register_folder(
+            folder, "encoder", "qarm-item-encoder",
+            tags={"encoder_version": aligned.version, "raw_encoder_version": encoder.version,
+                  "pairs_snapshot": io.manifest("item_pairs").ref})
 
     out = {}
     features_df = io.spark(spark, "item_features")
-    if result.features is not None:
+    if result is not None and result.features is not None:
         tuned = pa.table({"item_id": feats_t.column("item_id"),
                           "features": matrix_column(result.features),
                           "present": matrix_column(present, pa.bool_())})
@@ -123,7 +144,8 @@ def run(ctx: StageContext) -> AlignReport:
         "aligned_item_embeddings", emb_df, schemas.item_embeddings_schema(cfg.encoder.dim),
         facts=EmbeddingFacts(cfg.encoder.dim, aligned.version, folder,
                              raw_encoder_version=encoder.version,
-                             pairs_snapshot=io.manifest("item_pairs").ref))
+                             pairs_snapshot=plan.encoder_pairs if kept
+                             else io.manifest("item_pairs").ref))
     check_rows("align: items with features re-embedded", len(ids), m.row_count)
 
     # Raw vs aligned on behaviour the alignment never saw.
@@ -140,7 +162,7 @@ def run(ctx: StageContext) -> AlignReport:
         purity = compare_purity(raw[1], ali[1], labels, K)
     return AlignReport(out, aligned.version, int(len(src)), list(cfg.align.sources),
                        cfg.align.loss, history, m.row_count,
-                       compare_retrieval(raw, ali, pair_sets, K), purity)
+                       compare_retrieval(raw, ali, pair_sets, K), purity, kept)
 
 
 STAGE = Stage(

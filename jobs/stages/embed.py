@@ -90,15 +90,22 @@ class EmbedReport(StageReport):
     worker_peak_rss_mb: float
     artifact: str
     summary: str
+    #: Daily runs: items whose content hash and encoder were the previous day's (their
+    #: embeddings and features carried over, not recomputed), and items whose content changed.
+    kept: int = 0
+    changed: int = 0
 
     def text(self) -> str:
-        return (f"embedded {self.embedded} of {self.items_in} items (quarantined "
-                f"{self.quarantined}) with encoder {self.encoder_version} ({self.summary}); "
-                f"encoder loaded {self.encoder_loads}x across Python workers; artifact "
-                f"{self.artifact}")
+        daily = (f"; {self.kept} unchanged items kept the previous day's embeddings, "
+                 f"{self.changed} changed items re-embedded" if self.kept or self.changed else "")
+        return (f"embedded {self.embedded - self.kept} of {self.items_in} items (quarantined "
+                f"{self.quarantined}) with encoder {self.encoder_version} ({self.summary})"
+                f"{daily}; encoder loaded {self.encoder_loads}x across Python workers; "
+                f"artifact {self.artifact}")
 
     def metrics(self) -> dict[str, float]:
-        return {"items_in": self.items_in, "embedded": self.embedded,
+        return {"items_in": self.items_in, "embedded": self.embedded - self.kept,
+                "kept": self.kept, "changed": self.changed,
                 "quarantined": self.quarantined, "encoder_loads": self.encoder_loads,
                 "worker_peak_rss_mb": self.worker_peak_rss_mb}
 
@@ -108,32 +115,53 @@ def run(ctx: StageContext) -> EmbedReport:
     from feature_store.facts import EmbeddingFacts, FeatureFacts
     from mm_encoder.item_encoder import ItemEncoder
     from pipelines.accounting import check_rows
-    from pipelines.embed import embed_items
+    from pipelines.embed import embed_items, increment, with_content_hash
 
-    cfg, io = ctx.cfg, ctx.io
+    cfg, io, spark = ctx.cfg, ctx.io, ctx.spark
     encoder = ItemEncoder(encoder_config(cfg, io))
     folder = encoder.save(str(ctx.artifacts / "encoders"))
     ctx.tracker.artifact_dir(folder, "encoder")
-    frames = embed_items(ctx.spark, item_content(ctx), encoder, cfg.embed)
-    emb = io.write_spark("item_embeddings", frames.embeddings,
+    items = with_content_hash(item_content(ctx))
+    # A daily run embeds only new and changed items when the encoder is the previous day's.
+    prev = io.previous_day("item_embeddings")
+    same_encoder = (prev is not None and io.previous_day("item_content_hashes") is not None
+                    and prev.facts_of(EmbeddingFacts).encoder_version == encoder.version)
+    inc = increment(items, io.previous_day_spark(spark, "item_content_hashes")
+                    if same_encoder else None)
+    frames = embed_items(spark, inc.to_embed, encoder, cfg.embed)
+    embeddings, features = frames.embeddings, frames.features
+    hashes = inc.to_embed.select("item_id", "content_hash").join(
+        embeddings.select("item_id"), "item_id", "left_semi")
+    if inc.kept:
+        def carried(table):
+            return io.previous_day_spark(spark, table).join(inc.kept_ids, "item_id", "left_semi")
+        embeddings = embeddings.unionByName(carried("item_embeddings"))
+        features = features.unionByName(carried("item_features"))
+        hashes = hashes.unionByName(carried("item_content_hashes"))
+    emb = io.write_spark("item_embeddings", embeddings,
                          schemas.item_embeddings_schema(cfg.encoder.dim),
                          facts=EmbeddingFacts(cfg.encoder.dim, encoder.version, folder))
-    feats = io.write_spark("item_features", frames.features, schemas.item_features_schema(),
+    feats = io.write_spark("item_features", features, schemas.item_features_schema(),
                            facts=FeatureFacts(encoder.towers.dims(), encoder.version))
+    h = io.write_spark("item_content_hashes", hashes.select("item_id", "content_hash"),
+                       schemas.content_hashes_schema())
     q = io.write_spark("embed_quarantine", frames.quarantine, schemas.quarantine_schema())
     stats = frames.stats()
     frames.release()
     n_in = io.manifest("items").row_count
     check_rows("embed", n_in, emb.row_count, q.row_count)
+    check_rows("embed: content hashes", emb.row_count, h.row_count)
     e = cfg.encoder
     return EmbedReport(
-        {"item_embeddings": emb, "item_features": feats, "embed_quarantine": q},
+        {"item_embeddings": emb, "item_features": feats, "item_content_hashes": h,
+         "embed_quarantine": q},
         n_in, emb.row_count, q.row_count, encoder.version, stats.loads, stats.peak_rss_mb,
-        folder, f"D={e.dim}, text={e.text_tower}, image={e.image_tower}")
+        folder, f"D={e.dim}, text={e.text_tower}, image={e.image_tower}", inc.kept, inc.changed)
 
 
 STAGE = Stage(
     "embed", run, engine="spark", inputs=inputs,
-    outputs=("item_embeddings", "item_features", "embed_quarantine"),
+    outputs=("item_embeddings", "item_features", "item_content_hashes", "embed_quarantine"),
     config=("encoder", "embed"),
+    previous=("item_embeddings", "item_features", "item_content_hashes"),
     help="encode every item with the content towers + fusion (Spark batch inference)")

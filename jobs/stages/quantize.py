@@ -79,11 +79,21 @@ def quantize_table(ctx: StageContext, source: str, output: str,
 
 
 def run(ctx: StageContext) -> CodebookReport:
-    return quantize_table(ctx, "aligned_item_embeddings", "item_codes",
-                          ctx.cfg.quantize.codebook)
+    from feature_store.facts import DailyPlanFacts
+
+    version = ctx.cfg.quantize.codebook
+    if ctx.io.has("daily_plan"):     # a daily run without drift keeps the previous codebook
+        plan = ctx.io.facts("daily_plan", DailyPlanFacts)
+        if not plan.refit:
+            version = plan.codebook_version
+    return quantize_table(ctx, "aligned_item_embeddings", "item_codes", version)
+
+
+def inputs(cfg) -> tuple[str, ...]:
+    return ("aligned_item_embeddings",) + (("daily_plan",) if cfg.daily.incremental else ())
 
 
 STAGE = Stage(
-    "quantize", run, engine="spark", inputs=("aligned_item_embeddings",), outputs=("item_codes",),
+    "quantize", run, engine="spark", inputs=inputs, outputs=("item_codes",),
     config=("quantize",),
     help="fit VQ/RQ codebooks on the aligned embeddings and code every item (Spark)")

@@ -21,6 +21,8 @@ def inputs(cfg) -> tuple[str, ...]:
         out.append("aligned_item_embeddings")
     if "item2item" in r.baselines:
         out.append("item_pairs")
+    if cfg.daily.incremental:
+        out.append("daily_plan")
     if two_stage_on(cfg):
         # The ranker trained on the same split's training part (registered by train).
         out += ["train_examples", "ranker_predictions"]
@@ -52,7 +54,9 @@ class RetrieveReport(StageReport):
 
     def text(self) -> str:
         reg = ", ".join(f"{k}: qarm-retriever v{v}" for k, v in self.versions.items() if v)
-        return format_summary(self.summary) + (f"\nregistered: {reg}" if reg else "")
+        warm = self.summary.get("warm_started")
+        return (format_summary(self.summary) + (f"\nregistered: {reg}" if reg else "")
+                + (f"\nwarm-started from the previous day: {', '.join(warm)}" if warm else ""))
 
     def metrics(self) -> dict[str, float]:
         # `<retriever>.recall_at_<K>` (all test targets) is what the run report plots.
@@ -192,9 +196,13 @@ def run(ctx: StageContext) -> RetrieveReport:
     from feature_store.facts import CandidatesFacts
     from recsys.retrieval_eval import run_retrieval, two_stage
 
+    from jobs.daily import retriever_warm_starts
+
     io, r = ctx.io, ctx.cfg.retrieval
     data, feats, aligned, pairs, codes_facts = read_inputs(io, ctx.cfg)
-    res = run_retrieval(data, feats, aligned, pairs, r, ctx.run_dir("retrieve"))
+    warm = retriever_warm_starts(ctx, codes_facts.codebook_version, ctx.run_dir("retrieve"))
+    res = run_retrieval(data, feats, aligned, pairs, r, ctx.run_dir("retrieve"),
+                        init_from=warm)
     found = trained_ranker(ctx) if two_stage_on(ctx.cfg) else None
     if found is not None:
         ranker, version = found
@@ -215,18 +223,24 @@ def run(ctx: StageContext) -> RetrieveReport:
     out = io.write_arrow("candidates", table, schema=schemas.candidates_schema(),
                          facts=CandidatesFacts(res.serve, str(versions.get(res.serve) or ""),
                                                codes_facts.codebook_version, r.index, r.top_k,
-                                               len(data.serving_users)))
+                                               len(data.serving_users),
+                                               {n: t.jobs[0].out_dir
+                                                for n, t in res.towers.items()},
+                                               tuple(warm)))
     text = json.dumps(res.summary, indent=1, default=float)
     ctx.tracker.artifact_text(text, "retrieval.json")
     folder = ctx.run_dir("evaluate")               # beside ablation.json
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "retrieval.json").write_text(text)
+    if warm:
+        res.summary["warm_started"] = sorted(warm)
     return RetrieveReport({"candidates": out}, res.summary, versions)
 
 
 STAGE = Stage(
     "retrieve", run, engine="torch", inputs=inputs, outputs=("candidates",),
-    config=("retrieval",),
+    config=lambda cfg: ("retrieval",) + (("daily",) if cfg.daily.incremental else ()),
+    previous=("candidates",),
     help="train the sequential retriever (SASRec user tower over ids/codes/frozen item towers, "
          "sampled softmax with logQ, sharded with DMP), evaluate it and the simple retrievers "
          "by full ranking with intervals, write top-K candidates from a faiss index, register "

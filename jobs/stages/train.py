@@ -24,7 +24,8 @@ def frozen_sources(cfg) -> list[str]:
 def inputs(cfg) -> tuple[str, ...]:
     # The frozen arms look the content vectors up by item id in the embeddings tables.
     return ("train_examples", "valid_examples", "eval_examples") + tuple(
-        FROZEN_TABLES[s] for s in frozen_sources(cfg))
+        FROZEN_TABLES[s] for s in frozen_sources(cfg)) + (
+        ("daily_plan", "split_events") if cfg.daily.incremental else ())
 
 
 @dataclass
@@ -69,15 +70,17 @@ def training_data(io: StageIO, cfg, work: Path) -> TrainingData:
                         io.manifest("train_examples").ref)
 
 
-def train_one(data: TrainingData, arm: str, tcfg, out_dir: Path, quiet: bool = False):
-    """Train one arm (``tcfg``: the train config with this arm's settings and seed)."""
+def train_one(data: TrainingData, arm: str, tcfg, out_dir: Path, quiet: bool = False,
+              init_from: str = ""):
+    """Train one arm (``tcfg``: the train config with this arm's settings and seed), from the
+    seeded initialisation or warm-started from ``init_from`` (a state dict)."""
     from recsys.features import FROZEN_SOURCE, spec_for_examples
     from recsys.runner import train_arm
 
     path, dim, thresholds = data.frozen.get(FROZEN_SOURCE.get(arm, ""), ("", 0, ()))
     spec = spec_for_examples(arm, tcfg.model, data.facts, dim, thresholds)
     return train_arm(spec, tcfg, data.train_files, data.eval_files, out_dir, quiet=quiet,
-                     frozen_table=path, valid_files=data.valid_files)
+                     frozen_table=path, valid_files=data.valid_files, init_from=init_from)
 
 
 def with_seed(table, seed: int):
@@ -145,14 +148,21 @@ def run(ctx: StageContext) -> TrainReport:
     from feature_store import schemas
     from feature_store.facts import PredictionsFacts
 
+    from jobs.daily import warm_starts
+
     io, t = ctx.io, ctx.cfg.train
     runs = ctx.run_dir("train")
     data = training_data(io, ctx.cfg, runs)
     facts = data.facts
-    preds, rows = [], []
+    preds, rows, models = [], [], {}
+    # A daily run without a refit: arms the previous day trained continue from its models on
+    # the day that just became training data.
+    warm = warm_starts(ctx, data, runs)
     for arm in t.arms:
         tcfg = t.for_arm(arm)
-        res = train_one(data, arm, tcfg, runs / arm.replace("+", "_"))
+        arm_data, init = warm.get(arm, (data, ""))
+        res = train_one(arm_data, arm, tcfg, runs / arm.replace("+", "_"), init_from=init)
+        models[arm] = str(res.out_dir)
         curve = res.result["loss_curve"]
         for step in range(0, len(curve), max(1, len(curve) // 200)):
             ctx.tracker.metrics({f"{arm}.train_loss": curve[step]}, step=step)
@@ -169,12 +179,22 @@ def run(ctx: StageContext) -> TrainReport:
                          schema=schemas.predictions_schema(),
                          facts=PredictionsFacts(tuple(t.arms), t.ranks, facts.codebook_version,
                                                 facts.encoder_version,
-                                                tuple(t.baselines), data.train_rate))
-    setup = (f"ranks: {t.ranks} ({t.launcher}, {t.device}); global batch {t.batch_size}; "
+                                                tuple(t.baselines), data.train_rate, models,
+                                                tuple(warm)))
+    started = (f"warm-started from the previous day: {', '.join(warm)} (on "
+               f"{sum(pq_rows(d.train_files) for d, _ in warm.values()) // max(len(warm), 1)} "
+               "new training examples); " if warm else "")
+    setup = (f"{started}ranks: {t.ranks} ({t.launcher}, {t.device}); global batch {t.batch_size}; "
              f"at most {t.epochs} epochs, early stopping on validation {t.valid_metric} "
              f"(patience {t.patience}); seed {t.seed}; baselines: "
              f"{', '.join(t.baselines) or 'none'}; runs in {runs}")
     return TrainReport({"ranker_predictions": out}, rows, setup)
+
+
+def pq_rows(files: list[str]) -> int:
+    from recsys.data import count_rows
+
+    return count_rows(files)
 
 
 def register_ranker(ctx: StageContext, arm: str, res, facts, examples_ref: str):
@@ -208,7 +228,9 @@ def tuned_summary(cfg) -> dict[str, dict]:
 
 
 STAGE = Stage(
-    "train", run, engine="torch", inputs=inputs, outputs=("ranker_predictions",), config=("train",),
+    "train", run, engine="torch", inputs=inputs, outputs=("ranker_predictions",),
+    config=lambda cfg: ("train",) + (("daily",) if cfg.daily.incremental else ()),
+    previous=("ranker_predictions", "split_events"),
     help="train the TorchRec ranker for every ablation arm (sharded, fused optimizers, local "
          "ranks or torchrun, early stopping on the validation part), score the validation and "
          "test examples and the baselines (popularity, MF), register in MLflow")
