@@ -183,6 +183,12 @@ def check_consistent(cfg: QarmConfig) -> QarmConfig:
         raise ConfigError(f"online.keep_positives ({cfg.online.keep_positives}) is below "
                           f"examples.history_len ({cfg.examples.history_len}): the service "
                           "would score with shorter histories than the ranker trained on")
+    if cfg.pairs.window_days is not None and cfg.pairs.window_days < 1:
+        raise ConfigError(f"pairs.window_days must be >= 1 (or null: the whole training part), "
+                          f"got {cfg.pairs.window_days}")
+    if cfg.daily.refit and not cfg.daily.incremental:
+        raise ConfigError("--refit (daily.refit) is for daily runs that continue the previous "
+                          "day: set daily.incremental=true (every other run refits anyway)")
     if cfg.daily.incremental and cfg.align.tune_text_layers:
         raise ConfigError("daily.incremental keeps the previous day's aligned encoder between "
                           "refits, which align.tune_text_layers (a tuned text tower) does not "

@@ -168,6 +168,9 @@ class PairsConfig:
     max_common_items: int = 50
     u2i_window: int = 50
     seed: int = 0
+    #: Mine only the last this many days of the training part (a sliding window: the daily
+    #: job's pairs follow current behaviour); None mines the whole training part.
+    window_days: Optional[int] = None
 
 
 @dataclass

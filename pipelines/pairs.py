@@ -33,7 +33,8 @@ damp popular-item noise.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import datetime as dt
+from typing import TYPE_CHECKING, Optional
 
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
@@ -153,6 +154,19 @@ def mine_u2i_pairs(pos: DataFrame, embeddings: DataFrame, cfg: PairsConfig) -> D
     triggers = cand.withColumn("_b", F.row_number().over(best)).where(F.col("_b") == 1)
     return (triggers.groupBy("src", "dst").agg(F.max("score").cast("float").alias("score"))
             .select("src", "dst", "score", F.lit("u2i").alias("source")))
+
+
+def recent(train_events: DataFrame, days: Optional[int]) -> DataFrame:
+    """The training events of the last ``days`` days (up to the newest training event), or all
+    of them when ``days`` is None (``pairs.window_days``)."""
+    if days is None:
+        return train_events
+    if days < 1:
+        raise ValueError(f"pairs.window_days must be >= 1, got {days}")
+    newest = train_events.agg(F.max("ts").alias("t")).first()["t"]
+    if newest is None:
+        return train_events
+    return train_events.where(F.col("ts") > F.lit(newest - dt.timedelta(days=days)))
 
 
 def mine_pairs(train_events: DataFrame, embeddings: DataFrame, cfg: PairsConfig) -> DataFrame:

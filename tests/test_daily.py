@@ -17,7 +17,7 @@ D1, D2 = "2026-01-27", "2026-01-28"
 #: A small daily world: half the items arrive after the cut-off, about 37 a day (enough for
 #: the drift measures to tell new content from more of the same).
 DAILY = ["world.n_items=400", "world.daily=true", "world.cold_share=0.5", "split.mode=last_days",
-         "daily.incremental=true", "quantize.raw_arm=false",
+         "daily.incremental=true", "quantize.raw_arm=false", "pairs.window_days=20",
          "train.arms=[codes]", "retrieval.towers=[codes]", "pretrain.enabled=false",
          "train.epochs=3"]
 
@@ -165,6 +165,18 @@ def test_last_days_split_tests_the_newest_day_and_validates_the_one_before(spark
     assert bounds["test_start"].startswith("2026-01-27T00:00:00")
 
 
+def test_pairs_window_keeps_the_last_days_of_the_training_part(spark):
+    import datetime as dt
+
+    from pipelines.pairs import recent
+
+    t0 = dt.datetime(2026, 1, 1, 12, tzinfo=dt.timezone.utc)
+    df = spark.createDataFrame([(1, d, t0 + dt.timedelta(days=d), 1) for d in range(10)],
+                               "user_id long, item_id long, ts timestamp, label byte")
+    assert sorted(r.item_id for r in recent(df, 3).collect()) == [7, 8, 9]
+    assert recent(df, None).count() == 10
+
+
 def test_backfill_refuses_a_backwards_range():
     rc, _ = _qarm("backfill", "--from", D2, "--to", D1, "--no-progress")
     assert rc == 2
@@ -246,3 +258,16 @@ def test_new_items_of_new_topics_trigger_a_refit(spark, tmp_path):
     assert rc == 0, out
     plan: DailyPlanFacts = _facts(root, D2, "drift", "daily_plan")[0]
     assert plan.refit and plan.reason.startswith("drift"), plan
+
+
+def test_refit_and_the_daily_job_need_each_other():
+    from jobs.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="daily.incremental"):
+        load_config(None, ["daily.refit=true"])
+    with pytest.raises(ConfigError, match="tune_text_layers"):
+        load_config(None, ["daily.incremental=true", "align.tune_text_layers=1"])
+    with pytest.raises(ConfigError, match="window_days"):
+        load_config(None, ["pairs.window_days=0"])
+    with pytest.raises(ConfigError, match="drift_topics"):
+        load_config(None, ["world.drift_ds=2026-01-28", "world.drift_topics=9"])
