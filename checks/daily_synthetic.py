@@ -122,20 +122,28 @@ def main() -> None:
                     "stages_run_again": sorted({r["stage"] for r in state.rows(d[2])
                                                 if r["started"] >= began})}
 
-    # The third day's ranker from scratch on the same examples, beside the warm-started one.
-    warm_ref = state.last_success(d[2], "train")["outputs"]["ranker_predictions"]
-    qarm("run", "--ds", d[2], "--only", "train", root=daily,
-                     sets=["daily.warm_start=false"])
-    scratch_ref = state.last_success(d[2], "train")["outputs"]["ranker_predictions"]
-    warm, scratch = test_predictions(daily, warm_ref), test_predictions(daily, scratch_ref)
-    assert (warm[["user_id", "item_id", "ts"]].values
-            == scratch[["user_id", "item_id", "ts"]].values).all()
-    diff = paired_difference(warm.user_id.to_numpy(), warm.label.to_numpy(),
-                             warm.score.to_numpy(), scratch.score.to_numpy())
-    train_s = [round(r["finished"] - r["started"], 1) for r in state.rows(d[2])
-               if r["stage"] == "train" and r["status"] == "done"]
-    res["warm_vs_scratch"] = {"auc_difference_warm_minus_scratch": diff,
-                              "train_stage_s_warm_then_scratch": train_s}
+    # The third day's ranker from scratch on the same examples, and warm-started on the new
+    # day's examples only, beside the warm-started one (every training example, the default).
+    refs = {"warm": state.last_success(d[2], "train")["outputs"]["ranker_predictions"]}
+    for name, override in (("scratch", "daily.warm_start=false"),
+                           ("warm_new_day_only", "daily.warm_days=1")):
+        qarm("run", "--ds", d[2], "--only", "train", root=daily, sets=[override])
+        refs[name] = state.last_success(d[2], "train")["outputs"]["ranker_predictions"]
+    preds = {k: test_predictions(daily, ref) for k, ref in refs.items()}
+    scratch = preds["scratch"]
+    from recsys.metrics import auc
+
+    res["warm_vs_scratch"] = {"test_auc": {k: auc(p.label, p.score) for k, p in preds.items()}}
+    for k in ("warm", "warm_new_day_only"):
+        p = preds[k]
+        assert (p[["user_id", "item_id", "ts"]].values
+                == scratch[["user_id", "item_id", "ts"]].values).all()
+        res["warm_vs_scratch"][f"{k} - scratch"] = paired_difference(
+            p.user_id.to_numpy(), p.label.to_numpy(), p.score.to_numpy(),
+            scratch.score.to_numpy())
+    res["warm_vs_scratch"]["train_stage_s (warm, scratch, new day only)"] = [
+        round(r["finished"] - r["started"], 1) for r in state.rows(d[2])
+        if r["stage"] == "train" and r["status"] == "done"]
 
     rebuild = out / "rebuild"
     rebuild_s = qarm("run", "--ds", d[2], root=rebuild, sets=["daily.incremental=false"])

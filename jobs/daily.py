@@ -3,9 +3,10 @@ models, and on which examples; ``qarm backfill`` (days in order).
 
 A day continues the previous day (``daily.incremental``, see ``jobs.stages.drift``). Between
 refits, each arm the previous day trained starts from that day's weights (``recsys.train.
-warm_start``: grown tables keep their rows) and trains on the examples that became training
-data since the previous day's split, early-stopped on today's validation part. A refit (or a
-changed codebook) trains from scratch on everything.
+warm_start``: grown tables keep their rows) and trains on every training example, or with
+``daily.warm_days: N`` on those of the last N days (1: the day that became training data
+since the previous day's split), early-stopped on today's validation part, the starting
+weights included. A refit (or a changed codebook) trains from scratch on everything.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ log = logging.getLogger(__name__)
 
 
 def warm_starts(ctx, data, runs: Path) -> dict[str, tuple[object, str]]:
-    """arm -> (its TrainingData restricted to the new examples, the previous model's state
-    dict path) for every arm that warm-starts today; {} when none does."""
+    """arm -> (its TrainingData, restricted to the last ``daily.warm_days`` days when set, and
+    the previous model's state dict path) for every arm that warm-starts today; {} when none
+    does."""
     from feature_store.facts import DailyPlanFacts, PredictionsFacts, SplitFacts
     from recsys.data import count_rows
     from recsys.runner import save_initial
@@ -40,7 +42,9 @@ def warm_starts(ctx, data, runs: Path) -> dict[str, tuple[object, str]]:
     files = data.train_files
     prev_split = io.previous_day("split_events")
     since = prev_split.facts_of(SplitFacts).valid_start if prev_split is not None else None
-    if since:
+    days = ctx.cfg.daily.warm_days
+    if since and days is not None:       # the last `days` days of the training part
+        since = (dt.datetime.fromisoformat(since) - dt.timedelta(days=days - 1)).isoformat()
         files = new_examples(data.train_files, since, runs / "new_training_examples.parquet")
         if count_rows(files) < ctx.cfg.train.batch_size:
             log.warning("train: fewer new training examples since %s than one global batch; "

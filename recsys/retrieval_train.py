@@ -230,6 +230,11 @@ def run_rank(job: RetrievalJob) -> None:
     t_train, positions = 0.0, 0
     every = job.valid_every or steps_per_epoch
     step, order = 0, None
+    if queries is not None and job.init_from:
+        # A warm start's own weights are a candidate: kept when training does not beat them.
+        dmp.eval()
+        stopper.update(0, validate(inner, feats, queries, world, rank))
+        best = ck.local_pieces(dmp.state_dict())
     dmp.train()
     t0 = time.perf_counter()
     while step < total and not stopper.stop:

@@ -80,15 +80,25 @@ def initial_state(job: TrainJob) -> dict:
     state = build_ranker(spec_from_dict(job.spec), model_config(job.model), "cpu",
                          frozen_table=load_frozen_table(job)).state_dict()
     if job.init_from:
-        warm_start(state, torch.load(job.init_from, map_location="cpu", weights_only=True))
+        spec = spec_from_dict(job.spec)
+        hashed = {t for f in spec.sparse if f.hashed for t in [f.table]}
+        warm_start(state, torch.load(job.init_from, map_location="cpu", weights_only=True),
+                   hashed)
     return state
 
 
-def warm_start(state: dict, previous: dict) -> None:
+def warm_start(state: dict, previous: dict, hashed: set[str] = frozenset()) -> None:
     """Copy a previous model's weights into ``state`` in place: equal shapes whole; a table
-    that has grown (more rows, as items and users arrive) keeps the previous rows and its own
-    initialisation for the new ones. The frozen content table is today's, never copied. Any
-    other mismatch is a :class:`~recsys.job.TrainError`."""
+    that has grown (more rows, as items and users arrive) keeps every previous row and its own
+    initialisation for the new ones. In the ``hashed`` tables an id's row depends on the
+    table's size (``recsys.data.table_rows``), so each previous id's row moves to where that
+    id lives now; other tables index rows by value. The frozen content table is today's,
+    never copied. Any other mismatch is a :class:`~recsys.job.TrainError`."""
+    import numpy as np
+    import torch
+
+    from recsys.data import table_rows
+
     missing = sorted(set(state) - set(previous))
     if missing:
         raise TrainError(f"cannot warm-start: the previous model has no {', '.join(missing[:5])}"
@@ -101,7 +111,13 @@ def warm_start(state: dict, previous: dict) -> None:
             cur.copy_(prev)
         elif prev.dim() == cur.dim() and prev.shape[1:] == cur.shape[1:] and \
                 prev.shape[0] <= cur.shape[0]:
-            cur[: prev.shape[0]].copy_(prev)
+            n, table = prev.shape[0], key.split(".")[-2]
+            if table in hashed:
+                ids = np.arange(n)
+                cur[torch.from_numpy(table_rows(ids, cur.shape[0], True))] = \
+                    prev[torch.from_numpy(table_rows(ids, n, True))]
+            else:
+                cur[:n].copy_(prev)
         else:
             raise TrainError(f"cannot warm-start {key}: shape {tuple(prev.shape)} in the "
                              f"previous model, {tuple(cur.shape)} now; train from scratch")
@@ -204,6 +220,16 @@ def run_rank(job: TrainJob) -> None:
 
     every = job.valid_every or sp.steps_per_epoch
     losses: list[float] = []
+    if validating and job.init_from and start == 0 and resume is None:
+        # A warm start's own weights are a candidate too: when training on the new data only
+        # makes the validation metric worse, the previous model is kept.
+        value = validate(dmp, job, spec, device, world, rank)
+        stopper.update(0, value)
+        best = ck.local_pieces(dmp.state_dict())
+        if job.checkpoint_every:
+            best_folder = ckpt_root / "best_0"
+            ck.save(best_folder, {"model": dmp.state_dict()}, rank,
+                    meta={"step": 0, "world": world, "arm": job.arm})
     def save_checkpoint(done: int) -> None:
         ck.save(ckpt_root / f"step_{done}",
                 {"model": dmp.state_dict(), "optim": opt.state_dict()["state"]}, rank,

@@ -97,6 +97,16 @@ def test_warm_start_keeps_old_rows_initialises_new_ones_and_refuses_other_shapes
     assert (cur["t.weight"][:3] == 1).all() and (cur["t.weight"][3:] == 0).all()
     assert (cur["mlp.w"] == 5).all()
     assert (cur["frozen_table"] == 7).all()          # today's content, never yesterday's
+    # A hashed table: an id's row depends on the table size, so each old id's row moves.
+    from recsys.data import table_rows
+
+    prev = {"sparse.ec.embeddings.item.weight": torch.arange(7.0).repeat(2, 1).T}
+    cur = {"sparse.ec.embeddings.item.weight": torch.full((11, 2), -1.0)}
+    warm_start(cur, prev, hashed={"item"})
+    ids = np.arange(7)
+    moved = cur["sparse.ec.embeddings.item.weight"][table_rows(ids, 11, True)]
+    assert torch.equal(moved, prev["sparse.ec.embeddings.item.weight"][table_rows(ids, 7, True)])
+    assert (cur["sparse.ec.embeddings.item.weight"] == -1).all(1).sum() == 4
     with pytest.raises(TrainError, match="shape"):
         warm_start({"mlp.w": torch.zeros(3, 3)}, {"mlp.w": torch.zeros(2, 2)})
     with pytest.raises(TrainError, match="has no"):
@@ -267,6 +277,8 @@ def test_refit_and_the_daily_job_need_each_other():
         load_config(None, ["daily.refit=true"])
     with pytest.raises(ConfigError, match="tune_text_layers"):
         load_config(None, ["daily.incremental=true", "align.tune_text_layers=1"])
+    with pytest.raises(ConfigError, match="warm_days"):
+        load_config(None, ["daily.warm_days=0"])
     with pytest.raises(ConfigError, match="window_days"):
         load_config(None, ["pairs.window_days=0"])
     with pytest.raises(ConfigError, match="drift_topics"):

@@ -183,7 +183,7 @@ def run(ctx: StageContext) -> TrainReport:
                                                 tuple(warm)))
     started = (f"warm-started from the previous day: {', '.join(warm)} (on "
                f"{sum(pq_rows(d.train_files) for d, _ in warm.values()) // max(len(warm), 1)} "
-               "new training examples); " if warm else "")
+               "training examples); " if warm else "")
     setup = (f"{started}ranks: {t.ranks} ({t.launcher}, {t.device}); global batch {t.batch_size}; "
              f"at most {t.epochs} epochs, early stopping on validation {t.valid_metric} "
              f"(patience {t.patience}); seed {t.seed}; baselines: "
