@@ -92,6 +92,35 @@ def test_predictions(root: Path, ref: str):
     return p.sort_values(["user_id", "item_id", "ts"]).reset_index(drop=True)
 
 
+def compare_training(root: Path, day: str) -> dict:
+    """The day's warm-started ranker vs a retrain from scratch and a warm start on the new
+    day only, on the day's test part (paired over users)."""
+    from jobs.state import RunState
+    from recsys.metrics import auc
+    from recsys.recode import paired_difference
+
+    state = RunState(root / "state.db")
+    refs = {"warm": state.last_success(day, "train")["outputs"]["ranker_predictions"]}
+    began = time.time()
+    for name, override in (("scratch", "daily.warm_start=false"),
+                           ("warm_new_day_only", "daily.warm_days=1")):
+        qarm("run", "--ds", day, "--only", "train", root=root, sets=[override])
+        refs[name] = state.last_success(day, "train")["outputs"]["ranker_predictions"]
+    preds = {k: test_predictions(root, ref) for k, ref in refs.items()}
+    scratch = preds["scratch"]
+    out = {"test_auc": {k: auc(p.label, p.score) for k, p in preds.items()}}
+    for k in ("warm", "warm_new_day_only"):
+        p = preds[k]
+        assert (p[["user_id", "item_id", "ts"]].values
+                == scratch[["user_id", "item_id", "ts"]].values).all()
+        out[f"{k} - scratch"] = paired_difference(p.user_id.to_numpy(), p.label.to_numpy(),
+                                                  p.score.to_numpy(), scratch.score.to_numpy())
+    out["train_stage_s (scratch, new day only)"] = [
+        round(r["finished"] - r["started"], 1) for r in state.rows(day)
+        if r["stage"] == "train" and r["status"] == "done" and r["started"] >= began]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=".qarm-daily-check")
@@ -99,7 +128,6 @@ def main() -> None:
     args = ap.parse_args()
     from jobs.daily import days
     from jobs.state import RunState
-    from recsys.recode import paired_difference
 
     out = Path(args.out).resolve()
     if out.exists():
@@ -122,28 +150,10 @@ def main() -> None:
                     "stages_run_again": sorted({r["stage"] for r in state.rows(d[2])
                                                 if r["started"] >= began})}
 
-    # The third day's ranker from scratch on the same examples, and warm-started on the new
-    # day's examples only, beside the warm-started one (every training example, the default).
-    refs = {"warm": state.last_success(d[2], "train")["outputs"]["ranker_predictions"]}
-    for name, override in (("scratch", "daily.warm_start=false"),
-                           ("warm_new_day_only", "daily.warm_days=1")):
-        qarm("run", "--ds", d[2], "--only", "train", root=daily, sets=[override])
-        refs[name] = state.last_success(d[2], "train")["outputs"]["ranker_predictions"]
-    preds = {k: test_predictions(daily, ref) for k, ref in refs.items()}
-    scratch = preds["scratch"]
-    from recsys.metrics import auc
-
-    res["warm_vs_scratch"] = {"test_auc": {k: auc(p.label, p.score) for k, p in preds.items()}}
-    for k in ("warm", "warm_new_day_only"):
-        p = preds[k]
-        assert (p[["user_id", "item_id", "ts"]].values
-                == scratch[["user_id", "item_id", "ts"]].values).all()
-        res["warm_vs_scratch"][f"{k} - scratch"] = paired_difference(
-            p.user_id.to_numpy(), p.label.to_numpy(), p.score.to_numpy(),
-            scratch.score.to_numpy())
-    res["warm_vs_scratch"]["train_stage_s (warm, scratch, new day only)"] = [
-        round(r["finished"] - r["started"], 1) for r in state.rows(d[2])
-        if r["stage"] == "train" and r["status"] == "done"]
+    # The third (then the second) day's ranker from scratch on the same examples, and
+    # warm-started on the new day's examples only, beside the warm-started one (every training
+    # example, the default).
+    res["warm_vs_scratch"] = {day: compare_training(daily, day) for day in (d[2], d[1])}
 
     rebuild = out / "rebuild"
     rebuild_s = qarm("run", "--ds", d[2], root=rebuild, sets=["daily.incremental=false"])
