@@ -228,8 +228,9 @@ def build_examples(split: DataFrame, items: DataFrame, codes: DataFrame,
                    cfg: ExamplesConfig, pred_tags: pd.DataFrame | None = None
                    ) -> tuple[DataFrame, dict[str, DataFrame], dict]:
     """(all examples, persisted: unpersist when written; the examples table of each part of
-    the split; facts for the manifest). Each table's rows are ordered by a seeded hash, so
-    reading its Parquet files in name order is a fixed shuffle. ``pred_tags`` (item_id,
+    the split; facts for the manifest). Each table's rows are bucketed and ordered by a seeded
+    hash, so reading its Parquet files in name order is a fixed shuffle, the same in any Spark
+    session. ``pred_tags`` (item_id,
     pred_tags: the tagger's output) fills the ``pred_tags`` column."""
     from pyspark import StorageLevel
 
@@ -261,7 +262,12 @@ def build_examples(split: DataFrame, items: DataFrame, codes: DataFrame,
             "hist_item_ids", "hist_rq", "rq", "vq", "hist_rq_raw", "rq_raw", "vq_raw", "frozen",
             "pred_tags"]
     ex = ex.select(*cols, "_order").persist(StorageLevel.MEMORY_AND_DISK)
-    out = {table: ex.where(F.col("part") == part).orderBy("_order").select(*cols)
+    # Hash buckets of the seeded order, each sorted: the same files whatever the Spark
+    # session ran before (a global orderBy samples its range bounds with the shuffle's id,
+    # so a rerun in a fresh process split the rows differently and trained in another order).
+    out = {table: ex.where(F.col("part") == part)
+           .repartition(cfg.partitions, F.pmod(F.col("_order"), F.lit(cfg.partitions)))
+           .sortWithinPartitions("_order").select(*cols)
            for part, table in PART_TABLES.items()}
     facts = {"implicit_negatives": sample, "levels": lk.levels,
              "n_items": int(lk.rq.shape[0]), "history_len": cfg.history_len,
