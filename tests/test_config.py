@@ -70,6 +70,7 @@ def test_each_package_owns_its_config_sections():
     assert owners["spark"] == owners["examples"] == "pipelines.config"
     assert owners["encoder"] == owners["align"] == "mm_encoder.config"
     assert owners["train"] == "recsys.config"
-    # The orchestration's own sections: paths, MLflow and its registry's promotion gate.
+    # The orchestration's own sections: paths, MLflow and its registry's promotion gate, and
+    # the daily job (which days continue which, refits, warm starts).
     assert {k for k, m in owners.items() if m == "jobs.config"} == {"paths", "mlflow",
-                                                                    "registry"}
+                                                                    "registry", "daily"}
