@@ -93,8 +93,8 @@ def test_predictions(root: Path, ref: str):
 
 
 def compare_training(root: Path, day: str) -> dict:
-    """The day's warm-started ranker vs a retrain from scratch and a warm start on the new
-    day only, on the day's test part (paired over users)."""
+    """The day's warm-started ranker (on the new day: the default) vs a retrain from scratch
+    and a warm start on every training example, on the day's test part (paired over users)."""
     from jobs.state import RunState
     from recsys.metrics import auc
     from recsys.recode import paired_difference
@@ -103,19 +103,19 @@ def compare_training(root: Path, day: str) -> dict:
     refs = {"warm": state.last_success(day, "train")["outputs"]["ranker_predictions"]}
     began = time.time()
     for name, override in (("scratch", "daily.warm_start=false"),
-                           ("warm_new_day_only", "daily.warm_days=1")):
+                           ("warm_every_example", "daily.warm_days=null")):
         qarm("run", "--ds", day, "--only", "train", root=root, sets=[override])
         refs[name] = state.last_success(day, "train")["outputs"]["ranker_predictions"]
     preds = {k: test_predictions(root, ref) for k, ref in refs.items()}
     scratch = preds["scratch"]
     out = {"test_auc": {k: auc(p.label, p.score) for k, p in preds.items()}}
-    for k in ("warm", "warm_new_day_only"):
+    for k in ("warm", "warm_every_example"):
         p = preds[k]
         assert (p[["user_id", "item_id", "ts"]].values
                 == scratch[["user_id", "item_id", "ts"]].values).all()
         out[f"{k} - scratch"] = paired_difference(p.user_id.to_numpy(), p.label.to_numpy(),
                                                   p.score.to_numpy(), scratch.score.to_numpy())
-    out["train_stage_s (scratch, new day only)"] = [
+    out["train_stage_s (scratch, every example)"] = [
         round(r["finished"] - r["started"], 1) for r in state.rows(day)
         if r["stage"] == "train" and r["status"] == "done" and r["started"] >= began]
     return out
@@ -151,8 +151,7 @@ def main() -> None:
                                                 if r["started"] >= began})}
 
     # The third (then the second) day's ranker from scratch on the same examples, and
-    # warm-started on the new day's examples only, beside the warm-started one (every training
-    # example, the default).
+    # warm-started on every training example, beside the default warm start (the new day).
     res["warm_vs_scratch"] = {day: compare_training(daily, day) for day in (d[2], d[1])}
 
     rebuild = out / "rebuild"

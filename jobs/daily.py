@@ -3,10 +3,10 @@ models, and on which examples; ``qarm backfill`` (days in order).
 
 A day continues the previous day (``daily.incremental``, see ``jobs.stages.drift``). Between
 refits, each arm the previous day trained starts from that day's weights (``recsys.train.
-warm_start``: grown tables keep their rows) and trains on every training example, or with
-``daily.warm_days: N`` on those of the last N days (1: the day that became training data
-since the previous day's split), early-stopped on today's validation part, the starting
-weights included. A refit (or a changed codebook) trains from scratch on everything.
+warm_start``: grown tables keep their rows) and trains on the examples of the last
+``daily.warm_days`` days (1, the default: the day that became training data since the previous
+day's split; null: every training example), early-stopped on today's validation part, the
+starting weights included. A refit (or a changed codebook) trains from scratch on everything.
 """
 
 from __future__ import annotations
