@@ -77,14 +77,11 @@ test: setup
 test-all: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Every benchmark, then one JSON document with a row per target (bench/all.py); exits non-zero
+# only on a broken correctness check. BENCH_ARGS=--large adds the 20M-event ingest and the
+# 50M-event Swing; BENCH_ARGS=--demo also times the demo's DAG.
 bench: setup
-	$(PY) bench/ingest_throughput.py --events 1000000 --items 5000
-	$(PY) bench/embed_throughput.py --items 1500
-	$(PY) bench/rq_fit.py
-	$(PY) bench/swing.py
-	$(PY) bench/ranker_throughput.py
-	$(PY) bench/retrieval.py
-	$(PY) bench/serve.py
+	$(PY) bench/all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf .qarm spark-warehouse

@@ -4,8 +4,11 @@
 
 For each shape: the fit's wall time and peak memory; the k-means assignment step's achieved
 GFLOP/s (2 * n * d * K per pass) as a fraction of this machine's sgemm GFLOP/s measured on the
-same shapes in the same run (the roofline; target >= 0.5), for our torch backend and for faiss'
-own search. Then code assignment (RQ + VQ) throughput: Spark vs one process, same items.
+same shapes in the same run (the roofline; target >= 0.75), for our torch backend and for faiss'
+own search, and whether our assignment equals faiss' exact search on a sample. Then code
+assignment (RQ + VQ): Spark vs one process doing the same work (read the embeddings' Parquet,
+assign, write the codes' Parquet), best of interleaved repeats, and whether both wrote the
+same codes.
 """
 
 from __future__ import annotations
@@ -86,6 +89,11 @@ def fit_case(n, d, levels, k, chunk):
     index.add(rq.centroids[0])
     sub = x[: n // 4]
     faiss_s = best_of(lambda: index.search(sub, 1), repeats=1) * 4
+    # Correctness: our assignment is faiss' exact search (up to float ties) on a sample.
+    check = x[:20_000]
+    ours, _ = nearest(torch.from_numpy(check), ct, chunk=chunk)
+    _, theirs = index.search(check, 1)
+    agree = float((ours.numpy() == theirs[:, 0]).mean())
     del rss0
     return {
         "n": n, "d": d, "levels": levels, "codes": k,
@@ -99,13 +107,15 @@ def fit_case(n, d, levels, k, chunk):
         "assign_fraction_of_roofline": round(gemm_s / assign_s, 3),
         "faiss_search_gflops": round(gflops(n, d, k, faiss_s), 1),
         "faiss_fraction_of_roofline": round(gemm_s / faiss_s, 3),
-        "target_fraction": 0.5,
+        "target_fraction": 0.75,
+        "assign_agrees_with_faiss": round(agree, 5),
+        "assign_correct": agree >= 0.999,
     }
 
 
-def assign_case(n, d, pool, k_vq):
+def assign_case(n, d, pool, k_vq, repeats=3):
     from jobs.config import load_config
-    from pipelines.quantize import assign_batches, assign_codes_spark
+    from pipelines.quantize import assign_batches, assign_codes_spark, out_schema
     from pipelines.spark import get_spark
     from quantizer.codebook import Codebook
     from quantizer.rq import RQConfig, ResidualKMeans
@@ -127,27 +137,53 @@ def assign_case(n, d, pool, k_vq):
 
     import faiss
 
-    torch.set_num_threads(cores)
-    faiss.omp_set_num_threads(cores)
-    t0 = time.perf_counter()
-    rows = sum(b.num_rows for b in assign_batches(iter(table.to_batches(max_chunksize=8192)), cb))
-    local_s = time.perf_counter() - t0
-
     tmp = Path(tempfile.mkdtemp(prefix="qarm-bench-rq-"))
     pq.write_table(table, tmp / "emb.parquet")
+
+    def single_process():
+        # The same work as the Spark job: read the embeddings, assign, write the codes.
+        torch.set_num_threads(cores)
+        faiss.omp_set_num_threads(cores)
+        src = pq.ParquetFile(tmp / "emb.parquet")
+        with pq.ParquetWriter(tmp / "codes_local.parquet", out_schema()) as w:
+            for b in assign_batches(src.iter_batches(batch_size=8192), cb):
+                w.write_batch(b)
+
     cfg = load_config(None, [f"paths.root={tmp}", f"spark.master=local[{cores}]"])
     spark = get_spark(cfg.spark, cfg.root / "spark", cfg.root / "logs")
     df = spark.read.parquet(str(tmp / "emb.parquet"))
     df.count()
-    t0 = time.perf_counter()
-    assign_codes_spark(spark, df, cb, partitions=cores, threads_per_task=1).write.mode(
-        "overwrite").parquet(str(tmp / "codes.parquet"))
-    spark_s = time.perf_counter() - t0
+
+    def on_spark():
+        assign_codes_spark(spark, df, cb, partitions=cores, threads_per_task=1).write.mode(
+            "overwrite").parquet(str(tmp / "codes_spark.parquet"))
+
+    # Best of interleaved repeats: this VM's timings wander between identical runs. The first
+    # Spark run also starts the Python workers and builds each one's faiss index (once per
+    # worker in a real job too); it is reported apart.
+    local_t, spark_t = [], []
+    for _ in range(repeats):
+        for fn, times in ((single_process, local_t), (on_spark, spark_t)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
     spark.stop()
+    local_codes = pq.read_table(tmp / "codes_local.parquet").sort_by("item_id")
+    spark_codes = pq.read_table(tmp / "codes_spark.parquet").sort_by("item_id")
+    agree = (local_codes.num_rows == spark_codes.num_rows == n
+             and np.array_equal(local_codes.column("item_id").to_numpy(),
+                                spark_codes.column("item_id").to_numpy())
+             and all(np.array_equal(local_codes.column(c).combine_chunks().flatten(),
+                                    spark_codes.column(c).combine_chunks().flatten())
+                     for c in ("rq", "vq")))
+    local_s, spark_s = min(local_t), min(spark_t)
     return {"items": n, "d": d, "vq_pool": pool, "vq_k": k_vq, "rq": "3 x 256",
-            "single_process_items_per_s": round(rows / local_s),
+            "repeats": repeats, "single_process_seconds": [round(t, 2) for t in local_t],
+            "spark_seconds": [round(t, 2) for t in spark_t],
+            "single_process_items_per_s": round(n / local_s),
             "spark_items_per_s": round(n / spark_s),
-            "ratio_spark_over_single_process": round(local_s / spark_s, 3)}
+            "ratio_spark_over_single_process": round(local_s / spark_s, 3),
+            "target_ratio": 0.8, "codes_agree": bool(agree)}
 
 
 def main() -> None:
