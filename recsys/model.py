@@ -116,6 +116,22 @@ class PlainSparse(nn.Module):
 # --------------------------------------------------------------------------- dense arch
 
 
+class Dropout(nn.Module):
+    """Inverted dropout with its mask drawn from ``rand_like``: the distribution of
+    ``nn.Dropout``, at half its cost per step on CPU (torch's ``bernoulli_`` kernel is slow)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        return x * (torch.rand_like(x) >= self.p).to(x.dtype).mul_(1.0 / (1.0 - self.p))
+
+
 class CrossNet(nn.Module):
     """DCN-v2 low-rank cross layers: x_{l+1} = x_0 * (U (V x_l) + b) + x_l."""
 
@@ -158,7 +174,7 @@ class OverArch(nn.Module):
                 self.frozen_bag = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, d))
                 self.register_buffer("thresholds", torch.tensor(list(spec.match_thresholds),
                                                                 dtype=torch.float32))
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.cross = CrossNet(width, cfg.cross_layers, cfg.cross_rank)
         layers: list[nn.Module] = []
         w = width

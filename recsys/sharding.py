@@ -35,9 +35,25 @@ def shard(model, sparse_params, constraints: dict, device, pg, micro_batch: int,
     planner = EmbeddingShardingPlanner(topology=topology, batch_size=micro_batch,
                                        constraints=constraints, debug=False)
     plan = planner.collective_plan(model, None, pg)
-    dmp = DistributedModelParallel(model, device=device, plan=plan)
+    dmp = DistributedModelParallel(model, device=device, plan=plan,
+                                   data_parallel_wrapper=_data_parallel_wrapper())
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
                                   lambda params: torch.optim.AdamW(
                                       params, lr=dense_lr, weight_decay=dense_weight_decay))
     opts = [dmp.fused_optimizer, dense] if sparse_params else [dense]
     return dmp, CombinedOptimizer(opts), dense, plan
+
+
+def _data_parallel_wrapper():
+    """TorchRec's default (DDP over the dense parameters), except on one rank: there is nothing
+    to average, and DDP's bucket copies and hooks cost every step."""
+    from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
+
+    class Wrapper(DefaultDataParallelWrapper):
+        def wrap(self, dmp, env, device) -> None:
+            if env.world_size == 1:
+                dmp._dmp_wrapped_module.to(device)
+                return
+            super().wrap(dmp, env, device)
+
+    return Wrapper()

@@ -37,7 +37,7 @@ from recsys.job import TrainError, TrainJob, model_config, spec_from_dict
 log = logging.getLogger(__name__)
 
 
-def _planner_constraints(spec, device_type: str = "cpu"):
+def _planner_constraints(spec, device_type: str = "cpu", world: int = 2):
     from torchrec.distributed.planner import ParameterConstraints
 
     # The planner picks table-wise (whole tables per rank) or row-wise (each rank holds a block
@@ -45,9 +45,10 @@ def _planner_constraints(spec, device_type: str = "cpu"):
     # split across ranks; hashed ids are spread over the rows, see recsys.data.table_rows).
     # Pooled (bag) tables are table-wise on CPU: their row-wise sharding needs a reduce-scatter
     # that gloo lacks. Column-wise was measured slower here. The pooling factors are the real
-    # ids per example, without which the planner balances the ranks badly.
+    # ids per example, without which the planner balances the ranks badly. On one rank row-wise
+    # only adds the bucketizing of every id: table-wise.
     def kinds(t):
-        if t.kind == "sequence" or device_type == "cuda":
+        if world > 1 and (t.kind == "sequence" or device_type == "cuda"):
             return ["table_wise", "row_wise"]
         return ["table_wise"]
 
@@ -58,13 +59,16 @@ def _planner_constraints(spec, device_type: str = "cpu"):
 
 def build_dmp(job: TrainJob, device, pg):
     """The sharded model and its combined optimizer (fused sparse + dense Adam)."""
+    import torch
+
     from recsys.model import build_ranker
     from recsys.sharding import shard
 
     spec, cfg = spec_from_dict(job.spec), model_config(job.model)
     model = build_ranker(spec, cfg, "meta", ec_device="cpu" if device.type == "cpu" else "meta")
+    world = torch.distributed.get_world_size(pg)
     dmp, opt, dense, plan = shard(model, model.sparse.parameters(),
-                                  _planner_constraints(spec, device.type), device, pg,
+                                  _planner_constraints(spec, device.type, world), device, pg,
                                   job.micro_batch, job.sparse_optimizer, job.sparse_lr,
                                   job.dense_lr, job.dense_weight_decay)
     return dmp, opt, dense, plan, spec

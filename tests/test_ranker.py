@@ -200,6 +200,22 @@ def test_plain_pytorch_lookups_compute_the_same_model_as_torchrec():
     torch.testing.assert_close(tr(b)[1][1], plain(b)[1][1])
 
 
+def test_dropout_keeps_each_value_with_probability_1_minus_p_and_rescales():
+    from recsys.model import Dropout
+
+    d = Dropout(0.3)
+    x = torch.ones(400, 500)
+    y = d(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.005
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.7))
+    assert not torch.equal(kept, d(x) != 0)              # a fresh mask per call
+    d.eval()
+    assert d(x) is x
+    with pytest.raises(ValueError, match="dropout"):
+        Dropout(1.0)
+
+
 # --------------------------------------------------------------------------- metrics
 
 
@@ -268,6 +284,8 @@ def test_two_ranks_give_the_loss_curve_of_one_rank(data, tmp_path):
     plan = two.result["plan"]
     assert {r for p in plan.values() for r in p["ranks"]} == {0, 1}   # both ranks hold tables
     assert {p["sharding"] for p in plan.values()} == {"table_wise", "row_wise"}, plan
+    # One rank: whole tables (row-wise would only bucketize every id), and no DDP wrapper.
+    assert {p["sharding"] for p in one.result["plan"].values()} == {"table_wise"}
     a = one.predictions.sort_by([("ts", "ascending")]).column("score").to_numpy()
     b = two.predictions.sort_by([("ts", "ascending")]).column("score").to_numpy()
     assert len(a) == len(b) == 300
