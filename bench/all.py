@@ -179,6 +179,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             else:
                 name, ok = row.check(result)
                 measured = row.measured(result)
+                measured = None if measured is None else round(float(measured), 3)
                 entry.update(measured=measured,
                              meets_target=measured is not None and bool(row.meets(measured,
                                                                                   result)),
