@@ -1,6 +1,6 @@
 """``make bench``: every benchmark, then one JSON document with a row per target.
 
-    .venv/bin/python bench/all.py                 # the default sizes (about 30 min on 2 cores)
+    .venv/bin/python bench/all.py                 # the default sizes (14 min on 2 cores)
     .venv/bin/python bench/all.py --large         # + 20M-event ingest and 50M-event Swing
     .venv/bin/python bench/all.py --only ranker   # the benchmarks whose name contains "ranker"
 
@@ -48,7 +48,6 @@ class Bench:
     name: str
     args: list[str]
     rows: list[Row]
-    large: bool = False
 
 
 def _ratio(key: str) -> Callable[[dict], float]:
@@ -102,16 +101,14 @@ def benches(large: bool) -> list[Bench]:
                                  "5000"], [
                 Row("ingest, 20M events: does Spark win at this size?", "", ">= 1.0x",
                     _ratio("ratio_spark_over_single_process"), lambda m, r: m >= 1.0,
-                    lambda r: ("counts and quarantine reasons agree", r["counts_agree"]))],
-                large=True),
+                    lambda r: ("counts and quarantine reasons agree", r["counts_agree"]))]),
             Bench("swing_50M", ["swing.py", "--events", "50000000", "--local-sizes",
                                 "10000000", "20000000"], [
                 Row("Swing, 50M events in Spark: driver JVM peak memory (GB)", "", "<= 16",
                     lambda r: r["spark_full"]["driver_jvm_peak_rss_mb"] / 1024,
                     lambda m, r: m <= 16,
                     lambda r: ("scores agree at the largest common size", bool(
-                        (r["at_largest_common_size"] or {}).get("scores_agree"))))],
-                large=True),
+                        (r["at_largest_common_size"] or {}).get("scores_agree"))))]),
         ]
     return out
 
