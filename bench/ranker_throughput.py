@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -157,8 +158,7 @@ def main() -> None:
 
     def torchrec(ranks: int, threads: int, name: str, profile: int = 0,
                  steps: int = args.steps, batch: int = args.batch) -> dict:
-        epochs = 1
-        cfg = TrainConfig(model=model, ranks=ranks, batch_size=batch, epochs=epochs,
+        cfg = TrainConfig(model=model, ranks=ranks, batch_size=batch, epochs=1,
                           max_steps=steps, threads_per_rank=threads, register=False)
         job = dataclasses.replace(make_job(spec, cfg, files, ev, tmp / name),
                                   profile_steps=profile)
@@ -227,8 +227,6 @@ def main() -> None:
         ratios[key] = eps(f"torchrec_2ranks_batch{big}") / eps(f"torchrec_1rank_batch{big}")
         targets[key] = 1.3
     # Correctness: every variant trained (finite loss, lower at the end than at the start).
-    import math
-
     learned = {name: bool(math.isfinite(r["final_loss"]) and r["final_loss"] < r["first_loss"])
                for name, r in results.items() if name != "torchrec_1rank_profile"}
     emit({"benchmark": "ranker_throughput", "cores": os.cpu_count(),

@@ -284,7 +284,7 @@ def test_two_ranks_give_the_loss_curve_of_one_rank(data, tmp_path):
     plan = two.result["plan"]
     assert {r for p in plan.values() for r in p["ranks"]} == {0, 1}   # both ranks hold tables
     assert {p["sharding"] for p in plan.values()} == {"table_wise", "row_wise"}, plan
-    # One rank: whole tables (row-wise would only bucketize every id), and no DDP wrapper.
+    # One rank: whole tables (row-wise would only bucketize every id).
     assert {p["sharding"] for p in one.result["plan"].values()} == {"table_wise"}
     a = one.predictions.sort_by([("ts", "ascending")]).column("score").to_numpy()
     b = two.predictions.sort_by([("ts", "ascending")]).column("score").to_numpy()
