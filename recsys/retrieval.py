@@ -47,6 +47,8 @@ from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from recsys.model import Dropout
+
 
 class RetrievalError(ValueError):
     """The retriever cannot be built or trained from these inputs."""
@@ -169,9 +171,12 @@ def right_align(seqs: list[np.ndarray], width: int) -> tuple[np.ndarray, np.ndar
     return out, out >= 0
 
 
-def lookup_rows(micro_batch: int, max_len: int, sampled: int) -> int:
-    """Rows of every lookup: all items of a full micro-batch, the samples, one empty row."""
-    return micro_batch * (max_len + 1) + sampled + 1
+def lookup_rows(micro_batch: int, max_len: int, sampled: int, n_items: int | None = None) -> int:
+    """Rows of every lookup: all items of a full micro-batch and the samples (never more than
+    the catalogue's ``n_items`` distinct items), plus one empty row. Every row is a column of
+    the loss's logits, so a small catalogue must not pay for a wide batch."""
+    rows = micro_batch * (max_len + 1) + sampled
+    return (rows if n_items is None else min(rows, n_items)) + 1
 
 
 def make_batch(seqs: list[np.ndarray], feats: ItemFeatures, names: list[str], max_len: int,
@@ -243,9 +248,14 @@ class UserTower(nn.Module):
         self.pos = nn.Embedding(max_len, dim)
         layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=dropout,
                                            batch_first=True, norm_first=True)
+        # The blocks' residual and feed-forward dropouts draw their masks with ``rand_like``
+        # (recsys.model.Dropout: nn.Dropout's distribution at half its CPU cost); the attention
+        # weights' dropout stays inside the attention kernel. No parameters change.
+        for name in ("dropout", "dropout1", "dropout2"):
+            setattr(layer, name, Dropout(dropout))
         self.blocks = nn.TransformerEncoder(layer, blocks, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``h`` [B, L, d] (right-aligned), ``mask`` [B, L] -> user states [B, L, d]."""

@@ -214,7 +214,7 @@ def run_rank(job: RetrievalJob) -> None:
         raise ValueError(f"{len(seqs)} training sequences make no global batch of {G}: lower "
                          "retrieval.batch_size")
     queries = Queries.load(job.valid) if job.valid else None
-    stride = lookup_rows(job.micro_batch, job.max_len, job.sampled)
+    stride = lookup_rows(job.micro_batch, job.max_len, job.sampled, feats.n_items)
     stopper = EarlyStopping("ndcg", job.patience)
     best = None
     losses: list[float] = []

@@ -162,6 +162,22 @@ def test_sampled_softmax_batch_never_samples_cold_items_and_corrects_for_popular
     assert torch.isfinite(loss) and int(n) == int(has.sum())
 
 
+def test_a_small_catalogue_caps_the_lookup_and_padding_rows_leave_the_loss_unchanged():
+    feats, seqs, _, _ = _world()
+    wide = lookup_rows(8, 20, 64)
+    narrow = lookup_rows(8, 20, 64, feats.n_items)
+    assert (wide, narrow) == (8 * 21 + 64 + 1, 8 * 21 + 64 + 1)   # 232 rows fit 240 items
+    assert lookup_rows(64, 50, 256, feats.n_items) == feats.n_items + 1
+    torch.manual_seed(0)
+    model = Retriever("codes", feats, 16, 20, 1, 1, 0.0, 0.1).eval()
+    losses = []
+    for stride in (feats.n_items + 1, 3 * feats.n_items):
+        b = make_batch(seqs[:32], feats, model.names, 20, 64, stride, np.random.default_rng(1))
+        assert int(b.valid.sum()) <= feats.n_items
+        losses.append(model(b)[0].item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
 @pytest.mark.parametrize("repr_", ["codes", "ids"])
 def test_two_rank_training_learns_and_a_cold_item_is_retrieved_through_its_codes(tmp_path,
                                                                                  repr_):
