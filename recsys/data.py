@@ -44,6 +44,10 @@ class RankerBatch(Pipelineable):
     valid: torch.Tensor
     #: [B, N] raw item ids of the history (0 where padded), for non-trainable lookups.
     hist_ids: torch.Tensor
+    #: [T, B, 1 + N]: for each of ``spec.dedup_tables`` (whose ids ``seq`` holds once each),
+    #: the positions of the target's and each history item's row among them (padding: one
+    #: past the last); see ``_dedup_sequences``.
+    seq_index: torch.Tensor
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "RankerBatch":
         return RankerBatch(*(getattr(self, f).to(device=device, non_blocking=non_blocking)
@@ -143,6 +147,8 @@ def to_batch(t: pa.Table, spec: FeatureSpec, pad_to: int | None = None) -> Ranke
             values[f.name] = table_rows(vals.to_numpy(zero_copy_only=False), rows, f.hashed)
             lengths[f.name] = np.diff(off).astype(np.int32)
 
+    index = _dedup_sequences(spec, values, lengths, row_of, pos, B)
+
     def kjt(feats) -> KeyedJaggedTensor:
         keys = [f.name for f in feats]
         return KeyedJaggedTensor.from_lengths_sync(
@@ -155,7 +161,36 @@ def to_batch(t: pa.Table, spec: FeatureSpec, pad_to: int | None = None) -> Ranke
         seq=kjt(spec.features_of("sequence")),
         labels=torch.from_numpy(t.column("label").to_numpy().astype(np.float32)),
         hist_mask=torch.from_numpy(hist_mask), prefix_mask=torch.from_numpy(prefix),
-        valid=torch.from_numpy(valid), hist_ids=torch.from_numpy(hist_ids))
+        valid=torch.from_numpy(valid), hist_ids=torch.from_numpy(hist_ids),
+        seq_index=torch.from_numpy(index))
+
+
+def _dedup_sequences(spec: FeatureSpec, values: dict, lengths: dict, row_of: np.ndarray,
+                     pos: np.ndarray, B: int) -> np.ndarray:
+    """Rewrite the features of each of ``spec.dedup_tables`` in place so the batch looks each
+    distinct id up once (the target feature holds them all, as one example's list; the
+    history feature is empty), and return the [T, B, 1 + N] positions of every example's
+    target and history rows among them (padding: one past the last). TorchRec's index dedup,
+    which fbgemm's CPU kernels lack: a row's gradient is the same sum over its uses, the fused
+    optimizer updates fewer rows and row-wise sharding sends fewer ids and rows."""
+    N = spec.history_len
+    out = []
+    for t in spec.dedup_tables:
+        cand, hist = t.features
+        ids = np.concatenate([values[cand], values[hist]])
+        seen = np.zeros(t.num_embeddings, bool)
+        seen[ids] = True
+        inv = (np.cumsum(seen) - 1)[ids]
+        uniq = np.flatnonzero(seen)
+        idx = np.full((B, 1 + N), len(uniq), np.int64)
+        idx[:, 0] = inv[:B]
+        idx[row_of, 1 + pos] = inv[B:]
+        out.append(idx)
+        values[cand], values[hist] = uniq, np.zeros(0, np.int64)
+        first = np.zeros(B, np.int32)
+        first[0] = len(uniq)
+        lengths[cand], lengths[hist] = first, np.zeros(B, np.int32)
+    return np.stack(out) if out else np.zeros((0, B, N + 1), np.int64)
 
 
 def count_rows(files: Sequence[str]) -> int:

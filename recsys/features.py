@@ -77,6 +77,14 @@ class SparseFeature:
     hashed: bool = False
 
 
+#: Sequence tables up to this many rows (code tables, small catalogues) are looked up once
+#: per distinct id of a batch: their ids repeat across the batch's targets and histories, and
+#: finding the distinct ones is a pass over a mask of the rows. Measured on 2 cores (codes arm,
+#: 1,500 items, 3 x 32 codes): 2 ranks +4% examples/s at global batch 512, +15% at 2,048; a
+#: 1M-item table keeps the plain layout (its ids rarely repeat within a batch).
+DEDUP_MAX_ROWS = 1 << 16
+
+
 @dataclass(frozen=True)
 class FeatureSpec:
     arm: str
@@ -99,6 +107,20 @@ class FeatureSpec:
     #: The target's predicted tags are a bag feature: the ``pred_tags`` table has a row per tag
     #: of this vocabulary (the examples' indices; serving maps tags with it). Empty: no feature.
     pred_tag_vocab: tuple[str, ...] = ()
+    #: Batches look each id of a small sequence table (``DEDUP_MAX_ROWS``) up once and carry
+    #: where each example's rows are among them (``recsys.data._dedup_sequences``); the
+    #: TorchRec model gathers the examples' rows back. Off: one lookup per id occurrence, in
+    #: the jagged layout (what ``PlainSparse`` reads).
+    dedup_ids: bool = True
+
+    def dedups(self, table: Table) -> bool:
+        """Whether batches of this spec look ``table``'s ids up once each."""
+        return (self.dedup_ids and table.kind == "sequence"
+                and table.num_embeddings <= DEDUP_MAX_ROWS)
+
+    @property
+    def dedup_tables(self) -> tuple[Table, ...]:
+        return tuple(t for t in self.sequence_tables if self.dedups(t))
 
     @property
     def uses_pred_tags(self) -> bool:

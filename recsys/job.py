@@ -84,7 +84,7 @@ def spec_from_dict(d: dict):
         frozen_rows=d["frozen_rows"], frozen_dim=d["frozen_dim"],
         frozen_source=d["frozen_source"], frozen_slots=d["frozen_slots"],
         match_thresholds=tuple(d["match_thresholds"]),
-        pred_tag_vocab=tuple(d.get("pred_tag_vocab", ())))
+        pred_tag_vocab=tuple(d.get("pred_tag_vocab", ())), dedup_ids=d.get("dedup_ids", True))
 
 
 def model_config(d: dict):

@@ -13,7 +13,7 @@ import torch
 from recsys import checkpoint as ck
 from recsys.config import ModelConfig, TrainConfig
 from recsys.data import ShardPlan, eval_batches, table_rows, to_batch, train_batches
-from recsys.features import ARMS, FeatureSpecError, build_spec
+from recsys.features import ARMS, DEDUP_MAX_ROWS, FeatureSpecError, build_spec
 from recsys.metrics import auc, gauc, logloss, normalized_entropy
 from recsys.runner import load_trained, make_job, prepare_out_dir, train_arm
 from recsys.job import TrainError
@@ -113,7 +113,7 @@ def test_the_frozen_arms_pool_the_history_items_similar_to_the_target():
 
 def test_batch_holds_the_right_ids_masks_and_prefix_matches():
     t = random_examples(6, seed=3)
-    s = spec("codes")
+    s = dataclasses.replace(spec("codes"), dedup_ids=False)     # one id per occurrence
     b = to_batch(t, s)
     seq = b.seq.to_dict()
     np.testing.assert_array_equal(seq["item_id"].values().numpy(),
@@ -129,13 +129,43 @@ def test_batch_holds_the_right_ids_masks_and_prefix_matches():
         assert b.prefix_mask[i, :len(hrq[i]), 0].tolist() == want1
         assert b.prefix_mask[i, :len(hrq[i]), 1].tolist() == want2
     np.testing.assert_array_equal(seq["rq_l2"].values().numpy(), [c[1] for c in rq])
-    raw = to_batch(t, spec("codes_raw")).seq.to_dict()
+    raw = to_batch(t, dataclasses.replace(spec("codes_raw"), dedup_ids=False)).seq.to_dict()
     np.testing.assert_array_equal(raw["rq_l1"].values().numpy(),
                                   [c[0] for c in t.column("rq_raw").to_pylist()])
     # A missing code (-1) goes to the reserved last row.
     t2 = t.set_column(t.schema.get_field_index("rq"), "rq",
                       pa.array([[-1, 3]] * 6, t.schema.field("rq").type))
     assert set(to_batch(t2, s).seq.to_dict()["rq_l1"].values().tolist()) == {8}
+
+
+@pytest.mark.parametrize("n_items", [50, 100_000])
+def test_a_deduplicated_batch_holds_each_id_once_and_gathers_every_example_back(n_items):
+    # A 50-row item table is deduplicated, a larger one than DEDUP_MAX_ROWS keeps its layout
+    # (the code tables are small in both).
+    t = random_examples(40, seed=5)
+    s = build_spec("codes", **{**SPEC_ARGS, "n_items": n_items})
+    full = to_batch(t, dataclasses.replace(s, dedup_ids=False)).seq.to_dict()
+    b = to_batch(t, s)
+    seq = b.seq.to_dict()
+    N = s.history_len
+    assert b.seq_index.shape == (len(s.dedup_tables), 40, 1 + N)
+    for tab in s.sequence_tables:
+        cand, hist = tab.features
+        if tab.name == "item" and n_items > DEDUP_MAX_ROWS:
+            assert not s.dedups(tab)
+            torch.testing.assert_close(seq[cand].values(), full[cand].values())
+            torch.testing.assert_close(seq[hist].lengths(), full[hist].lengths())
+            continue
+        uniq = seq[cand].values()
+        assert seq[hist].values().numel() == 0
+        assert uniq.tolist() == sorted(set(full[cand].values().tolist())
+                                       | set(full[hist].values().tolist()))
+        padded = torch.cat([uniq, torch.tensor([-1])])[b.seq_index[s.dedup_tables.index(tab)]]
+        torch.testing.assert_close(padded[:, 0], full[cand].values())
+        jt = full[hist]
+        want = torch.ops.fbgemm.jagged_to_padded_dense(
+            jt.values().float()[:, None], [jt.offsets()], [N], -1.0)[..., 0].long()
+        torch.testing.assert_close(padded[:, 1:], want)
 
 
 def test_hashed_ids_are_spread_over_the_table_with_modulo_collisions():
@@ -183,21 +213,35 @@ def test_eval_batches_score_every_row_once_and_pad_evenly(data):
     assert all(b.labels.shape[0] == 64 for g in got for b, _ in g)
 
 
-def test_plain_pytorch_lookups_compute_the_same_model_as_torchrec():
+@pytest.mark.parametrize("n_items", [50, 100_000])
+def test_plain_pytorch_lookups_compute_the_same_model_as_torchrec(n_items):
     from recsys.model import PlainSparse, Ranker, build_ranker
 
-    s = spec("codes+frozen")
+    # TorchRec's batches look a small table's distinct ids up once and gather the rows back;
+    # the plain model looks up every occurrence. Same logits, same loss, same gradient on
+    # every row.
+    s = build_spec("codes+frozen", **{**SPEC_ARGS, "n_items": n_items})
+    ps = dataclasses.replace(s, dedup_ids=False)
     cfg = ModelConfig(dim=8, attention_dim=8, cross_rank=8, mlp=[16])
     torch.manual_seed(0)
     tr = build_ranker(s, cfg)
-    plain = Ranker(s, cfg, PlainSparse(s))
+    plain = Ranker(ps, cfg, PlainSparse(ps))
     state = tr.state_dict()
     mapped = {k.replace("sparse.ec.embeddings.", "sparse.emb.")
                .replace("sparse.ebc.embedding_bags.", "sparse.bags."): v for k, v in state.items()}
     plain.load_state_dict(mapped)
-    b = to_batch(random_examples(16, seed=4), s)
+    t = random_examples(16, seed=4)
     tr.eval(), plain.eval()                          # no dropout
-    torch.testing.assert_close(tr(b)[1][1], plain(b)[1][1])
+    out_tr, out_plain = tr(to_batch(t, s)), plain(to_batch(t, ps))
+    torch.testing.assert_close(out_tr[1][1], out_plain[1][1])
+    out_tr[0].backward()
+    out_plain[0].backward()
+    grads = {n: p.grad for n, p in tr.sparse.named_parameters()}
+    for n, p in plain.sparse.named_parameters():
+        key = n.replace("emb.", "ec.embeddings.").replace("bags.", "ebc.embedding_bags.")
+        torch.testing.assert_close(grads[key], p.grad.to_dense())
+    with pytest.raises(ValueError, match="dedup_ids"):
+        PlainSparse(s)
 
 
 def test_dropout_keeps_each_value_with_probability_1_minus_p_and_rescales():
