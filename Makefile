@@ -18,7 +18,7 @@ SHELL := /bin/bash
 # once per package. Drop that noise, keep real warnings and errors.
 QUIET := 2>&1 | sed '/^WARNING: Location .* is ignored/d'
 
-.PHONY: setup demo test test-all bench clean report-check airflow-check tagger-check camoe-check gmu-check daily-check
+.PHONY: setup demo test test-all bench clean report-check airflow-check tagger-check camoe-check gmu-check daily-check ceiling-check
 
 setup: $(STAMP)
 
@@ -66,6 +66,12 @@ camoe-check: setup
 # the trivial baseline, R@K at IoU 0.3/0.5/0.7 and mIoU with intervals (JSON on stdout).
 gmu-check: setup
 	$(PY) checks/gmu_synthetic.py
+
+# How far content can take a ranker on the demo world: the MF baseline given the aligned
+# embeddings, a perfect content encoder, the topic posterior or the true topic, 3 seeds each,
+# test AUC with intervals (JSON on stdout; reads the demo's finished run).
+ceiling-check: demo
+	$(PY) checks/content_ceiling.py --root .qarm --config configs/demo.yaml
 
 # The daily job on the synthetic world (three days, a rebuild, a forced drift; ~30 min on 2 cores).
 daily-check: setup

@@ -50,8 +50,11 @@ class MFResult:
 
 
 def train_mf(train: pd.DataFrame, valid: pd.DataFrame, test: pd.DataFrame, cfg: MFConfig,
-             seed: int = 0) -> MFResult:
-    """Logistic MF trained on ``train``, early-stopped on ``valid``'s AUC."""
+             seed: int = 0, item_features: np.ndarray | None = None) -> MFResult:
+    """Logistic MF trained on ``train``, early-stopped on ``valid``'s AUC. ``item_features``
+    [items, F] (fixed content of each item, by item id): the item vector adds a learned
+    projection of them, and the item bias a learned linear function of them, so an item
+    without training events is scored by its content."""
     import torch
 
     torch.manual_seed(seed)
@@ -67,7 +70,16 @@ def train_mf(train: pd.DataFrame, valid: pd.DataFrame, test: pd.DataFrame, cfg: 
     for e in (bu, bi):
         torch.nn.init.zeros_(e.weight)
     b = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.Adam([P.weight, Q.weight, bu.weight, bi.weight, b], lr=cfg.lr)
+    params = [P.weight, Q.weight, bu.weight, bi.weight, b]
+    feats = None
+    if item_features is not None:
+        if len(item_features) < n_items:
+            raise ValueError(f"item_features has {len(item_features)} rows; item ids reach "
+                             f"{n_items - 1}")
+        feats = torch.as_tensor(np.asarray(item_features, np.float32))
+        W = torch.nn.Linear(feats.shape[1], cfg.dim + 1, bias=False)
+        params += [W.weight]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
 
     def tensors(d):
         return (torch.as_tensor(d.user_id.to_numpy(np.int64)),
@@ -75,7 +87,11 @@ def train_mf(train: pd.DataFrame, valid: pd.DataFrame, test: pd.DataFrame, cfg: 
                 torch.as_tensor(d.label.to_numpy(np.float32)))
 
     def logit(u, i):
-        return (P(u) * Q(i)).sum(1) + bu(u)[:, 0] + bi(i)[:, 0] + b
+        q, bias = Q(i), bi(i)[:, 0]
+        if feats is not None:
+            c = W(feats[i])
+            q, bias = q + c[:, 1:], bias + c[:, 0]
+        return (P(u) * q).sum(1) + bu(u)[:, 0] + bias + b
 
     if valid.empty or valid.label.nunique() < 2:
         raise ValueError("the MF baseline early-stops on validation AUC: the validation part "

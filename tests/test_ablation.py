@@ -167,6 +167,14 @@ def test_mf_learns_the_signal_and_popularity_scores_cold_items_at_the_base_rate(
     pop = popularity_scores(tr, te)
     cold = te.item_id >= 50
     assert np.allclose(pop[cold], tr.label.mean())
+    # Given each item's content (here its true factors), MF scores the 10 items it never
+    # trained on too; without it, their scores carry no signal.
+    cfg = MFConfig(dim=4, lr=1e-2, l2=1e-3, patience=3)
+    with_content = train_mf(tr, va, te, cfg, seed=0, item_features=qi)
+    assert auc(te.label[cold], with_content.test_scores[cold]) > 0.75
+    assert auc(te.label[cold], res.test_scores[cold]) < 0.65
+    with pytest.raises(ValueError, match="item_features"):
+        train_mf(tr, va, te, cfg, item_features=qi[:10])
 
 
 # --------------------------------------------------------------------------- the grid

@@ -594,3 +594,25 @@ def test_ground_finds_each_items_highlight_and_embed_encodes_only_it(own_run, ca
     # The embed stage reads the highlights (and so encodes only them).
     assert main(["run", "--only", "embed", *_own_args(root, *extra)]) == 0
     assert store.get("item_highlights").ref in store.get("item_embeddings").parents
+
+
+def test_the_content_ceiling_check_scores_every_variant_of_the_run(run):
+    """``make ceiling-check``'s script on the run: the MF baseline with each content table."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, str(repo / "checks" / "content_ceiling.py"), "--root",
+                        str(run[0]), "--seeds", "1", "--bootstrap", "20"],
+                       capture_output=True, text=True, cwd=repo)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout)
+    rows = {r["arm"]: r for r in out["rows"] if r["slice"] == "all"}
+    assert set(rows) == {"ids", "aligned", "content", "posterior", "topic"}
+    assert all(0.0 <= r["auc"] <= 1.0 and r["n"] == out["test_examples"] for r in rows.values())
+    assert rows["topic"]["auc"] > rows["ids"]["auc"]
+    assert 0.0 < out["purity"]["chance"] < out["purity"]["perfect_shape_motion"] <= 1.0
+    assert "posterior" in p.stderr and "10-NN topic purity" in p.stderr
+
