@@ -72,14 +72,6 @@ def cell_purity(topic: np.ndarray, cell: np.ndarray) -> float:
     return float(np.mean(np.where(n > 1, (same - 1) / np.maximum(n - 1, 1), 0.0)))
 
 
-def knn_purity(emb: np.ndarray, topic: np.ndarray, k: int = 10) -> float:
-    x = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    sim = x @ x.T
-    np.fill_diagonal(sim, -np.inf)
-    nn = np.argpartition(-sim, k, axis=1)[:, :k]
-    return float((topic[nn] == topic[:, None]).mean())
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", default=".qarm", help="paths.root of a finished synthetic run")
@@ -92,6 +84,7 @@ def main() -> None:
 
     from feature_store.snapshots import SnapshotStore
     from jobs.config import load_config
+    from mm_encoder.evaluation import chance_purity, knn_purity
     from recsys.ablation import ablation_stats
     from recsys.baselines import train_mf
 
@@ -142,8 +135,7 @@ def main() -> None:
            "best_epochs": fits,
            "purity": {"aligned_10nn": knn_purity(aligned, topic),
                       "perfect_shape_motion": cell_purity(topic, shape * 100 + motion),
-                      "chance": float((np.bincount(topic) / len(topic)) @ (
-                          np.bincount(topic) / len(topic)))},
+                      "chance": chance_purity(topic)},
            "rows": [{k: r[k] for k in ("arm", "slice", "n", "auc", "auc_ci")}
                     for r in stats.rows],
            "pairs": [p for p in stats.pairs if p["metric"] == "auc"]}
