@@ -60,7 +60,7 @@ def train_alignment(fusion: FusionHead, features: TowerFeatures, src: np.ndarray
         for p in tuned.values():
             p.requires_grad_(True)
         groups.append({"params": list(tuned.values()), "lr": cfg.text_lr})
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=True)
 
     def batch_features(rows: torch.Tensor) -> TowerFeatures:
         f = _subset(features, rows)

@@ -299,7 +299,8 @@ def train_video_text(pairs: Pairs, cfg: VideoTextConfig, hold: np.ndarray,
     rng = np.random.default_rng(cfg.seed)
     train, held = pairs.take(tr_idx), pairs.take(ho_idx)
     model = build_model(cfg, pairs.frames.shape[2], pairs.tokens.shape[2], pairs.frames.shape[1])
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            fused=True)
     steps = cfg.epochs * max(1, -(-len(train) // cfg.batch_size))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=steps, pct_start=0.1)
     curve = []

@@ -342,7 +342,8 @@ def train_gmu(data: GroundingSet, cfg: GroundingConfig, train_idx=None, test_idx
     if data.frames.shape[1] != cfg.max_frames:
         raise GroundingError(f"the set has {data.frames.shape[1]} steps per video, the model "
                              f"{cfg.max_frames} (ground.max_frames)")
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            fused=True)
     tr = data.take(train_idx)
     steps = tr.steps()
     s, e, scaled = _targets(tr.spans, steps, cfg.max_frames, model.props.numpy())

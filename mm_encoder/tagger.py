@@ -106,7 +106,8 @@ def train_tagger(images: torch.Tensor, tags: Sequence[Sequence[str]], item_ids: 
         own = model.state_dict()
         model.load_state_dict({k: v for k, v in init.items()
                                if not k.startswith("head.") and k in own}, strict=False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            fused=True)
     steps_per_epoch = int(train.sum()) // cfg.batch_size
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.epochs
                                                 * steps_per_epoch, pct_start=0.2)
