@@ -227,6 +227,19 @@ def main() -> None:
         key = f"torchrec_2ranks_vs_1rank_batch{big}"
         ratios[key] = eps(f"torchrec_2ranks_batch{big}") / eps(f"torchrec_1rank_batch{big}")
         targets[key] = 1.3
+    # What 2 ranks could reach if neither ever waited: the cores (2 x 1 thread) kept busy at
+    # the CPU time per example the 2-rank run measured. Below a target, balancing the ranks
+    # cannot meet it; only less work per example can.
+    def cpu_us(name):
+        r = results[name]
+        return 1e6 * sum(r["cpu_busy_per_rank"]) / r["examples_per_second"]
+
+    bound = {}
+    for one, two in [("torchrec_1rank", "torchrec_2ranks")] + [
+            (f"torchrec_1rank_batch{b}", f"torchrec_2ranks_batch{b}") for b in scale]:
+        c1, c2 = cpu_us(one), cpu_us(two)
+        bound[two] = {"cpu_us_per_example_1rank": c1, "cpu_us_per_example_2ranks": c2,
+                      "ratio_if_never_waiting": 2 * 1e6 / c2 / eps(one)}
     # Correctness: every variant trained (finite loss, lower at the end than at the start).
     learned = {name: bool(math.isfinite(r["final_loss"]) and r["final_loss"] < r["first_loss"])
                for name, r in results.items() if name != "torchrec_1rank_profile"}
@@ -238,7 +251,7 @@ def main() -> None:
                     "mean_history": mean_hist, "batch": args.batch, "steps": args.steps,
                     "zipf": args.zipf, "scale_batches": scale,
                     "arm": "codes", "dim": 16},
-          "results": results, "ratios": ratios,
+          "results": results, "ratios": ratios, "scaling_bound": bound,
           "targets_met": {k: ratios[k] >= v for k, v in targets.items()}}, args.out)
 
 
