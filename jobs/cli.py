@@ -86,7 +86,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ds", metavar="DATE", help="the run's date, YYYY-MM-DD (default: today, UTC)")
     p.add_argument("--force", action="store_true",
                    help="run stages even if their inputs and config are unchanged")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (the DAG's and every stage's; the ranks' console "
+                        "output goes to their log files): for schedulers and CI logs")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 

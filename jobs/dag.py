@@ -187,7 +187,7 @@ class Dag:
             bar = tqdm(plan, desc="qarm", unit="stage", disable=not progress)
             for s in bar:
                 bar.set_postfix_str(s.name)
-                outcomes.append(self._run_stage(s, ds, force, tracker))
+                outcomes.append(self._run_stage(s, ds, force, tracker, progress))
             bar.close()
             self.last_report = self._report(ds, tracker)
         return outcomes
@@ -214,7 +214,8 @@ class Dag:
             return prev
         return None
 
-    def _run_stage(self, s: Stage, ds: str, force: bool, tracker: Tracker) -> StageOutcome:
+    def _run_stage(self, s: Stage, ds: str, force: bool, tracker: Tracker,
+                   progress: bool = True) -> StageOutcome:
         inputs = self.resolve_inputs(s, ds)
         previous = self.resolve_previous_day(s, ds)
         key = self.input_key(s, inputs, previous)
@@ -230,7 +231,7 @@ class Dag:
         outputs = s.output_tables(self.cfg)
         io = StageIO(self.store, s, inputs, outputs, self.config_hash(s), previous,
                      s.declared_previous(self.cfg))
-        ctx = StageContext(self.cfg, ds, io, tracker)
+        ctx = StageContext(self.cfg, ds, io, tracker, progress)
         refs = {t: m.ref for t, m in inputs.items()}
         with tracker.run(s.name, nested=True, tags={"qarm.stage": s.name}) as run_id:
             section = self.cfg.to_dict()

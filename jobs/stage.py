@@ -235,6 +235,9 @@ class StageContext:
     ds: str
     io: StageIO
     tracker: "Tracker"
+    #: Progress bars on the console (``qarm ... --no-progress``: none, and the ranks' output
+    #: goes to their log files).
+    progress: bool = True
 
     @cached_property
     def spark(self):

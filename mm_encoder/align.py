@@ -136,12 +136,12 @@ class Alignment:
 
 def align_encoder(encoder: ItemEncoder, feats: np.ndarray, present: np.ndarray,
                   src: np.ndarray, dst: np.ndarray, cfg: AlignConfig,
-                  texts: Optional[list[str]] = None) -> Alignment:
+                  texts: Optional[list[str]] = None, progress: bool = True) -> Alignment:
     """Align ``encoder`` on behaviour pairs of rows of the packed tower features ``feats``
     (N, sum of tower dims) / ``present`` (N, modalities); ``texts`` (one per row) is needed when
-    ``cfg.tune_text_layers > 0``."""
+    ``cfg.tune_text_layers > 0``; ``progress``: a progress bar."""
     features = unpack_features(feats, present, encoder.towers.dims())
-    fusion, history = train_alignment(encoder.fusion, features, src, dst, cfg,
+    fusion, history = train_alignment(encoder.fusion, features, src, dst, cfg, progress,
                                       text_tower=encoder.towers.text, texts=texts)
     text_state, new_feats = None, None
     if cfg.tune_text_layers:

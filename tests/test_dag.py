@@ -20,8 +20,12 @@ def _args(root, *extra, until="ingest"):
     return [*out, "--ds", "2026-01-31", "--no-progress", *extra]
 
 
-def _outputs(capsys):
-    text = capsys.readouterr().out
+def _outputs(capsys, err=None):
+    """(stage -> status, stdout) of the last command; ``err`` (a list) receives its stderr."""
+    captured = capsys.readouterr()
+    if err is not None:
+        err.append(captured.err)
+    text = captured.out
     return {line.split()[0]: line.split()[1] for line in text.splitlines()
             if line.startswith(("world ", "ingest "))}, text
 
@@ -30,8 +34,10 @@ def test_rerun_skips_force_reruns_and_config_change_reruns_only_downstream(spark
                                                                            capsys):
     root = tmp_path / "q"
     assert main(["run", *_args(root)]) == 0
-    status, text = _outputs(capsys)
+    err = []
+    status, text = _outputs(capsys, err)
     assert status == {"world": "done", "ingest": "done"}
+    assert "render items" not in err[0]        # --no-progress reaches the stages' own bars
     assert "items" in text and "rows_in" in text
 
     cfg = load_config(None, tiny_world_overrides(root))
@@ -171,6 +177,23 @@ def _tiny_dag(tmp_path, reader_run):
               Stage("use", reader_run, ("t1",), ("t3",), (), ""))
     cfg = load_config(None, [f"paths.root={tmp_path}", "mlflow.enabled=false"])
     return Dag(cfg, stages)
+
+
+def test_the_dag_hands_the_progress_switch_to_every_stage(tmp_path):
+    seen = []
+
+    def use(ctx):
+        import pyarrow as pa
+
+        from jobs.stage import StageReport
+
+        seen.append(ctx.progress)
+        return StageReport({"t3": ctx.io.write_arrow("t3", pa.table({"v": [0]}))})
+
+    dag = _tiny_dag(tmp_path, use)
+    dag.run("2026-01-01", progress=False)
+    dag.run("2026-01-01", progress=True, force=True)
+    assert seen == [False, True]
 
 
 def test_a_stage_reading_a_table_it_did_not_declare_fails_with_a_clear_error(tmp_path, capsys):

@@ -116,7 +116,8 @@ def run(ctx: StageContext) -> AlignReport:
         texts = (item_texts(item_content(ctx).select("item_id", "title", "text",
                                                      "tags").toPandas(), ids)
                  if cfg.align.tune_text_layers else None)
-        result = align_encoder(encoder, feats, present, src, dst, cfg.align, texts)
+        result = align_encoder(encoder, feats, present, src, dst, cfg.align, texts,
+                               progress=ctx.progress)
         aligned, history = result.encoder, result.history
         folder = aligned.save(str(ctx.artifacts / "encoders"))
         for h in history:

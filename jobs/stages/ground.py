@@ -99,7 +99,7 @@ def run(ctx: StageContext) -> GroundReport:
     cfg, g = ctx.cfg, ctx.cfg.ground
     towers = towers_of(cfg)
     data, rejected = grounding_data(cfg, towers)
-    res = train_gmu(data, g, progress=True)
+    res = train_gmu(data, g, progress=ctx.progress)
     h = hashlib.sha256()
     for k, v in sorted(res.model.state_dict().items()):
         h.update(k.encode()), h.update(v.numpy().tobytes())

@@ -117,7 +117,7 @@ def run(ctx: StageContext) -> PretrainReport:
         from tqdm.auto import tqdm
 
         with tqdm(total=cfg.epochs, desc=f"pretrain {cfg.backbone}", unit="epoch",
-                  disable=None) as bar:
+                  disable=None if ctx.progress else True) as bar:
             def step(c):
                 bar.update(1)
                 bar.set_postfix(loss=f"{c['loss']:.3f}", mAP=f"{c['holdout_mAP']:.3f}")
@@ -209,7 +209,8 @@ def train_video(ctx: StageContext, tagger_folder) -> VideoReport:
         pairs, image_tower = video_pairs(ctx, tagger_folder)
         from tqdm.auto import tqdm
 
-        with tqdm(total=v.epochs, desc=f"pretrain {v.model}", unit="epoch", disable=None) as bar:
+        with tqdm(total=v.epochs, desc=f"pretrain {v.model}", unit="epoch",
+                  disable=None if ctx.progress else True) as bar:
             def step(c):
                 bar.update(1)
                 bar.set_postfix(loss=f"{c['loss']:.3f}")

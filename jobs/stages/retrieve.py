@@ -202,7 +202,7 @@ def run(ctx: StageContext) -> RetrieveReport:
     data, feats, aligned, pairs, codes_facts = read_inputs(io, ctx.cfg)
     warm = retriever_warm_starts(ctx, codes_facts.codebook_version, ctx.run_dir("retrieve"))
     res = run_retrieval(data, feats, aligned, pairs, r, ctx.run_dir("retrieve"),
-                        init_from=warm)
+                        quiet=not ctx.progress, init_from=warm)
     found = trained_ranker(ctx) if two_stage_on(ctx.cfg) else None
     if found is not None:
         ranker, version = found

@@ -161,7 +161,8 @@ def run(ctx: StageContext) -> TrainReport:
     for arm in t.arms:
         tcfg = t.for_arm(arm)
         arm_data, init = warm.get(arm, (data, ""))
-        res = train_one(arm_data, arm, tcfg, runs / arm.replace("+", "_"), init_from=init)
+        res = train_one(arm_data, arm, tcfg, runs / arm.replace("+", "_"), init_from=init,
+                        quiet=not ctx.progress)
         models[arm] = str(res.out_dir)
         curve = res.result["loss_curve"]
         for step in range(0, len(curve), max(1, len(curve) // 200)):

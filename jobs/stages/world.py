@@ -50,7 +50,7 @@ def run(ctx: StageContext) -> WorldReport:
     io = ctx.io
     out = {}
     with io.writer("raw_items", schema=syn.RAW_ITEMS_SCHEMA, facts=facts) as wr:
-        for chunk in syn.item_chunks(w, lat, items=items):
+        for chunk in syn.item_chunks(w, lat, progress=ctx.progress, items=items):
             wr.write_arrow(chunk)
         out["raw_items"] = wr.commit()
     for table, data, schema in (
