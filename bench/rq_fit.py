@@ -51,21 +51,47 @@ def best_of(fn, repeats=3):
     return min(times)
 
 
-def roofline(x: torch.Tensor, c: torch.Tensor, chunk: int) -> tuple[float, dict]:
-    """Seconds of the bare GEMMs of one assignment pass (same chunking), with the fastest sgemm
-    this machine has: torch's (MKL) and numpy's (OpenBLAS) are both measured."""
+def roofline(x: torch.Tensor, c: torch.Tensor, chunk: int, assign, repeats: int = 5
+             ) -> tuple[float, float, str, dict]:
+    """Seconds of one assignment pass (``assign()``) and of the bare GEMMs of the same shapes and
+    chunking with the fastest sgemm arrangement this machine has: torch's (MKL) on all threads,
+    numpy's (OpenBLAS), or torch's on one single-threaded worker per thread, as our assignment
+    runs them. The fastest arrangement is picked first (best of 3 each); then it and the
+    assignment run ``repeats`` interleaved times and each keeps its best, so both sides see the
+    same moments of this VM's wandering speed."""
+    from quantizer.kmeans import _on_single_threaded_workers
+
     xn, cn = x.numpy(), np.ascontiguousarray(c.numpy().T)
+    ct = c.T.contiguous()
+    starts = range(0, len(x), chunk)
 
     def run_torch():
-        for s in range(0, len(x), chunk):
+        for s in starts:
             torch.mm(x[s:s + chunk], c.T)
 
     def run_numpy():
-        for s in range(0, len(xn), chunk):
+        for s in starts:
             xn[s:s + chunk] @ cn
 
-    times = {"torch": best_of(run_torch), "numpy": best_of(run_numpy)}
-    return min(times.values()), times
+    def run_workers():
+        def run(part):
+            out = torch.empty(chunk, len(c))
+            for s in part:
+                m = min(chunk, len(x) - s)
+                torch.mm(x[s:s + m], ct, out=out[:m])
+        w = torch.get_num_threads()
+        _on_single_threaded_workers(run, [starts[i::w] for i in range(w)])
+
+    runs = {"torch": run_torch, "numpy": run_numpy, "torch_single_threaded_workers": run_workers}
+    times = {lib: best_of(fn) for lib, fn in runs.items()}
+    fastest = min(times, key=times.get)
+    gemm_t, assign_t = [], []
+    for _ in range(repeats):
+        for fn, ts in ((runs[fastest], gemm_t), (assign, assign_t)):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return min(assign_t), min(gemm_t), fastest, times
 
 
 def fit_case(n, d, levels, k, chunk):
@@ -80,8 +106,8 @@ def fit_case(n, d, levels, k, chunk):
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     xt, ct = torch.from_numpy(x), torch.from_numpy(rq.centroids[0])
-    assign_s = best_of(lambda: nearest(xt, ct, chunk=chunk))
-    gemm_s, gemm_times = roofline(xt, ct, chunk)
+    assign_s, gemm_s, gemm_lib, gemm_times = roofline(
+        xt, ct, chunk, lambda: nearest(xt, ct, chunk=chunk))
 
     import faiss
 
@@ -91,7 +117,7 @@ def fit_case(n, d, levels, k, chunk):
     faiss_s = best_of(lambda: index.search(sub, 1), repeats=1) * 4
     # Correctness: our assignment is faiss' exact search (up to float ties) on a sample.
     check = x[:20_000]
-    ours, _ = nearest(torch.from_numpy(check), ct, chunk=chunk)
+    ours = nearest(torch.from_numpy(check), ct, chunk=chunk)
     _, theirs = index.search(check, 1)
     agree = float((ours.numpy() == theirs[:, 0]).mean())
     del rss0
@@ -102,6 +128,7 @@ def fit_case(n, d, levels, k, chunk):
         "assign_pass_seconds": round(assign_s, 3),
         "assign_gflops": round(gflops(n, d, k, assign_s), 1),
         "sgemm_gflops_same_shapes": round(gflops(n, d, k, gemm_s), 1),
+        "sgemm_arrangement": gemm_lib,
         "sgemm_gflops_by_library": {lib: round(gflops(n, d, k, t), 1)
                                     for lib, t in gemm_times.items()},
         "assign_fraction_of_roofline": round(gemm_s / assign_s, 3),

@@ -11,6 +11,7 @@ facts), so the default backend runs it with torch (MKL); ``backend="faiss"`` use
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,20 +39,63 @@ class KMeansSettings:
     chunk: int = 4096
 
 
-def nearest(x: torch.Tensor, c: torch.Tensor, c_sq: torch.Tensor | None = None,
-            chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index and squared distance of each row of ``x`` (n, d)'s nearest centroid in ``c`` (k, d)."""
-    c_sq = (c * c).sum(1) if c_sq is None else c_sq
-    idx = torch.empty(len(x), dtype=torch.int64)
-    dist = torch.empty(len(x), dtype=x.dtype)
-    for s in range(0, len(x), chunk):
-        xb = x[s:s + chunk]
-        # argmin ||x||^2 - 2 x.c + ||c||^2 over c; ||x||^2 is constant per row.
-        scores = torch.addmm(c_sq.unsqueeze(0), xb, c.T, beta=1.0, alpha=-2.0)
-        best, arg = scores.min(dim=1)
-        idx[s:s + chunk] = arg
-        dist[s:s + chunk] = (best + (xb * xb).sum(1)).clamp_(min=0)
-    return idx, dist
+def nearest(x: torch.Tensor, c: torch.Tensor, chunk: int = 4096,
+            threads: int | None = None) -> torch.Tensor:
+    """Index (int64) of each row of ``x`` (n, d)'s nearest centroid in ``c`` (k, d).
+
+    The nearest centroid maximises ``x.c - ||c||^2 / 2`` (``||x||^2`` is the same for every
+    centroid), which is one GEMM of ``[x, 1]`` against ``[c, -||c||^2 / 2]``: each chunk of ``x``
+    is copied into a reused buffer whose last column is 1, multiplied into a reused score buffer,
+    and numpy's SIMD ``argmax`` picks each row's best. ``threads`` workers (default: torch's
+    thread count) each run whole chunks on one core. On this 2-core machine that reached 0.75-0.79
+    of a bare GEMM of the same shapes, against 0.46-0.53 for one 2-thread ``addmm`` followed by
+    ``torch.min(dim=1)``, whose row reduction was the cost (``bench/rq_fit.py``).
+    """
+    n, d = x.shape
+    k = len(c)
+    xn = x.detach().float().contiguous().numpy()
+    cf = c.detach().float()
+    # [c, -||c||^2 / 2]^T, (d + 1, k): the bias rides in the GEMM instead of a pass over scores.
+    ca = torch.cat([cf, -0.5 * (cf * cf).sum(1, keepdim=True)], 1).T.contiguous()
+    out = np.empty(n, np.int64)
+    starts = range(0, n, chunk)
+    rows = min(chunk, n)
+
+    def run(part) -> None:
+        xa = np.ones((rows, d + 1), np.float32)
+        scores = np.empty((rows, k), np.float32)
+        xa_t, scores_t = torch.from_numpy(xa), torch.from_numpy(scores)
+        for s in part:
+            m = min(chunk, n - s)
+            np.copyto(xa[:m, :d], xn[s:s + m])
+            torch.mm(xa_t[:m], ca, out=scores_t[:m])
+            np.argmax(scores[:m], axis=1, out=out[s:s + m])
+
+    workers = min(threads or torch.get_num_threads(), len(starts))
+    if workers <= 1:
+        run(starts)
+    else:
+        _on_single_threaded_workers(run, [starts[w::workers] for w in range(workers)])
+    return torch.from_numpy(out)
+
+
+def _on_single_threaded_workers(fn, parts: list) -> None:
+    """Run ``fn(part)`` for every part, each on its own thread whose torch (OpenMP, MKL) runs on
+    one core, so the workers do not oversubscribe the machine. ``torch.set_num_threads`` sets the
+    calling thread's OpenMP and MKL counts plus a process-wide default that threads read when
+    they first start torch work; that default is restored when the workers finish."""
+    before = torch.get_num_threads()
+
+    def single(part) -> None:
+        torch.set_num_threads(1)
+        fn(part)
+
+    try:
+        with ThreadPoolExecutor(len(parts), thread_name_prefix="kmeans-assign") as pool:
+            for f in [pool.submit(single, p) for p in parts]:
+                f.result()
+    finally:
+        torch.set_num_threads(before)
 
 
 def _sinkhorn_assign(x: torch.Tensor, c: torch.Tensor, iters: int = 20) -> torch.Tensor:
@@ -94,7 +138,7 @@ def train_kmeans(x: np.ndarray, s: KMeansSettings) -> tuple[np.ndarray, dict]:
         if s.balanced:
             assign = _sinkhorn_assign(xt, c)
         else:
-            assign, _ = nearest(xt, c, chunk=s.chunk)
+            assign = nearest(xt, c, chunk=s.chunk)
         sums = torch.zeros_like(c).index_add_(0, assign, xt)
         counts = torch.bincount(assign, minlength=s.k).to(xt.dtype)
         empty = counts == 0

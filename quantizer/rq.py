@@ -53,7 +53,7 @@ class ResidualKMeans:
                                max_points_per_centroid=c.max_points_per_centroid,
                                backend=c.backend, balanced=c.balanced)
             cl, rec = train_kmeans(residual, s)
-            idx, _ = nearest(torch.from_numpy(residual), torch.from_numpy(cl))
+            idx = nearest(torch.from_numpy(residual), torch.from_numpy(cl))
             residual -= cl[idx.numpy()]
             cents.append(cl)
             records.append(rec)
@@ -92,7 +92,7 @@ class ResidualKMeans:
         codes = np.empty((len(residual), len(self.centroids)), np.int32)
         for level, cl in enumerate(self.centroids):
             ct = torch.from_numpy(cl)
-            idx, _ = nearest(residual, ct, chunk=chunk)
+            idx = nearest(residual, ct, chunk=chunk)
             codes[:, level] = idx.numpy()
             residual -= ct[idx]
         return codes

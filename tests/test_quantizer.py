@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
+import torch
 
 from quantizer.codebook import Codebook, CodebookExists, CodebookNotFound
-from quantizer.kmeans import KMeansSettings, train_kmeans
+from quantizer.kmeans import KMeansSettings, nearest, train_kmeans
 from quantizer.metrics import codebook_metrics, prefix_stats
 from quantizer.rq import RQConfig, ResidualKMeans, unpack_codes
 from quantizer.vq import NeighbourCodes, VQConfig, exact_overlap
@@ -37,6 +40,26 @@ def test_greedy_encoding_is_nearest_centroid_per_level_on_the_residual(codes):
     assert got.dtype == np.int32 and got.shape == (300, 3)
     assert got.max() < codes
     np.testing.assert_array_equal(got, _greedy_by_hand(x[:300], rq.centroids))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_nearest_is_the_exact_nearest_centroid_on_any_number_of_workers(threads):
+    # 1,000 rows in chunks of 64 leave a ragged last chunk and uneven shares per worker.
+    x, c = _data(n=1000, seed=1), _data(n=37, seed=2)
+    before = _threads_of_a_new_thread()
+    got = nearest(torch.from_numpy(x), torch.from_numpy(c), chunk=64, threads=threads).numpy()
+    d2 = ((x[:, None, :].astype(np.float64) - c[None, :, :].astype(np.float64)) ** 2).sum(-1)
+    np.testing.assert_array_equal(got, d2.argmin(1))
+    # The workers' single-threaded torch does not leak into threads that start afterwards.
+    assert _threads_of_a_new_thread() == before
+
+
+def _threads_of_a_new_thread() -> int:
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    return seen[0]
 
 
 def test_reconstruction_error_does_not_increase_with_levels():
