@@ -59,7 +59,7 @@ def roofline(x: torch.Tensor, c: torch.Tensor, chunk: int, assign, repeats: int 
     runs them. The fastest arrangement is picked first (best of 3 each); then it and the
     assignment run ``repeats`` interleaved times and each keeps its best, so both sides see the
     same moments of this VM's wandering speed."""
-    from quantizer.kmeans import _on_single_threaded_workers
+    from quantizer.kmeans import on_single_threaded_workers
 
     xn, cn = x.numpy(), np.ascontiguousarray(c.numpy().T)
     ct = c.T.contiguous()
@@ -80,7 +80,7 @@ def roofline(x: torch.Tensor, c: torch.Tensor, chunk: int, assign, repeats: int 
                 m = min(chunk, len(x) - s)
                 torch.mm(x[s:s + m], ct, out=out[:m])
         w = torch.get_num_threads()
-        _on_single_threaded_workers(run, [starts[i::w] for i in range(w)])
+        on_single_threaded_workers(run, [starts[i::w] for i in range(w)])
 
     runs = {"torch": run_torch, "numpy": run_numpy, "torch_single_threaded_workers": run_workers}
     times = {lib: best_of(fn) for lib, fn in runs.items()}

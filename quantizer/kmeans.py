@@ -75,11 +75,11 @@ def nearest(x: torch.Tensor, c: torch.Tensor, chunk: int = 4096,
     if workers <= 1:
         run(starts)
     else:
-        _on_single_threaded_workers(run, [starts[w::workers] for w in range(workers)])
+        on_single_threaded_workers(run, [starts[w::workers] for w in range(workers)])
     return torch.from_numpy(out)
 
 
-def _on_single_threaded_workers(fn, parts: list) -> None:
+def on_single_threaded_workers(fn, parts: list) -> None:
     """Run ``fn(part)`` for every part, each on its own thread whose torch (OpenMP, MKL) runs on
     one core, so the workers do not oversubscribe the machine. ``torch.set_num_threads`` sets the
     calling thread's OpenMP and MKL counts plus a process-wide default that threads read when
