@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import emit  # noqa: E402
+from _report import emit, scratch_dir  # noqa: E402
 
 
 def main() -> None:
@@ -56,7 +55,7 @@ def main() -> None:
     from recsys.testing import random_examples, write_examples
     from recsys.launch import launch
 
-    tmp = Path(tempfile.mkdtemp(prefix="qarm-cuda-check-"))
+    tmp = scratch_dir("qarm-cuda-check-")
     t = random_examples(args.examples, n_items=args.items, n_users=args.users, levels=3,
                         codes=256, vq_k=10, hist=20, seed=1, zipf=1.0)
     files = write_examples(tmp / "train", t, files=2)

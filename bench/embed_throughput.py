@@ -14,14 +14,13 @@ import argparse
 import os
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import emit  # noqa: E402
+from _report import emit, scratch_dir  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
@@ -77,7 +76,7 @@ def main() -> None:
     from pipelines.embed import embed_items_spark
     from pipelines.spark import get_spark
 
-    tmp = Path(tempfile.mkdtemp(prefix="qarm-bench-embed-"))
+    tmp = scratch_dir("qarm-bench-embed-")
     cfg = load_config(None, [f"paths.root={tmp}", f"spark.master=local[{cores}]"])
     spark = get_spark(cfg.spark, cfg.root / "spark", cfg.root / "logs")
     spark.range(1).count()

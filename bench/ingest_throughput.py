@@ -15,14 +15,13 @@ import logging
 import os
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import emit  # noqa: E402
+from _report import emit, scratch_dir  # noqa: E402
 
 from feature_store.facts import EventsFacts, ItemsFacts  # noqa: E402
 from feature_store.snapshots import SnapshotStore  # noqa: E402
@@ -71,7 +70,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    tmp = Path(tempfile.mkdtemp(prefix="qarm-bench-ingest-"))
+    tmp = scratch_dir("qarm-bench-ingest-")
     mean_activity = 1.133  # E[LogNormal(0, 0.5)]
     per_user = int(round(args.events / args.users / mean_activity))
     cfg = load_config(None, [f"paths.root={tmp}", f"world.n_items={args.items}",

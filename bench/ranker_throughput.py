@@ -40,7 +40,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -48,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import emit  # noqa: E402
+from _report import emit, scratch_dir  # noqa: E402
 
 
 def plain_worker(args) -> None:
@@ -139,7 +138,7 @@ def main() -> None:
     from recsys.testing import random_examples, write_examples
     from recsys.launch import launch
 
-    tmp = Path(tempfile.mkdtemp(prefix="qarm-bench-ranker-"))
+    tmp = scratch_dir("qarm-bench-ranker-")
     scale = [int(b) for b in args.scale_batches.split(",") if b]
     scale_steps = {b: max(10, args.scale_examples // b) for b in scale}
     # Every variant sees each row at most once (one epoch): cycling over the same rows lets the

@@ -17,14 +17,13 @@ import argparse
 import os
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import emit  # noqa: E402
+from _report import emit, scratch_dir  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -164,7 +163,7 @@ def assign_case(n, d, pool, k_vq, repeats=3):
 
     import faiss
 
-    tmp = Path(tempfile.mkdtemp(prefix="qarm-bench-rq-"))
+    tmp = scratch_dir("qarm-bench-rq-")
     pq.write_table(table, tmp / "emb.parquet")
 
     def single_process():

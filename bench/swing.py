@@ -18,14 +18,13 @@ import os
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import emit  # noqa: E402
+from _report import emit, scratch_dir  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -143,7 +142,7 @@ def main() -> None:
     ap.add_argument("--local-timeout", type=int, default=1200)
     ap.add_argument("--out")
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="qarm-bench-swing-"))
+    tmp = scratch_dir("qarm-bench-swing-")
 
     from jobs.config import load_config
     from pipelines.spark import get_spark
