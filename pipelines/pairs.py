@@ -80,21 +80,26 @@ def _penalise(pairs: DataFrame, ui: DataFrame, cfg: PairsConfig) -> DataFrame:
 
 
 def swing_scores(ui: DataFrame, cfg: PairsConfig) -> DataFrame:
-    """All Swing scores (src, dst, score, support) before top-N; symmetric."""
+    """All Swing scores (src, dst, score, support) before top-N; symmetric.
+
+    The quadratic step, each user pair's shared items, never becomes a row per (user pair, item):
+    per item its (capped, sorted) users travel as one array, each user keeps the later part of it,
+    and those rows are shuffled by user into :func:`_shared_items`, which counts the pairs with
+    numpy inside the task. Only pairs sharing two or more items come out as rows.
+    """
     weight = ui.groupBy("user_id").agg((1.0 / F.sqrt(F.count("*"))).alias("w"))
     w_item = Window.partitionBy("item_id").orderBy(F.xxhash64("user_id", F.lit(cfg.seed)))
     capped = ui.withColumn("_r", F.row_number().over(w_item)).where(
         F.col("_r") <= cfg.max_item_users).drop("_r")
-    a, b = capped.alias("a"), capped.alias("b")
-    user_pairs = (a.join(b, (F.col("a.item_id") == F.col("b.item_id"))
-                         & (F.col("a.user_id") < F.col("b.user_id")))
-                  .select(F.col("a.user_id").alias("u"), F.col("b.user_id").alias("v"),
-                          F.col("a.item_id").alias("item_id")))
-    shared = (user_pairs.groupBy("u", "v")
-              .agg(F.count("*").alias("n_common"),
-                   F.slice(F.array_sort(F.collect_list("item_id")), 1,
-                           cfg.max_common_items).alias("items"))
-              .where(F.col("n_common") >= 2))
+    later = (capped.groupBy("item_id")
+             .agg(F.array_sort(F.collect_list("user_id")).alias("users"))
+             .select("item_id", "users", F.posexplode("users").alias("p", "u"))
+             .where(F.size("users") > F.col("p") + 1)
+             .select("item_id", "u", F.slice("users", F.col("p") + 2,
+                                             F.size("users") - F.col("p") - 1).alias("later")))
+    shared = later.repartition("u").mapInArrow(
+        _shared_items(cfg.max_common_items),
+        "u long, v long, n_common long, items array<long>")
     shared = (shared.join(weight.withColumnRenamed("user_id", "u").withColumnRenamed("w", "wu"),
                           "u")
               .join(weight.withColumnRenamed("user_id", "v").withColumnRenamed("w", "wv"), "v")
@@ -104,6 +109,76 @@ def swing_scores(ui: DataFrame, cfg: PairsConfig) -> DataFrame:
              .where(F.col("src") != F.col("dst")))
     return pairs.groupBy("src", "dst").agg(F.sum("c").alias("score"),
                                            F.count("*").alias("support"))
+
+
+#: Most (user, later user, item) triples one task holds at once in :func:`_shared_items`.
+SHARED_ITEMS_BLOCK = 1 << 22
+
+
+def _shared_items(max_common: int, block: int = SHARED_ITEMS_BLOCK):
+    """The task of :func:`swing_scores`' user-pair step (``mapInArrow``).
+
+    Its rows (item_id, u, later), shuffled by u, say that u and every user in ``later`` share
+    ``item_id``. Per pair (u, v) it writes the number of shared items and the first
+    ``max_common`` of them in ascending order, for pairs sharing at least two. A partition's users
+    are split into buckets of at most about ``block`` triples, so memory stays bounded however
+    large the partition.
+    """
+    def task(batches):
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        batches = [b for b in batches if b.num_rows]
+        if not batches:
+            return
+        t = pa.Table.from_batches(batches).combine_chunks()
+        items = t.column("item_id").to_numpy()
+        users = t.column("u").to_numpy()
+        later = t.column("later").chunk(0)
+        lengths = pc.list_value_length(later).to_numpy(zero_copy_only=False).astype(np.int64)
+        values = pc.list_flatten(later).to_numpy()
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        n_buckets = max(1, -(-int(lengths.sum()) // block))
+        bucket = users % n_buckets
+        for k in range(n_buckets):
+            rows = np.flatnonzero(bucket == k)
+            if rows.size:
+                out = _pairs_sharing_two(users[rows], items[rows], starts[rows], lengths[rows],
+                                         values, max_common)
+                if out is not None:
+                    yield out
+    return task
+
+
+def _pairs_sharing_two(users, items, starts, lengths, values, max_common: int):
+    """(u, v, n_common, items) of one bucket: see :func:`_shared_items`."""
+    import numpy as np
+    import pyarrow as pa
+
+    total = int(lengths.sum())
+    if total == 0:
+        return None
+    u = np.repeat(users, lengths)
+    i = np.repeat(items, lengths)
+    # Element j of row r sits at values[starts[r] + j].
+    v = values[np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(total)]
+    order = np.lexsort((i, v, u))
+    u, v, i = u[order], v[order], i[order]
+    new = np.concatenate([[True], (u[1:] != u[:-1]) | (v[1:] != v[:-1])])
+    first = np.flatnonzero(new)
+    n = np.diff(np.append(first, total))
+    keep = n >= 2
+    first, n = first[keep], n[keep]
+    if first.size == 0:
+        return None
+    take = np.minimum(n, max_common)
+    pos = np.repeat(first - np.cumsum(take) + take, take) + np.arange(int(take.sum()))
+    offsets = np.concatenate([[0], np.cumsum(take)]).astype(np.int32)
+    return pa.RecordBatch.from_arrays(
+        [pa.array(u[first]), pa.array(v[first]), pa.array(n.astype(np.int64)),
+         pa.ListArray.from_arrays(pa.array(offsets), pa.array(i[pos]))],
+        names=["u", "v", "n_common", "items"])
 
 
 def mine_swing_pairs(ui: DataFrame, cfg: PairsConfig) -> DataFrame:

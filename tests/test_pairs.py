@@ -99,3 +99,68 @@ def test_heldout_next_pairs_end_in_the_test_part_and_start_anywhere_before(spark
     got = {(r["user_id"], r["src"], r["dst"]) for r in heldout_next_pairs(split).collect()}
     # u1's test click C follows its validation click B (the negative D is not a click).
     assert got == {(1, B, C), (2, A, B)}
+
+
+def _swing_by_hand(clicks, alpha, max_common):
+    """Swing from its definition, pair by pair (no caps on histories or item users)."""
+    items_of = {}
+    for u, i in clicks:
+        items_of.setdefault(u, set()).add(i)
+    out = {}
+    for u in items_of:
+        for v in items_of:
+            common = sorted(items_of[u] & items_of[v])
+            if u >= v or len(common) < 2:
+                continue
+            c = (len(items_of[u]) * len(items_of[v])) ** -0.5 / (alpha + len(common))
+            for a in common[:max_common]:
+                for b in common[:max_common]:
+                    if a != b:
+                        s, n = out.get((a, b), (0.0, 0))
+                        out[(a, b)] = (s + c, n + 1)
+    return out
+
+
+def test_swing_equals_its_definition_on_a_random_world_with_the_common_items_capped(spark):
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    # 40 users over 12 items, some heavy: many pairs share 3+ items, so the cap of 3 binds.
+    clicks = {(int(u), int(rng.integers(0, 12) if u % 3 else rng.integers(0, 5)))
+              for u in rng.integers(0, 40, 400)}
+    ev = _events(spark, [(u, i, 0, 1) for u, i in sorted(clicks)])
+    cfg = PairsConfig(swing_alpha=0.5, min_support=1, max_common_items=3)
+    got = _as_dict(swing_scores(user_items(positives(ev, END), cfg), cfg))
+    want = _swing_by_hand(clicks, 0.5, 3)
+    assert set(got) == set(want) and len(want) > 40
+    for k, (score, support) in want.items():
+        assert got[k][0] == pytest.approx(score, rel=1e-9) and got[k][1] == support
+
+
+def test_the_user_pair_task_gives_the_same_rows_in_any_number_of_memory_buckets():
+    import numpy as np
+    import pyarrow as pa
+
+    from pipelines.pairs import _shared_items
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for item in range(30):
+        users = np.sort(rng.choice(50, size=int(rng.integers(2, 20)), replace=False))
+        rows += [(item, int(u), users[k + 1:].tolist()) for k, u in enumerate(users[:-1])]
+    batch = pa.RecordBatch.from_pylist(
+        [{"item_id": i, "u": u, "later": later} for i, u, later in rows],
+        schema=pa.schema([("item_id", pa.int64()), ("u", pa.int64()),
+                          ("later", pa.list_(pa.int64()))]))
+
+    def run(block):
+        out = [b.to_pylist() for b in _shared_items(4, block=block)(iter([batch[:70], batch[70:]]))]
+        return sorted((r["u"], r["v"], r["n_common"], tuple(r["items"]))
+                      for part in out for r in part), len(out)
+
+    one, n_one = run(1 << 30)
+    many, n_many = run(40)
+    assert n_one == 1 and n_many > 5
+    assert one == many and len(one) > 100
+    assert all(n >= 2 and list(items) == sorted(items) and len(items) == min(n, 4)
+               for _, _, n, items in one)
