@@ -120,9 +120,10 @@ def _shared_items(max_common: int, block: int = SHARED_ITEMS_BLOCK):
 
     Its rows (item_id, u, later), shuffled by u, say that u and every user in ``later`` share
     ``item_id``. Per pair (u, v) it writes the number of shared items and the first
-    ``max_common`` of them in ascending order, for pairs sharing at least two. A partition's users
-    are split into buckets of at most about ``block`` triples, so memory stays bounded however
-    large the partition.
+    ``max_common`` of them in ascending order, for pairs sharing at least two. The task holds its
+    partition's arrays once (8 bytes per user pair and shared item: more shuffle partitions,
+    ``spark.sql.shuffle.partitions``, make each smaller) and expands and sorts them in buckets of
+    users of about ``block`` triples each.
     """
     def task(batches):
         import numpy as np
