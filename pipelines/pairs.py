@@ -160,11 +160,19 @@ def _pairs_sharing_two(users, items, starts, lengths, values, max_common: int):
     total = int(lengths.sum())
     if total == 0:
         return None
+    # Rows in (u, item) order, so the triples come out in (u, item) order and one stable sort
+    # on (u, v) leaves each pair's items ascending. Each item's later users are ascending, so
+    # that sort merges few long runs.
+    rows = np.lexsort((items, users))
+    users, items, starts, lengths = users[rows], items[rows], starts[rows], lengths[rows]
     u = np.repeat(users, lengths)
     i = np.repeat(items, lengths)
     # Element j of row r sits at values[starts[r] + j].
     v = values[np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(total)]
-    order = np.lexsort((i, v, u))
+    if users.min() >= 0 and v.min() >= 0 and max(users.max(), v.max()) < 1 << 31:
+        order = np.argsort((u << 31) | v, kind="stable")
+    else:
+        order = np.lexsort((i, v, u))
     u, v, i = u[order], v[order], i[order]
     new = np.concatenate([[True], (u[1:] != u[:-1]) | (v[1:] != v[:-1])])
     first = np.flatnonzero(new)

@@ -137,7 +137,8 @@ def test_swing_equals_its_definition_on_a_random_world_with_the_common_items_cap
         assert got[k][0] == pytest.approx(score, rel=1e-9) and got[k][1] == support
 
 
-def test_the_user_pair_task_gives_the_same_rows_in_any_number_of_memory_buckets():
+@pytest.mark.parametrize("offset", [0, 1 << 40])   # user ids past 2^31 take the lexsort path
+def test_the_user_pair_task_gives_the_same_rows_in_any_number_of_memory_buckets(offset):
     import numpy as np
     import pyarrow as pa
 
@@ -147,6 +148,7 @@ def test_the_user_pair_task_gives_the_same_rows_in_any_number_of_memory_buckets(
     rows = []
     for item in range(30):
         users = np.sort(rng.choice(50, size=int(rng.integers(2, 20)), replace=False))
+        users = users + offset
         rows += [(item, int(u), users[k + 1:].tolist()) for k, u in enumerate(users[:-1])]
     batch = pa.RecordBatch.from_pylist(
         [{"item_id": i, "u": u, "later": later} for i, u, later in rows],
@@ -163,4 +165,11 @@ def test_the_user_pair_task_gives_the_same_rows_in_any_number_of_memory_buckets(
     assert n_one == 1 and n_many > 5
     assert one == many and len(one) > 100
     assert all(n >= 2 and list(items) == sorted(items) and len(items) == min(n, 4)
-               for _, _, n, items in one)
+               and offset <= u < v for u, v, n, items in one)
+    # Each pair's count is the number of items both users are in; its items the smallest 4.
+    shared = {}
+    for item, u, later in rows:
+        for v in later:
+            shared.setdefault((u, v), []).append(item)
+    assert {(u, v): (n, items) for u, v, n, items in one} == {
+        k: (len(x), tuple(sorted(x)[:4])) for k, x in shared.items() if len(x) >= 2}
