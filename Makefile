@@ -87,7 +87,7 @@ test-all: setup
 # only on a broken correctness check. BENCH_ARGS=--large adds the 20M-event ingest and the
 # 50M-event Swing; BENCH_ARGS=--demo also times the demo's DAG.
 bench: setup
-	$(PY) bench/all.py $(BENCH_ARGS)
+	@$(PY) bench/all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf .qarm spark-warehouse
