@@ -167,8 +167,7 @@ def _pairs_sharing_two(users, items, starts, lengths, values, max_common: int):
     users, items, starts, lengths = users[rows], items[rows], starts[rows], lengths[rows]
     u = np.repeat(users, lengths)
     i = np.repeat(items, lengths)
-    # Element j of row r sits at values[starts[r] + j].
-    v = values[np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(total)]
+    v = values[_ranges(starts, lengths)]
     if users.min() >= 0 and v.min() >= 0 and max(users.max(), v.max()) < 1 << 31:
         order = np.argsort((u << 31) | v, kind="stable")
     else:
@@ -182,12 +181,19 @@ def _pairs_sharing_two(users, items, starts, lengths, values, max_common: int):
     if first.size == 0:
         return None
     take = np.minimum(n, max_common)
-    pos = np.repeat(first - np.cumsum(take) + take, take) + np.arange(int(take.sum()))
+    pos = _ranges(first, take)
     offsets = np.concatenate([[0], np.cumsum(take)]).astype(np.int32)
     return pa.RecordBatch.from_arrays(
         [pa.array(u[first]), pa.array(v[first]), pa.array(n.astype(np.int64)),
          pa.ListArray.from_arrays(pa.array(offsets), pa.array(i[pos]))],
         names=["u", "v", "n_common", "items"])
+
+
+def _ranges(starts, lengths):
+    """The indices of the ranges [start, start + length), one after another."""
+    import numpy as np
+
+    return np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
 
 
 def mine_swing_pairs(ui: DataFrame, cfg: PairsConfig) -> DataFrame:
