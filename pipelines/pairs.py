@@ -111,7 +111,8 @@ def swing_scores(ui: DataFrame, cfg: PairsConfig) -> DataFrame:
                                            F.count("*").alias("support"))
 
 
-#: Most (user, later user, item) triples one task holds at once in :func:`_shared_items`.
+#: About how many (user, later user, item) triples :func:`_shared_items` expands and sorts at
+#: once (a bucket of its partition's users).
 SHARED_ITEMS_BLOCK = 1 << 22
 
 
