@@ -12,11 +12,15 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import difflib
+import re
 import types
 import typing
 from typing import Any, Literal, TypeVar
 
 T = TypeVar("T")
+
+#: Scientific notation that YAML 1.1 leaves a string (no dot, or an unsigned exponent).
+_YAML11_MISSED_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def from_dict(cls: type[T], data: Any, error: type[Exception] = ValueError,
@@ -88,6 +92,10 @@ def coerce(tp, value, key: str, error: type[Exception] = ValueError):
             raise error(f"{key} must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _YAML11_MISSED_FLOAT.fullmatch(value.strip()):
+            # YAML 1.1 (PyYAML) reads 1e-3 and 2E5 as strings: it wants a dot and a signed
+            # exponent. They are numbers in YAML 1.2, JSON and Python, and what users write.
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise error(f"{key} must be a number, got {value!r}")
         return float(value)

@@ -39,6 +39,18 @@ def test_set_overrides_parse_yaml_values():
     assert cfg.spark.conf == {"spark.executor.cores": "2"}
 
 
+def test_scientific_notation_is_a_number_in_files_and_overrides(tmp_path):
+    # PyYAML (YAML 1.1) reads 1e-3 as the string "1e-3"; a learning rate written that way
+    # is still a number, and a word is still refused.
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  dense_lr: 1e-3\n")
+    cfg = load_config(p, ["train.sparse_lr=2E-1", "world.train_share=8e-1"])
+    assert cfg.train.dense_lr == 1e-3 and isinstance(cfg.train.dense_lr, float)
+    assert cfg.train.sparse_lr == 0.2 and cfg.world.train_share == 0.8
+    with pytest.raises(ConfigError, match="train.dense_lr must be a number, got '1e'"):
+        load_config(None, ["train.dense_lr=1e"])
+
+
 def test_bad_override_syntax():
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(None, ["world.n_items"])
