@@ -200,24 +200,41 @@ def quarantine_rows(classified: DataFrame, table: str) -> DataFrame:
 
 
 def assign_dense_ids(spark: SparkSession, external_ids: DataFrame,
-                     previous: Optional[DataFrame]) -> DataFrame:
+                     previous: Optional[DataFrame]) -> tuple[DataFrame, DataFrame]:
     """Map external string ids to dense int64 ids, keeping every id ``previous`` already gave.
 
     New ids continue after the largest previous id, in sorted order of the external ids (so the
-    same input gives the same ids). Returns the full map (``external_id``, ``id``).
+    same input gives the same ids). Returns the full map (``external_id``, ``id``) and the
+    persisted frame it reads (release it once the map is written).
+
+    In the JVM only: the new ids are range-partitioned and sorted, each row takes its position
+    within its partition (``monotonically_increasing_id``), and a partition's first id is the
+    sum of the sizes of the partitions before it (one small aggregate, collected).
     """
+    from pyspark import StorageLevel
+
     ids = external_ids.select(F.col("external_id")).distinct()
     offset = 0
     if previous is not None:
         ids = ids.join(previous.select("external_id"), "external_id", "left_anti")
         top = previous.agg(F.max("id")).first()[0]
         offset = 0 if top is None else int(top) + 1
-    indexed = ids.orderBy("external_id").rdd.zipWithIndex().map(
-        lambda r: (r[0][0], r[1] + offset))
-    schema = T.StructType([T.StructField("external_id", T.StringType(), False),
-                           T.StructField("id", T.LongType(), False)])
-    new = spark.createDataFrame(indexed, schema)
-    return new if previous is None else previous.select("external_id", "id").unionByName(new)
+    # Persisted: the range bounds, hence every row's position, are drawn once.
+    placed = (ids.repartitionByRange("external_id").sortWithinPartitions("external_id")
+              .select("external_id", F.monotonically_increasing_id().alias("_pos"))
+              .persist(StorageLevel.MEMORY_AND_DISK))
+    part = F.shiftright(F.col("_pos"), 33)          # the partition's index (its upper bits)
+    sizes = dict(placed.groupBy(part.alias("p")).count().collect())
+    starts, total = [], offset
+    for p in range(max(sizes, default=-1) + 1):
+        starts.append(total)
+        total += sizes.get(p, 0)
+    first_id = (F.element_at(F.array(*[F.lit(s).cast("long") for s in starts]),
+                             (part + 1).cast("int")) if starts else F.lit(0).cast("long"))
+    new = placed.select(F.col("external_id"),
+                        (first_id + F.col("_pos") - F.shiftleft(part, 33)).alias("id"))
+    full = new if previous is None else previous.select("external_id", "id").unionByName(new)
+    return full, placed
 
 
 # ------------------------------------------------------------------------- the stage
@@ -289,9 +306,9 @@ def run_ingest(spark: SparkSession, raw_items: DataFrame, raw_events: DataFrame,
     n_items_in = items_c.count()
     valid_items = items_c.where(F.col("_reason").isNull())
 
-    item_map = assign_dense_ids(
-        spark, valid_items.select(F.col("item_ext").alias("external_id")), previous_item_map
-    ).persist(StorageLevel.MEMORY_AND_DISK)
+    item_map, item_placed = assign_dense_ids(
+        spark, valid_items.select(F.col("item_ext").alias("external_id")), previous_item_map)
+    item_map = item_map.persist(StorageLevel.MEMORY_AND_DISK)
 
     events_c = classify_events(events, mode, source, items.select("item_ext"),
                                valid_items.select("item_ext")).persist(
@@ -306,9 +323,9 @@ def run_ingest(spark: SparkSession, raw_items: DataFrame, raw_events: DataFrame,
                             events_c.groupBy("_reason").count().collect())
         raise UnusableData(f"all {n_events_in} events were quarantined ({reasons}): nothing is "
                            "left to learn from")
-    user_map = assign_dense_ids(
-        spark, valid_events.select(F.col("user_ext").alias("external_id")), previous_user_map
-    ).persist(StorageLevel.MEMORY_AND_DISK)
+    user_map, user_placed = assign_dense_ids(
+        spark, valid_events.select(F.col("user_ext").alias("external_id")), previous_user_map)
+    user_map = user_map.persist(StorageLevel.MEMORY_AND_DISK)
     item_ids = item_map.withColumnRenamed("external_id", "item_ext").withColumnRenamed(
         "id", "item_id")
     user_ids = user_map.withColumnRenamed("external_id", "user_ext").withColumnRenamed(
@@ -323,7 +340,7 @@ def run_ingest(spark: SparkSession, raw_items: DataFrame, raw_events: DataFrame,
                   .sortWithinPartitions("user_id", "ts"))
     quarantine = quarantine_rows(items_c, "items").unionByName(
         quarantine_rows(events_c, "events"))
-    persisted = [items_c, events_c, item_map, user_map]
+    persisted = [items_c, events_c, item_map, user_map, item_placed, user_placed]
     rows_in = {"items": n_items_in, "events": n_events_in}
     if raw_tags is None:
         tags_out = spark.createDataFrame([], spark_schema(schemas.item_tags_schema()))

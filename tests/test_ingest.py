@@ -185,6 +185,32 @@ def test_ids_stay_stable_when_new_items_arrive(spark, tmp_path, corrupted_datase
     assert second["i0"] == max(first.values()) + 1
 
 
+@pytest.mark.parametrize("partitions", [1, 7])
+def test_dense_ids_follow_the_sorted_external_ids_across_range_partitions(spark, partitions):
+    # Many partitions, some empty, and a previous map whose ids have gaps: every previous id is
+    # kept, and the new ones are dense after its largest, in sorted order of the external ids.
+    rng = np.random.default_rng(3)
+    names = sorted({f"x{v}" for v in rng.integers(0, 10**6, 400)})
+    previous = {"x-old-a": 0, names[5]: 3, "x-old-b": 9}
+    rows = [(n,) for n in rng.permutation(names + names[:50])]          # duplicates too
+    before = spark.conf.get("spark.sql.shuffle.partitions")
+    spark.conf.set("spark.sql.shuffle.partitions", str(partitions))
+    try:
+        ext = spark.createDataFrame(rows, "external_id string")
+        prev = spark.createDataFrame(list(previous.items()), "external_id string, id long")
+        full, placed = pipelines.ingest.assign_dense_ids(spark, ext, prev)
+        got = dict(full.collect())
+        placed.unpersist()
+        fresh, placed = pipelines.ingest.assign_dense_ids(spark, ext, None)
+        got_fresh = dict(fresh.collect())
+        placed.unpersist()
+    finally:
+        spark.conf.set("spark.sql.shuffle.partitions", before)
+    new_names = [n for n in names if n not in previous]
+    assert got == {**previous, **{n: 10 + k for k, n in enumerate(new_names)}}
+    assert got_fresh == {n: k for k, n in enumerate(names)}
+
+
 def test_png_poster_named_jpg_decodes(shared_data):
     data = (shared_data / "ml-posters" / "3575.jpg").read_bytes()
     assert data[:4] == b"\x89PNG"
