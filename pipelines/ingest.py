@@ -289,6 +289,14 @@ class IngestFrames:
             df.unpersist()
 
 
+def _materialized(df: DataFrame) -> DataFrame:
+    """``df`` (persisted) with its cache built: the planner then knows its real size, so a join
+    with it is a broadcast when it is small (``spark.sql.autoBroadcastJoinThreshold``) and a
+    shuffle join when it is not (an id map can be that large)."""
+    df.count()
+    return df
+
+
 def run_ingest(spark: SparkSession, raw_items: DataFrame, raw_events: DataFrame,
                source: SourceConfig, ingest: IngestConfig, *,
                raw_tags: Optional[DataFrame] = None,
@@ -308,7 +316,7 @@ def run_ingest(spark: SparkSession, raw_items: DataFrame, raw_events: DataFrame,
 
     item_map, item_placed = assign_dense_ids(
         spark, valid_items.select(F.col("item_ext").alias("external_id")), previous_item_map)
-    item_map = item_map.persist(StorageLevel.MEMORY_AND_DISK)
+    item_map = _materialized(item_map.persist(StorageLevel.MEMORY_AND_DISK))
 
     events_c = classify_events(events, mode, source, items.select("item_ext"),
                                valid_items.select("item_ext")).persist(
@@ -325,7 +333,7 @@ def run_ingest(spark: SparkSession, raw_items: DataFrame, raw_events: DataFrame,
                            "left to learn from")
     user_map, user_placed = assign_dense_ids(
         spark, valid_events.select(F.col("user_ext").alias("external_id")), previous_user_map)
-    user_map = user_map.persist(StorageLevel.MEMORY_AND_DISK)
+    user_map = _materialized(user_map.persist(StorageLevel.MEMORY_AND_DISK))
     item_ids = item_map.withColumnRenamed("external_id", "item_ext").withColumnRenamed(
         "id", "item_id")
     user_ids = user_map.withColumnRenamed("external_id", "user_ext").withColumnRenamed(
@@ -334,7 +342,7 @@ def run_ingest(spark: SparkSession, raw_items: DataFrame, raw_events: DataFrame,
     items_out = (valid_items.join(item_map.withColumnRenamed("external_id", "item_ext"), "item_ext")
                  .select(F.col("id").alias("item_id"), "title", "text", "tags", "image",
                          "image_path", "video", F.col("created_ts")))
-    events_out = (valid_events.join(F.broadcast(item_ids), "item_ext").join(user_ids, "user_ext")
+    events_out = (valid_events.join(item_ids, "item_ext").join(user_ids, "user_ext")
                   .select("user_id", "item_id", "ts", "label",
                           F.col("weight").cast("float").alias("weight"))
                   .sortWithinPartitions("user_id", "ts"))
@@ -350,7 +358,7 @@ def run_ingest(spark: SparkSession, raw_items: DataFrame, raw_events: DataFrame,
             StorageLevel.MEMORY_AND_DISK)
         rows_in["item_tags"] = tags_c.count()
         # Authors are users of the events; a tag by anybody else keeps a null author.
-        tags_out = (tags_c.where(F.col("_reason").isNull()).join(F.broadcast(item_ids), "item_ext")
+        tags_out = (tags_c.where(F.col("_reason").isNull()).join(item_ids, "item_ext")
                     .join(user_ids, "user_ext", "left")
                     .select("item_id", "user_id", "tag", "ts"))
         quarantine = quarantine.unionByName(quarantine_rows(tags_c, "item_tags"))
