@@ -199,7 +199,7 @@ def quarantine_rows(classified: DataFrame, table: str) -> DataFrame:
                     F.to_json(F.struct(*shown), {"ignoreNullFields": "false"}).alias("row")))
 
 
-def assign_dense_ids(spark: SparkSession, external_ids: DataFrame,
+def assign_dense_ids(external_ids: DataFrame,
                      previous: Optional[DataFrame]) -> tuple[DataFrame, DataFrame]:
     """Map external string ids to dense int64 ids, keeping every id ``previous`` already gave.
 
@@ -315,7 +315,7 @@ def run_ingest(spark: SparkSession, raw_items: DataFrame, raw_events: DataFrame,
     valid_items = items_c.where(F.col("_reason").isNull())
 
     item_map, item_placed = assign_dense_ids(
-        spark, valid_items.select(F.col("item_ext").alias("external_id")), previous_item_map)
+        valid_items.select(F.col("item_ext").alias("external_id")), previous_item_map)
     item_map = _materialized(item_map.persist(StorageLevel.MEMORY_AND_DISK))
 
     events_c = classify_events(events, mode, source, items.select("item_ext"),
@@ -332,7 +332,7 @@ def run_ingest(spark: SparkSession, raw_items: DataFrame, raw_events: DataFrame,
         raise UnusableData(f"all {n_events_in} events were quarantined ({reasons}): nothing is "
                            "left to learn from")
     user_map, user_placed = assign_dense_ids(
-        spark, valid_events.select(F.col("user_ext").alias("external_id")), previous_user_map)
+        valid_events.select(F.col("user_ext").alias("external_id")), previous_user_map)
     user_map = _materialized(user_map.persist(StorageLevel.MEMORY_AND_DISK))
     item_ids = item_map.withColumnRenamed("external_id", "item_ext").withColumnRenamed(
         "id", "item_id")

@@ -198,10 +198,10 @@ def test_dense_ids_follow_the_sorted_external_ids_across_range_partitions(spark,
     try:
         ext = spark.createDataFrame(rows, "external_id string")
         prev = spark.createDataFrame(list(previous.items()), "external_id string, id long")
-        full, placed = pipelines.ingest.assign_dense_ids(spark, ext, prev)
+        full, placed = pipelines.ingest.assign_dense_ids(ext, prev)
         got = dict(full.collect())
         placed.unpersist()
-        fresh, placed = pipelines.ingest.assign_dense_ids(spark, ext, None)
+        fresh, placed = pipelines.ingest.assign_dense_ids(ext, None)
         got_fresh = dict(fresh.collect())
         placed.unpersist()
     finally:
