@@ -209,7 +209,8 @@ def assign_dense_ids(external_ids: DataFrame,
 
     In the JVM only: the new ids are range-partitioned and sorted, each row takes its position
     within its partition (``monotonically_increasing_id``), and a partition's first id is the
-    sum of the sizes of the partitions before it (one small aggregate, collected).
+    sum of the sizes of the partitions before it (one small aggregate, collected). Keep the
+    returned frame cached while the map is used: recomputed, it would draw new range bounds.
     """
     from pyspark import StorageLevel
 
@@ -304,23 +305,43 @@ def run_ingest(spark: SparkSession, raw_items: DataFrame, raw_events: DataFrame,
                previous_user_map: Optional[DataFrame] = None) -> IngestFrames:
     """Validate raw items, events and (optional) dated item tags, quarantine bad rows, and map
     ids to dense int64 ids, keeping every id the previous maps gave (pass them for ids stable
-    across runs). Raises :class:`~pipelines.accounting.UnusableData` when no event is left."""
+    across runs). Raises :class:`~pipelines.accounting.UnusableData` when no event is left;
+    whatever it raises, it leaves nothing cached."""
+    persisted: list[DataFrame] = []
+    try:
+        return _run_ingest(spark, raw_items, raw_events, source, ingest, raw_tags,
+                           previous_item_map, previous_user_map, persisted)
+    except BaseException:
+        for df in persisted:
+            df.unpersist()
+        raise
+
+
+def _run_ingest(spark: SparkSession, raw_items: DataFrame, raw_events: DataFrame,
+                source: SourceConfig, ingest: IngestConfig, raw_tags: Optional[DataFrame],
+                previous_item_map: Optional[DataFrame], previous_user_map: Optional[DataFrame],
+                persisted: list) -> IngestFrames:
+    """:func:`run_ingest`'s body; every frame it persists is appended to ``persisted``."""
     from pyspark import StorageLevel
+
+    def keep(df: DataFrame) -> DataFrame:
+        persisted.append(df.persist(StorageLevel.MEMORY_AND_DISK))
+        return df
 
     items = canonical_items(raw_items, source)
     events, mode = canonical_events(raw_events, source)
 
-    items_c = classify_items(items, ingest).persist(StorageLevel.MEMORY_AND_DISK)
+    items_c = keep(classify_items(items, ingest))
     n_items_in = items_c.count()
     valid_items = items_c.where(F.col("_reason").isNull())
 
     item_map, item_placed = assign_dense_ids(
         valid_items.select(F.col("item_ext").alias("external_id")), previous_item_map)
-    item_map = _materialized(item_map.persist(StorageLevel.MEMORY_AND_DISK))
+    item_map = _materialized(keep(item_map))
+    persisted.append(item_placed)       # released after the map that reads it
 
-    events_c = classify_events(events, mode, source, items.select("item_ext"),
-                               valid_items.select("item_ext")).persist(
-        StorageLevel.MEMORY_AND_DISK)
+    events_c = keep(classify_events(events, mode, source, items.select("item_ext"),
+                                    valid_items.select("item_ext")))
     n_events_in = events_c.count()
     valid_events = events_c.where(F.col("_reason").isNull())
     if n_events_in == 0:
@@ -333,7 +354,8 @@ def run_ingest(spark: SparkSession, raw_items: DataFrame, raw_events: DataFrame,
                            "left to learn from")
     user_map, user_placed = assign_dense_ids(
         valid_events.select(F.col("user_ext").alias("external_id")), previous_user_map)
-    user_map = _materialized(user_map.persist(StorageLevel.MEMORY_AND_DISK))
+    user_map = _materialized(keep(user_map))
+    persisted.append(user_placed)
     item_ids = item_map.withColumnRenamed("external_id", "item_ext").withColumnRenamed(
         "id", "item_id")
     user_ids = user_map.withColumnRenamed("external_id", "user_ext").withColumnRenamed(
@@ -348,20 +370,17 @@ def run_ingest(spark: SparkSession, raw_items: DataFrame, raw_events: DataFrame,
                   .sortWithinPartitions("user_id", "ts"))
     quarantine = quarantine_rows(items_c, "items").unionByName(
         quarantine_rows(events_c, "events"))
-    persisted = [items_c, events_c, item_map, user_map, item_placed, user_placed]
     rows_in = {"items": n_items_in, "events": n_events_in}
     if raw_tags is None:
         tags_out = spark.createDataFrame([], spark_schema(schemas.item_tags_schema()))
     else:
-        tags_c = classify_tags(canonical_tags(raw_tags, source), items.select("item_ext"),
-                               valid_items.select("item_ext")).persist(
-            StorageLevel.MEMORY_AND_DISK)
+        tags_c = keep(classify_tags(canonical_tags(raw_tags, source), items.select("item_ext"),
+                                    valid_items.select("item_ext")))
         rows_in["item_tags"] = tags_c.count()
         # Authors are users of the events; a tag by anybody else keeps a null author.
         tags_out = (tags_c.where(F.col("_reason").isNull()).join(item_ids, "item_ext")
                     .join(user_ids, "user_ext", "left")
                     .select("item_id", "user_id", "tag", "ts"))
         quarantine = quarantine.unionByName(quarantine_rows(tags_c, "item_tags"))
-        persisted.append(tags_c)
     return IngestFrames(items_out, events_out, tags_out, quarantine.coalesce(1),
                         item_map.coalesce(1), user_map.coalesce(1), rows_in, mode, persisted)

@@ -185,10 +185,29 @@ def test_ids_stay_stable_when_new_items_arrive(spark, tmp_path, corrupted_datase
     assert second["i0"] == max(first.values()) + 1
 
 
+def _nothing_cached(spark) -> bool:
+    return spark._jsparkSession.sharedState().cacheManager().isEmpty()
+
+
+def test_ingest_leaves_nothing_cached_after_release_or_an_error(spark, tmp_path,
+                                                              corrupted_dataset):
+    from pipelines.accounting import UnusableData
+
+    spark.catalog.clearCache()
+    _ingest(spark, SnapshotStore(str(tmp_path / "store")), corrupted_dataset)
+    assert _nothing_cached(spark)
+    # Every event quarantined: the stage stops after the item map was built and cached.
+    _write_csv(Path(corrupted_dataset.events), ["user_id", "item_id", "ts", "label"],
+               [["u1", "i1", "2026-01-02T00:00:00Z", "7"]])
+    with pytest.raises(UnusableData, match="all 1 events were quarantined"):
+        _ingest(spark, SnapshotStore(str(tmp_path / "store2")), corrupted_dataset)
+    assert _nothing_cached(spark)
+
+
 @pytest.mark.parametrize("partitions", [1, 7])
 def test_dense_ids_follow_the_sorted_external_ids_across_range_partitions(spark, partitions):
-    # Many partitions, some empty, and a previous map whose ids have gaps: every previous id is
-    # kept, and the new ones are dense after its largest, in sorted order of the external ids.
+    # Ids spread over several range partitions, and a previous map whose ids have gaps: every
+    # previous id is kept, and the new ones are dense after its largest, in sorted order.
     rng = np.random.default_rng(3)
     names = sorted({f"x{v}" for v in rng.integers(0, 10**6, 400)})
     previous = {"x-old-a": 0, names[5]: 3, "x-old-b": 9}
