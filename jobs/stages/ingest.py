@@ -64,11 +64,13 @@ def run(ctx: StageContext) -> IngestReport:
     frames = run_ingest(spark, raw_items, raw_events, source, ctx.cfg.ingest, raw_tags=raw_tags,
                         previous_item_map=io.previous_spark(spark, "item_id_map"),
                         previous_user_map=io.previous_spark(spark, "user_id_map"))
-    out = {t: io.write_spark(t, df, schema, facts=facts)
-           for t, (df, schema, facts) in frames.tables().items()}
-    reasons = frames.quarantine_reasons()
-    counts = frames.counts({t: m.row_count for t, m in out.items()}, reasons)
-    frames.release()
+    try:
+        out = {t: io.write_spark(t, df, schema, facts=facts)
+               for t, (df, schema, facts) in frames.tables().items()}
+        reasons = frames.quarantine_reasons()
+        counts = frames.counts({t: m.row_count for t, m in out.items()}, reasons)
+    finally:
+        frames.release()      # also when a write or the row accounting fails
     return IngestReport(out, counts, reasons, frames.label_mode)
 
 
