@@ -98,16 +98,17 @@ def spark_floor(spark, store: SnapshotStore, out: SnapshotStore, ingest) -> dict
                                min_side)
             yield batch
 
+    raw = {"events": store.get("raw_events"), "items": store.get("raw_items")}
     t0 = time.perf_counter()
     events = store.read_spark(spark, "raw_events")
     # The shuffle any duplicate-key check needs: the events hashed by (user, item, time).
     n_events = out.write_spark("floor_events", events.repartition("user_id", "item_id", "ts"),
-                               store.get("raw_events").schema, config_hash="floor").row_count
+                               raw["events"].schema, config_hash="floor").row_count
     items = store.read_spark(spark, "raw_items").repartition(ingest.image_partitions)
     n_items = out.write_spark("floor_items", items.mapInArrow(decoded, items.schema),
-                              store.get("raw_items").schema, config_hash="floor").row_count
+                              raw["items"].schema, config_hash="floor").row_count
     seconds = time.perf_counter() - t0
-    read = {"events": store.get("raw_events").row_count, "items": store.get("raw_items").row_count}
+    read = {t: m.row_count for t, m in raw.items()}
     if {"events": n_events, "items": n_items} != read:
         raise SystemExit(f"the floor wrote {n_events} events and {n_items} items of {read}")
     return {"seconds": round(seconds, 2), "events": n_events, "items": n_items}
