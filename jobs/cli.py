@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "combination of ablation.grid on seed 0 (chosen by the validation metric; "
                     "the test part is never read to choose), then with seeds 1..ablation.seeds-1 "
                     "at the chosen settings; score the baselines; report seed-averaged test "
-                    "metrics with 95%% bootstrap intervals over users and paired differences. "
+                    "metrics with 95% bootstrap intervals over users and paired differences. "
                     "Writes <root>/ablation/<ds>-<time>/ablation.json and logs to MLflow.")
     _common(p)
     p.add_argument("--no-grid", action="store_true",
@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compare two `qarm ablation` outputs (folders <root>/ablation/<ds>-<time>/) "
                     "that scored the same test examples, for example the default config and "
                     "one with encoder.image_tower=tagger. For every arm in both: each side's "
-                    "seed-averaged test AUC/GAUC and the paired difference A - B with a 95%% "
+                    "seed-averaged test AUC/GAUC and the paired difference A - B with a 95% "
                     "bootstrap interval over users (the same resamples for both sides), per "
                     "slice. Writes <A>/compare-<B>.json and .txt and logs to MLflow.")
     p.add_argument("a", metavar="A", help="an ablation folder (the change)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import mlflow
 import pytest
 
@@ -105,6 +107,22 @@ def test_help_lists_stages(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "world" in out and "ingest" in out and "status" in out
+
+
+def test_every_subcommand_help_prints_and_shows_no_escaped_percent(capsys):
+    # A subparser's description is printed as written (only help strings are %-formatted),
+    # so a "95%%" there reached the user as "95%%".
+    from jobs.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert {"run", "ablation", "compare"} <= set(sub.choices)
+    for name in sub.choices:
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert "usage: qarm " + name in out and "%%" not in out, name
 
 
 # ----------------------------------------------------------------------------- planning
