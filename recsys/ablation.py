@@ -7,10 +7,14 @@ differences between arms, and calibration.
   those averages (95%), the point estimate the seed-averaged metric on all users.
 * **Paired differences** (arm A minus arm B) use the same resamples for both arms, so the users
   that are hard for both cancel out.
-* **Calibration** (Platt scaling, ``sigmoid(a * logit(p) + b)``) is fitted on one half of the
-  validation part's users and judged on the other half; when it does not lower the held-out
-  half's LogLoss the identity is kept, so calibration is never worse there. The fitted map is
-  applied to the test part.
+* **Calibration**: temperature scaling (``sigmoid(a * logit(p))``) and Platt scaling
+  (``sigmoid(a * logit(p) + b)``) are fitted on one half of the validation part's users; the
+  other half keeps whichever of the two (or no map) gives it the lowest LogLoss, so calibration
+  is never worse there. The chosen map is applied to the test part. Platt's intercept also
+  moves the predictions' level to the validation part's base rate, which helps where later
+  events look like the validation part and hurts where its rate is not theirs (a global time
+  split whose validation period has a different mix of users); the slope alone does not move
+  the level.
 * **NE** is reported against the scored slice's own base rate (``ne``) and against the training
   part's (``ne_train``), which is the rate a deployed model would know.
 """
@@ -209,6 +213,8 @@ class Calibration:
     holdout_before: float = math.nan
     holdout_after: float = math.nan
     kept: bool = False
+    #: ``none``, ``temperature`` (b = 0) or ``platt``.
+    kind: str = "none"
 
     def apply(self, p) -> np.ndarray:
         return 1.0 / (1.0 + np.exp(-(self.a * _logit(p) + self.b)))
@@ -238,21 +244,39 @@ def fit_platt(labels, scores) -> tuple[float, float]:
     return float(res.x[0]), float(res.x[1])
 
 
+def fit_temperature(labels, scores) -> float:
+    """``a`` minimising the LogLoss of ``sigmoid(a * logit(score))`` (1 / temperature)."""
+    from scipy.optimize import minimize
+
+    y = np.asarray(labels, np.float64)
+    z = _logit(scores)
+
+    def f(a):
+        t = a[0] * z
+        g = 1 / (1 + np.exp(-t)) - y
+        return (np.logaddexp(0, t) - y * t).mean(), np.array([(g * z).mean()])
+
+    res = minimize(f, np.array([1.0]), jac=True, method="L-BFGS-B")
+    return float(res.x[0])
+
+
 def calibrate(users, labels, scores) -> Calibration:
-    """Platt scaling fitted on one half of the validation users and judged on the other; the
-    identity is kept unless it lowers the held-out half's LogLoss."""
+    """Temperature and Platt scaling fitted on one half of the validation users; the other half
+    keeps the one with the lower LogLoss, or the identity unless one lowers it."""
     y = np.asarray(labels, np.float64)
     s = np.asarray(scores, np.float64)
     half = user_half(users)
     fit, hold = ~half, half
     if not fit.any() or not hold.any() or y[fit].min() == y[fit].max():
         return Calibration()
-    a, b = fit_platt(y[fit], s[fit])
-    cal = Calibration(a, b)
-    before, after = _ll(y[hold], s[hold]), _ll(y[hold], cal.apply(s[hold]))
-    if after < before:
-        return Calibration(a, b, before, after, True)
-    return Calibration(1.0, 0.0, before, before, False)
+    before = _ll(y[hold], s[hold])
+    best = Calibration(1.0, 0.0, before, before, False, "none")
+    for kind, (a, b) in (("temperature", (fit_temperature(y[fit], s[fit]), 0.0)),
+                         ("platt", fit_platt(y[fit], s[fit]))):
+        after = _ll(y[hold], Calibration(a, b).apply(s[hold]))
+        if after < best.holdout_after:
+            best = Calibration(a, b, before, after, True, kind)
+    return best
 
 
 def entropy(rate: float) -> float:

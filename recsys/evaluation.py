@@ -3,9 +3,10 @@ and, beside it, the validation part, overall and on slices: cold items (no event
 part), known users (with training events) and new users (without). Test metrics are averaged
 over seeds and carry 95% bootstrap intervals over users; paired differences between arms resample
 the same users (``recsys/ablation.py``). Each arm-seed is calibrated on the validation part
-(Platt, fitted on one half of its users, judged on the other) and the map is applied to the test
-part. On the synthetic world the ground truth (the true click probabilities scored as a model) is
-the ceiling no ranker can beat in expectation."""
+(temperature or Platt scaling, fitted on one half of its users; the other half chooses between
+them and no map) and the map is applied to the test part. On the synthetic world the ground truth
+(the true click probabilities scored as a model) is the ceiling no ranker can beat in
+expectation."""
 
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ def evaluate(preds: pd.DataFrame, truth: Optional[pd.DataFrame] = None,
     test["cal_score"] = test.score.astype("float64")
     for (arm, s), v in valid.groupby(["arm", "seed"], sort=False):
         cal = calibrate(v.user_id.to_numpy(), v.label.to_numpy(), v.score.to_numpy())
-        calib[f"{arm}/{s}"] = {"a": cal.a, "b": cal.b, "applied": cal.kept,
+        calib[f"{arm}/{s}"] = {"kind": cal.kind, "a": cal.a, "b": cal.b, "applied": cal.kept,
                                "holdout_logloss_before": cal.holdout_before,
                                "holdout_logloss_after": cal.holdout_after}
         m = (test.arm == arm) & (test.seed == s)
@@ -173,7 +174,7 @@ def format_table(result: dict) -> str:
              f"{result['bootstrap']} resamples]",
              f"{'arm':<16} {'AUC':>7} {'interval':>16} {'GAUC':>7} {'LogLoss':>8} {'NE':>6} "
              f"{'cal NE':>6} {'NEtrn':>6}   {'cold AUC':>8} {'interval':>16}   "
-             f"{'known AUC':>9} {'new AUC':>7}"]
+             f"{'known AUC':>9} {'new AUC':>7} {'known cal NE':>12}"]
     for a in arms:
         lines.append(
             f"{a:<16} {_get(t, a, 'all', 'auc'):>7.4f} {_ci(t, a, 'all', 'auc'):>16} "
@@ -181,7 +182,8 @@ def format_table(result: dict) -> str:
             f"{_get(t, a, 'all', 'ne'):>6.3f} {_get(t, a, 'all', 'cal_ne'):>6.3f} "
             f"{_get(t, a, 'all', 'ne_train'):>6.3f}   {_get(t, a, 'cold', 'auc'):>8.4f} "
             f"{_ci(t, a, 'cold', 'auc'):>16}   {_get(t, a, 'known_users', 'auc'):>9.4f} "
-            f"{_get(t, a, 'new_users', 'auc'):>7.4f}")
+            f"{_get(t, a, 'new_users', 'auc'):>7.4f} "
+            f"{_get(t, a, 'known_users', 'cal_ne'):>12.3f}")
     pairs = [p for p in result["pairs"] if p["metric"] == "auc"
              and p["slice"] in ("all", "cold")]
     if pairs:
@@ -205,6 +207,6 @@ def format_table(result: dict) -> str:
     lines.append(f"GAUC: impression-weighted mean of per-user AUC; users with one class only are "
                  f"left out ({result['gauc_users_one_class']} of "
                  f"{result['gauc_users'] + result['gauc_users_one_class']} test users). cal NE: "
-                 f"after Platt calibration on the validation part; NEtrn: NE against the "
-                 f"training base rate.")
+                 f"after calibration on the validation part (temperature or Platt, as its "
+                 f"held-out half chose); NEtrn: NE against the training base rate.")
     return "\n".join(lines)

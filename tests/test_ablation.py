@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 from feature_store.facts import ExamplesFacts
-from recsys.ablation import (Scored, ablation_stats, calibrate, percentile_interval,
+from recsys.ablation import (Scored, ablation_stats, calibrate, fit_platt, percentile_interval,
                              user_resamples, weighted_auc)
 from recsys.config import MFConfig, ModelConfig, TrainConfig
 from recsys.evaluation import evaluate, format_table, metrics_frame
@@ -112,8 +112,33 @@ def test_calibration_is_never_worse_on_the_held_out_half(case):
     assert cal.holdout_after <= cal.holdout_before
     if case in ("overconfident", "shifted"):
         assert cal.kept and cal.holdout_after < cal.holdout_before - 1e-3
+    if case == "shifted":                   # only an intercept can move the level back
+        assert cal.kind == "platt"
     if case == "adversarial":
-        assert not cal.kept and (cal.a, cal.b) == (1.0, 0.0)
+        assert not cal.kept and (cal.a, cal.b, cal.kind) == (1.0, 0.0, "none")
+
+
+def test_the_held_out_half_keeps_temperature_when_the_fitting_half_has_another_base_rate():
+    # The scores are overconfident for everyone, but the fitting half's users click more
+    # (logit + 1.2) than the held-out half's: Platt's intercept learns that level and carries
+    # it to users who do not share it; the slope alone does not. (On MovieLens' global time
+    # split the validation users' positive rate is 0.60 against the test users' 0.47.)
+    from recsys.ablation import Calibration, _ll, _logit, user_half
+
+    rng = np.random.default_rng(11)
+    users = np.repeat(np.arange(400), 20)
+    fit = ~user_half(users)
+    p = rng.uniform(0.05, 0.95, len(users))
+    z = _logit(p)
+    truth = np.where(fit, 1 / (1 + np.exp(-(z + 1.2))), p)
+    y = (rng.random(len(users)) < truth).astype(float)
+    s = 1 / (1 + np.exp(-2.5 * z))                              # overconfident
+    cal = calibrate(users, y, s)
+    hold = ~fit
+    platt = Calibration(*fit_platt(y[fit], s[fit]))
+    assert cal.kind == "temperature" and cal.b == 0.0 and 0.2 < cal.a < 0.6
+    assert cal.holdout_after < _ll(y[hold], platt.apply(s[hold])) - 0.01
+    assert cal.holdout_after < _ll(y[hold], s[hold]) - 0.01
 
 
 def test_evaluate_reports_intervals_calibration_and_the_training_rate():
