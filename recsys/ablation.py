@@ -226,38 +226,23 @@ def user_half(users) -> np.ndarray:
                      for u in np.asarray(users)], bool)
 
 
-def fit_platt(labels, scores) -> tuple[float, float]:
-    """(a, b) minimising the LogLoss of ``sigmoid(a * logit(score) + b)``."""
+def fit_platt(labels, scores, intercept: bool = True) -> tuple[float, float]:
+    """(a, b) minimising the LogLoss of ``sigmoid(a * logit(score) + b)``; with
+    ``intercept=False``, b = 0 (temperature scaling, a = 1 / temperature)."""
     from scipy.optimize import minimize
 
     y = np.asarray(labels, np.float64)
     z = _logit(scores)
 
     def f(ab):
-        t = ab[0] * z + ab[1]
+        t = ab[0] * z + (ab[1] if intercept else 0.0)
         # log(1 + e^t) - y t, stable
         val = np.logaddexp(0, t) - y * t
         g = 1 / (1 + np.exp(-t)) - y
-        return val.mean(), np.array([(g * z).mean(), g.mean()])
+        return val.mean(), np.array([(g * z).mean(), g.mean() if intercept else 0.0])
 
     res = minimize(f, np.array([1.0, 0.0]), jac=True, method="L-BFGS-B")
-    return float(res.x[0]), float(res.x[1])
-
-
-def fit_temperature(labels, scores) -> float:
-    """``a`` minimising the LogLoss of ``sigmoid(a * logit(score))`` (1 / temperature)."""
-    from scipy.optimize import minimize
-
-    y = np.asarray(labels, np.float64)
-    z = _logit(scores)
-
-    def f(a):
-        t = a[0] * z
-        g = 1 / (1 + np.exp(-t)) - y
-        return (np.logaddexp(0, t) - y * t).mean(), np.array([(g * z).mean()])
-
-    res = minimize(f, np.array([1.0]), jac=True, method="L-BFGS-B")
-    return float(res.x[0])
+    return float(res.x[0]), float(res.x[1]) if intercept else 0.0
 
 
 def calibrate(users, labels, scores) -> Calibration:
@@ -271,7 +256,7 @@ def calibrate(users, labels, scores) -> Calibration:
         return Calibration()
     before = _ll(y[hold], s[hold])
     best = Calibration(1.0, 0.0, before, before, False, "none")
-    for kind, (a, b) in (("temperature", (fit_temperature(y[fit], s[fit]), 0.0)),
+    for kind, (a, b) in (("temperature", fit_platt(y[fit], s[fit], intercept=False)),
                          ("platt", fit_platt(y[fit], s[fit]))):
         after = _ll(y[hold], Calibration(a, b).apply(s[hold]))
         if after < best.holdout_after:
