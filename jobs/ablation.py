@@ -13,6 +13,10 @@
    intervals over users, paired differences, calibration; printed, logged to MLflow and written
    to ``<root>/ablation/<ds>-<time>/ablation.json`` with the grid and the chosen settings. The
    chosen settings are also printed as ``train.tuned`` YAML to paste into a config.
+
+The runs of the grid, and then the runs of the later seeds, are independent: they train
+``train.parallel_arms`` at once (0: as many as the cores hold), each with its own ranks, and
+their results do not depend on how many ran together.
 """
 
 from __future__ import annotations
@@ -58,23 +62,36 @@ def choose(runs: list[dict], metric: str) -> dict:
     return max(scored, key=lambda r: sign * r["best_valid"])
 
 
-def run_grid(data, arm: str, train_cfg, combos, out: Path, progress=None) -> tuple[dict, list]:
-    """Train ``arm`` at every combination on seed 0; returns (chosen run, all runs)."""
+def grid_run(data, arm: str, i: int, combo: dict, *, train_cfg, out: Path) -> dict:
+    """One grid run: ``arm`` at ``combo`` (the grid's ``i``-th) on seed 0."""
     from jobs.stages.train import train_one
 
-    runs = []
-    for i, combo in enumerate(combos):
-        res = train_one(data, arm, with_settings(train_cfg, combo, 0),
-                        out / "grid" / arm.replace("+", "_") / f"g{i}", quiet=True)
-        runs.append({"arm": arm, "settings": combo, "best_valid": res.result["best_valid"],
-                     "best_step": res.result["best_step"], "steps": res.result["steps"],
-                     "result": res})
-        log.info("grid %s %s: valid %s = %.4f at step %d", arm, combo,
-                 train_cfg.valid_metric, res.result["best_valid"] or float("nan"),
-                 res.result["best_step"])
+    res = train_one(data, arm, with_settings(train_cfg, combo, 0),
+                    out / "grid" / arm.replace("+", "_") / f"g{i}", quiet=True)
+    log.info("grid %s %s: valid %s = %.4f at step %d", arm, combo, train_cfg.valid_metric,
+             res.result["best_valid"] or float("nan"), res.result["best_step"])
+    return {"arm": arm, "settings": combo, "best_valid": res.result["best_valid"],
+            "best_step": res.result["best_step"], "steps": res.result["steps"], "result": res}
+
+
+def run_grids(data, arms: list[str], train_cfg, combos, out: Path, workers: int = 1,
+              progress=None) -> dict[str, tuple[dict, list]]:
+    """Train every arm at every combination on seed 0, ``workers`` runs at once (``progress``
+    is called after each run); returns {arm: (chosen run, its runs)}."""
+    from recsys.launch import run_concurrently
+
+    def one(item):
+        run = grid_run(data, *item, train_cfg=train_cfg, out=out)
         if progress:
             progress()
-    return choose(runs, train_cfg.valid_metric), runs
+        return run
+    runs = run_concurrently(one, [(arm, i, c) for arm in arms for i, c in enumerate(combos)],
+                            workers)
+    grids = {}
+    for arm in arms:
+        mine = [r for r in runs if r["arm"] == arm]
+        grids[arm] = (choose(mine, train_cfg.valid_metric), mine)
+    return grids
 
 
 def run_ablation(cfg, ds: str, *, grid: bool = True, progress: bool = True) -> dict:
@@ -84,11 +101,12 @@ def run_ablation(cfg, ds: str, *, grid: bool = True, progress: bool = True) -> d
     from jobs.stage import StageIO
     from jobs.stages import build_dag
     from jobs.stages.evaluate import load_truth
-    from jobs.stages.train import (predictions_table, run_baselines, train_one,
+    from jobs.stages.train import (arm_workers, predictions_table, run_baselines, train_one,
                                    training_data, with_seed)
     from jobs.stages.world import is_synthetic
     from jobs.tracking import Tracker
     from recsys.evaluation import evaluate, flat_metrics, format_table
+    from recsys.launch import run_concurrently
 
     t0 = time.time()
     a, t = cfg.ablation, cfg.train
@@ -104,33 +122,45 @@ def run_ablation(cfg, ds: str, *, grid: bool = True, progress: bool = True) -> d
     out.mkdir(parents=True, exist_ok=True)
     data = training_data(io, cfg, out)
     combos = grid_combos(a.grid) if grid else []
+    workers = arm_workers(t)
     n_runs = len(t.arms) * ((len(combos) or 1) + a.seeds - 1)
-    bar = tqdm(total=n_runs, desc="ablation", unit="run", disable=not progress)
-    preds, grid_rows, chosen, arm_rows = [], [], {}, []
-    for arm in t.arms:
-        if combos:
-            best, runs = run_grid(data, arm, t, combos, out, lambda: bar.update(1))
-            chosen[arm] = best["settings"]
-            grid_rows += [{k: v for k, v in r.items() if k != "result"} for r in runs]
-            first = best["result"]
-        else:
-            chosen[arm] = t.settings(arm)
-            first = train_one(data, arm, with_settings(t, chosen[arm], 0),
-                              out / "seeds" / arm.replace("+", "_") / "s0", quiet=True)
+    bar = tqdm(total=n_runs, desc=f"ablation ({workers} at once)", unit="run",
+               disable=not progress)
+
+    def counted(fn):
+        def run(item):
+            res = fn(item)
             bar.update(1)
-        preds.append(with_seed(first.predictions, 0))
-        arm_rows.append({"arm": arm, "seed": 0, "steps": first.result["steps"],
-                         "best_step": first.result["best_step"],
-                         "best_valid": first.result["best_valid"]})
-        for seed in range(1, a.seeds):
-            res = train_one(data, arm, with_settings(t, chosen[arm], seed),
-                            out / "seeds" / arm.replace("+", "_") / f"s{seed}", quiet=True)
+            return res
+        return run
+
+    # Every arm's first run (its grid, or seed 0 at its settings), then every later seed: the
+    # runs of a phase are independent, so they train ``workers`` at once.
+    grid_rows, chosen, first = [], {}, {}
+    if combos:
+        grids = run_grids(data, t.arms, t, combos, out, workers, lambda: bar.update(1))
+        for arm, (best, mine) in grids.items():
+            chosen[arm], first[arm] = best["settings"], best["result"]
+            grid_rows += [{k: v for k, v in r.items() if k != "result"} for r in mine]
+    else:
+        chosen = {arm: t.settings(arm) for arm in t.arms}
+        first = dict(zip(t.arms, run_concurrently(counted(lambda arm: train_one(
+            data, arm, with_settings(t, chosen[arm], 0),
+            out / "seeds" / arm.replace("+", "_") / "s0", quiet=True)), t.arms, workers)))
+    later = [(arm, seed) for arm in t.arms for seed in range(1, a.seeds)]
+    seeded = dict(zip(later, run_concurrently(counted(lambda item: train_one(
+        data, item[0], with_settings(t, chosen[item[0]], item[1]),
+        out / "seeds" / item[0].replace("+", "_") / f"s{item[1]}", quiet=True)), later,
+        workers)))
+    bar.close()
+    preds, arm_rows = [], []
+    for arm in t.arms:
+        for seed in range(a.seeds):
+            res = seeded[(arm, seed)] if seed else first[arm]
             preds.append(with_seed(res.predictions, seed))
             arm_rows.append({"arm": arm, "seed": seed, "steps": res.result["steps"],
                              "best_step": res.result["best_step"],
                              "best_valid": res.result["best_valid"]})
-            bar.update(1)
-    bar.close()
     baseline_info = {}
     for seed in range(a.seeds):
         base, info = run_baselines(data, cfg, seed)

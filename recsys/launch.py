@@ -9,16 +9,75 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
+from typing import Callable, Iterable, TypeVar
 
 from recsys.job import TrainError, TrainJob
 
+T = TypeVar("T")
+R = TypeVar("R")
+
+_PORTS_LOCK = threading.Lock()
+_PORTS_ISSUED: set[int] = set()
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free local port that this process has not handed out before: runs launched at once
+    from several threads each get their own rendezvous port (the OS may offer a port again as
+    soon as the probing socket closes)."""
+    with _PORTS_LOCK:
+        while True:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            if port not in _PORTS_ISSUED:
+                _PORTS_ISSUED.add(port)
+                return port
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which a container's limit sets)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:                       # not on Linux
+        return os.cpu_count() or 1
+
+
+def concurrent_runs(setting: int, ranks: int, threads: int, device: str = "cpu",
+                    launcher: str = "local") -> int:
+    """How many training runs (each ``ranks`` processes of ``threads`` torch threads) to launch
+    at once: ``setting`` when positive; 0 = as many as the cores hold without oversubscribing
+    them (at least 1). On ``cuda`` or under ``torchrun`` runs go one at a time (each rank owns
+    a GPU; torchrun is launched per job)."""
+    if setting < 0:
+        raise ValueError(f"the number of concurrent runs must be 0 (auto) or positive, "
+                         f"got {setting}")
+    if setting:
+        return setting
+    if device == "cuda" or launcher == "torchrun":
+        return 1
+    return max(1, usable_cores() // max(1, ranks * threads))
+
+
+def run_concurrently(fn: Callable[[T], R], items: Iterable[T], workers: int) -> list[R]:
+    """``fn`` over ``items`` with at most ``workers`` at once (threads: each ``fn`` launches
+    and waits on its own processes); the results in ``items``' order. The first failure cancels
+    the runs not yet started and is raised once the runs in flight have ended."""
+    items = list(items)
+    if workers <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(min(workers, len(items))) as ex:
+        futures = [ex.submit(fn, x) for x in items]
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = [f for f in futures if f in done and f.exception() is not None]
+        if failed:
+            for f in futures:
+                f.cancel()
+            raise failed[0].exception()
+        return [f.result() for f in futures]
 
 
 def launch(job: TrainJob, ranks: int, launcher: str = "local", quiet: bool = False,

@@ -107,6 +107,7 @@ def run_retrieval(data, feats, aligned, pairs, cfg, work: Path, quiet: bool = Fa
     """Train every tower of ``cfg.towers`` on every seed, evaluate them and the baselines;
     a tower named in ``init_from`` warm-starts from that state dict (the daily job)."""
     from recsys.retrievers import Tower
+    from recsys.launch import concurrent_runs, run_concurrently
     from recsys.retrieval_train import save_features, train_retriever
 
     work.mkdir(parents=True, exist_ok=True)
@@ -126,17 +127,25 @@ def run_retrieval(data, feats, aligned, pairs, cfg, work: Path, quiet: bool = Fa
     queries = {"valid": data.valid, "all": data.test,
                "cold": data.test.only_targets(data.cold)}
     towers, per_query, scorers = {}, {}, {}
+    if "frozen_aligned" in cfg.towers and aligned is None:
+        raise ValueError("the frozen_aligned tower needs aligned_item_embeddings")
+    jobs = {(name, seed): tower_job(cfg, name, seed,
+                                    work / name.replace("+", "_") / f"seed{seed}", features,
+                                    frozen, sequences, valid, len(data.sequences),
+                                    (init_from or {}).get(name, ""))
+            for name in cfg.towers for seed in cfg.seeds}
+    # Every tower and seed is an independent run: ``workers`` of them train at once.
+    workers = concurrent_runs(cfg.parallel_towers, cfg.ranks, cfg.threads_per_rank,
+                              cfg.device, cfg.launcher)
+    trained = dict(zip(jobs, run_concurrently(
+        lambda job: train_retriever(job, cfg.ranks, cfg.launcher, quiet or workers > 1),
+        list(jobs.values()), workers)))
     for name in cfg.towers:
-        if name == "frozen_aligned" and aligned is None:
-            raise ValueError("the frozen_aligned tower needs aligned_item_embeddings")
         t = towers[name] = TrainedTower(name, [], [], [])
         runs = []
         for seed in cfg.seeds:
-            job = tower_job(cfg, name, seed, work / name.replace("+", "_") / f"seed{seed}",
-                            features, frozen, sequences, valid, len(data.sequences),
-                            (init_from or {}).get(name, ""))
-            model, result = train_retriever(job, cfg.ranks, cfg.launcher, quiet)
-            t.models.append(model), t.jobs.append(job), t.results.append(result)
+            model, result = trained[(name, seed)]
+            t.models.append(model), t.jobs.append(jobs[(name, seed)]), t.results.append(result)
             scorer = Tower(model, feats)
             scorers.setdefault(name, scorer)
             runs.append(_evaluate(scorer, queries, data.n_items))

@@ -32,6 +32,8 @@ EXTRA = ["world.n_users=80", "world.impressions_per_user=60", "encoder.image_siz
          "train.epochs=1", "train.model.dim=8", "train.model.mlp=[32]",
          "retrieval.max_steps=30", "retrieval.valid_every=10", "retrieval.dim=8",
          "retrieval.max_len=10", "retrieval.batch_size=32", "retrieval.sampled_negatives=32",
+         # Two runs at once (on 2 ranks each): the DAG's arms and towers train concurrently.
+         "train.parallel_arms=2", "retrieval.parallel_towers=2",
          "retrieval.bootstrap=200", "retrieval.rerank=30", "retrieval.top_k=20",
          "pretrain.epochs=2", "pretrain.batch_size=32", "pretrain.video.enabled=true",
          "pretrain.video.epochs=3", "pretrain.video.dim=8", "pretrain.video.width=16"]

@@ -227,15 +227,16 @@ def small_data(tmp_path_factory):
 
 
 def test_the_grid_never_reads_the_evaluation_labels(small_data):
-    from jobs.ablation import grid_combos, run_grid
+    from jobs.ablation import grid_combos, run_grids
 
     data, noisy, root = small_data
     cfg = TrainConfig(model=ModelConfig(dim=8, attention_dim=8, cross_rank=8, mlp=[16]),
                       ranks=1, batch_size=64, epochs=6, valid_every=10, patience=2)
     combos = grid_combos({"sparse_lr": [0.02, 0.3], "l2": [0.0]})
     assert combos == [{"l2": 0.0, "sparse_lr": 0.02}, {"l2": 0.0, "sparse_lr": 0.3}]
-    best, runs = run_grid(data, "codes", cfg, combos, root / "clean")
-    best_n, runs_n = run_grid(noisy, "codes", cfg, combos, root / "noisy")
+    best, runs = run_grids(data, ["codes"], cfg, combos, root / "clean")["codes"]
+    # Two runs at once: the same runs, in the grid's order.
+    best_n, runs_n = run_grids(noisy, ["codes"], cfg, combos, root / "noisy", workers=2)["codes"]
     assert best["settings"] == best_n["settings"]
     assert [r["best_valid"] for r in runs] == [r["best_valid"] for r in runs_n]
     assert best["best_valid"] == max(r["best_valid"] for r in runs)

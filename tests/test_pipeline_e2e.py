@@ -1,7 +1,6 @@
 """The DAG end to end on a tiny synthetic world: world → ingest → embed → pairs → align →
-quantize → quantize_raw → examples → train (six arms, two gloo ranks each, and the baselines) →
-evaluate, then
-assign-only coding with the fitted codebook."""
+quantize → quantize_raw → examples → train (six arms, two gloo ranks each, two arms at once,
+and the baselines) → evaluate, then assign-only coding with the fitted codebook."""
 
 from __future__ import annotations
 
@@ -339,6 +338,39 @@ def test_pretrain_trains_the_video_text_model_and_it_can_be_the_video_tower(own_
     enc = ItemEncoder.load(m.facts.encoder_artifact)
     assert enc.cfg.video_tower == "camoe" and enc.cfg.camoe_path == f.folder
     assert enc.towers.dims()["video"] == 24 and m.row_count == 120
+
+
+def test_the_ablation_runs_its_grid_then_its_seeds_two_at_once_in_the_arms_order(own_run,
+                                                                                   capsys):
+    import json
+
+    root, _ = own_run
+    assert main(["ablation", *_own_args(
+        root, "--set", "train.arms=[id_only,codes]", "--set", "ablation.seeds=2",
+        "--set", "ablation.grid={sparse_lr: [0.1, 0.3]}", "--set", "ablation.bootstrap=50",
+        "--set", "train.parallel_arms=2")]) == 0
+    out = capsys.readouterr().out
+    assert "chosen on the validation part" in out
+    folder = next((root / "ablation").iterdir())
+    res = json.loads((folder / "ablation.json").read_text())
+    assert [(g["arm"], g["settings"]["sparse_lr"]) for g in res["grid"]] == [
+        ("id_only", 0.1), ("id_only", 0.3), ("codes", 0.1), ("codes", 0.3)]
+    assert [(r["arm"], r["seed"]) for r in res["runs"]] == [
+        ("id_only", 0), ("id_only", 1), ("codes", 0), ("codes", 1)]
+    for arm in ("id_only", "codes"):
+        grid = [g for g in res["grid"] if g["arm"] == arm]
+        best = max(grid, key=lambda g: g["best_valid"])
+        assert res["chosen"][arm] == best["settings"]
+        # Seed 0 is the chosen grid run itself, not a run of its own.
+        assert next(r for r in res["runs"] if r["arm"] == arm and r["seed"] == 0
+                    )["best_valid"] == best["best_valid"]
+    preds = pd.read_parquet(folder / "predictions.parquet")
+    trained = preds[preds.arm.isin(["id_only", "codes"])]
+    assert set(zip(trained.arm, trained.seed)) == {("id_only", 0), ("id_only", 1),
+                                                  ("codes", 0), ("codes", 1)}
+    # Every seed scored the same rows.
+    sizes = trained.groupby(["arm", "seed"]).size()
+    assert sizes.nunique() == 1
 
 
 def test_rerun_skips_everything(own_run, capsys):

@@ -471,3 +471,56 @@ def _facts():
                          frozen_dim=0, frozen_embeddings=None, codes_per_level=8,
                          mean_history=3.0, mean_vq=3.0, codebook_version="c",
                          encoder_version="e")
+
+
+# --------------------------------------------------------------------------- runs at once
+
+
+def test_concurrent_runs_fill_the_cores_without_oversubscribing_them():
+    from recsys.launch import concurrent_runs, usable_cores
+
+    cores = usable_cores()
+    assert concurrent_runs(0, ranks=1, threads=1) == cores
+    assert concurrent_runs(0, ranks=2, threads=1) == max(1, cores // 2)
+    assert concurrent_runs(0, ranks=cores + 1, threads=1) == 1
+    assert concurrent_runs(0, 1, 1, device="cuda") == 1
+    assert concurrent_runs(0, 1, 1, launcher="torchrun") == 1
+    assert concurrent_runs(3, ranks=2, threads=4) == 3
+    with pytest.raises(ValueError, match="0 \\(auto\\) or positive"):
+        concurrent_runs(-1, 1, 1)
+
+
+def test_runs_at_once_keep_their_order_and_a_failure_is_raised():
+    import threading
+    import time
+
+    from recsys.launch import run_concurrently
+
+    # Three at a time: each group of three must meet at the barrier (it would time out if
+    # they ran one after another); results come back in the items' order.
+    barrier = threading.Barrier(3, timeout=20)
+
+    def square(x):
+        barrier.wait()
+        time.sleep(0.01 * (5 - x))
+        return x * x
+    assert run_concurrently(square, range(6), 3) == [0, 1, 4, 9, 16, 25]
+    assert run_concurrently(lambda x: -x, [1, 2], 1) == [-1, -2]
+
+    def bad(x):
+        if x == 1:
+            raise ValueError("run 1 failed")
+        time.sleep(0.05)
+        return x
+    with pytest.raises(ValueError, match="run 1 failed"):
+        run_concurrently(bad, range(8), 2)
+
+
+def test_ports_handed_out_at_once_from_several_threads_are_distinct():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from recsys.launch import free_port
+
+    with ThreadPoolExecutor(4) as ex:
+        ports = list(ex.map(lambda _: free_port(), range(40)))
+    assert len(set(ports)) == 40

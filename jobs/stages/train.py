@@ -83,6 +83,34 @@ def train_one(data: TrainingData, arm: str, tcfg, out_dir: Path, quiet: bool = F
                      frozen_table=path, valid_files=data.valid_files, init_from=init_from)
 
 
+def arm_workers(t) -> int:
+    """How many arms train at once (``train.parallel_arms``; 0: as many as the cores hold)."""
+    from recsys.launch import concurrent_runs
+
+    return concurrent_runs(t.parallel_arms, t.ranks, t.threads_per_rank, t.device, t.launcher)
+
+
+def train_arms(items: list, fit, workers: int, progress: bool, desc: str = "train arms") -> list:
+    """``fit`` over ``items`` (arms, or an ablation's runs), ``workers`` at once, results in
+    order. With more than one at once the ranks' own bars are off (they would interleave) and
+    one bar counts the finished runs."""
+    from tqdm.auto import tqdm
+
+    from recsys.launch import run_concurrently
+
+    bar = tqdm(total=len(items), desc=f"{desc} ({workers} at once)", unit="run",
+               disable=not progress or workers <= 1)
+
+    def one(item):
+        res = fit(item)
+        bar.update(1)
+        return res
+    try:
+        return run_concurrently(one, items, workers)
+    finally:
+        bar.close()
+
+
 def with_seed(table, seed: int):
     import pyarrow as pa
 
@@ -158,11 +186,14 @@ def run(ctx: StageContext) -> TrainReport:
     # A daily run without a refit: arms the previous day trained continue from its models on
     # the day that just became training data.
     warm = warm_starts(ctx, data, runs)
-    for arm in t.arms:
-        tcfg = t.for_arm(arm)
+    workers = arm_workers(t)
+
+    def fit(arm: str):
         arm_data, init = warm.get(arm, (data, ""))
-        res = train_one(arm_data, arm, tcfg, runs / arm.replace("+", "_"), init_from=init,
-                        quiet=not ctx.progress)
+        return train_one(arm_data, arm, t.for_arm(arm), runs / arm.replace("+", "_"),
+                         init_from=init, quiet=not ctx.progress or workers > 1)
+    fitted = train_arms(t.arms, fit, workers, ctx.progress)
+    for arm, res in zip(t.arms, fitted):
         models[arm] = str(res.out_dir)
         curve = res.result["loss_curve"]
         for step in range(0, len(curve), max(1, len(curve) // 200)):
@@ -185,7 +216,8 @@ def run(ctx: StageContext) -> TrainReport:
     started = (f"warm-started from the previous day: {', '.join(warm)} (on "
                f"{sum(pq_rows(d.train_files) for d, _ in warm.values()) // max(len(warm), 1)} "
                "training examples); " if warm else "")
-    setup = (f"{started}ranks: {t.ranks} ({t.launcher}, {t.device}); global batch {t.batch_size}; "
+    setup = (f"{started}ranks: {t.ranks} ({t.launcher}, {t.device}), {workers} arm(s) at once; "
+             f"global batch {t.batch_size}; "
              f"at most {t.epochs} epochs, early stopping on validation {t.valid_metric} "
              f"(patience {t.patience}); seed {t.seed}; baselines: "
              f"{', '.join(t.baselines) or 'none'}; runs in {runs}")
