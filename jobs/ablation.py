@@ -80,13 +80,9 @@ def run_grids(data, arms: list[str], train_cfg, combos, out: Path, workers: int 
     is called after each run); returns {arm: (chosen run, its runs)}."""
     from recsys.launch import run_concurrently
 
-    def one(item):
-        run = grid_run(data, *item, train_cfg=train_cfg, out=out)
-        if progress:
-            progress()
-        return run
-    runs = run_concurrently(one, [(arm, i, c) for arm in arms for i, c in enumerate(combos)],
-                            workers)
+    runs = run_concurrently(lambda item: grid_run(data, *item, train_cfg=train_cfg, out=out),
+                            [(arm, i, c) for arm in arms for i, c in enumerate(combos)],
+                            workers, done=progress)
     grids = {}
     for arm in arms:
         mine = [r for r in runs if r["arm"] == arm]
@@ -127,31 +123,28 @@ def run_ablation(cfg, ds: str, *, grid: bool = True, progress: bool = True) -> d
     bar = tqdm(total=n_runs, desc=f"ablation ({workers} at once)", unit="run",
                disable=not progress)
 
-    def counted(fn):
-        def run(item):
-            res = fn(item)
-            bar.update(1)
-            return res
-        return run
-
     # Every arm's first run (its grid, or seed 0 at its settings), then every later seed: the
     # runs of a phase are independent, so they train ``workers`` at once.
     grid_rows, chosen, first = [], {}, {}
+
+    def tick():
+        bar.update(1)
+
+    def seed_run(item):
+        arm, seed = item
+        return train_one(data, arm, with_settings(t, chosen[arm], seed),
+                         out / "seeds" / arm.replace("+", "_") / f"s{seed}", quiet=True)
     if combos:
-        grids = run_grids(data, t.arms, t, combos, out, workers, lambda: bar.update(1))
+        grids = run_grids(data, t.arms, t, combos, out, workers, tick)
         for arm, (best, mine) in grids.items():
             chosen[arm], first[arm] = best["settings"], best["result"]
             grid_rows += [{k: v for k, v in r.items() if k != "result"} for r in mine]
     else:
         chosen = {arm: t.settings(arm) for arm in t.arms}
-        first = dict(zip(t.arms, run_concurrently(counted(lambda arm: train_one(
-            data, arm, with_settings(t, chosen[arm], 0),
-            out / "seeds" / arm.replace("+", "_") / "s0", quiet=True)), t.arms, workers)))
+        first = dict(zip(t.arms, run_concurrently(seed_run, [(arm, 0) for arm in t.arms],
+                                                  workers, done=tick)))
     later = [(arm, seed) for arm in t.arms for seed in range(1, a.seeds)]
-    seeded = dict(zip(later, run_concurrently(counted(lambda item: train_one(
-        data, item[0], with_settings(t, chosen[item[0]], item[1]),
-        out / "seeds" / item[0].replace("+", "_") / f"s{item[1]}", quiet=True)), later,
-        workers)))
+    seeded = dict(zip(later, run_concurrently(seed_run, later, workers, done=tick)))
     bar.close()
     preds, arm_rows = [], []
     for arm in t.arms:

@@ -62,11 +62,20 @@ def concurrent_runs(setting: int, ranks: int, threads: int, device: str = "cpu",
     return max(1, usable_cores() // max(1, ranks * threads))
 
 
-def run_concurrently(fn: Callable[[T], R], items: Iterable[T], workers: int) -> list[R]:
+def run_concurrently(fn: Callable[[T], R], items: Iterable[T], workers: int,
+                     done: Callable[[], object] | None = None) -> list[R]:
     """``fn`` over ``items`` with at most ``workers`` at once (threads: each ``fn`` launches
-    and waits on its own processes); the results in ``items``' order. The first failure cancels
-    the runs not yet started and is raised once the runs in flight have ended."""
+    and waits on its own processes); the results in ``items``' order. ``done`` (a progress
+    bar's update) is called after each run. The first failure cancels the runs not yet started
+    and is raised once the runs in flight have ended."""
     items = list(items)
+    if done is not None:
+        inner = fn
+
+        def fn(x):
+            res = inner(x)
+            done()
+            return res
     if workers <= 1 or len(items) <= 1:
         return [fn(x) for x in items]
     with ThreadPoolExecutor(min(workers, len(items))) as ex:

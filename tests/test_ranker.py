@@ -504,7 +504,10 @@ def test_runs_at_once_keep_their_order_and_a_failure_is_raised():
         barrier.wait()
         time.sleep(0.01 * (5 - x))
         return x * x
-    assert run_concurrently(square, range(6), 3) == [0, 1, 4, 9, 16, 25]
+    finished = []
+    assert run_concurrently(square, range(6), 3, done=lambda: finished.append(1)) == [
+        0, 1, 4, 9, 16, 25]
+    assert len(finished) == 6
     assert run_concurrently(lambda x: -x, [1, 2], 1) == [-1, -2]
 
     def bad(x):

@@ -90,25 +90,16 @@ def arm_workers(t) -> int:
     return concurrent_runs(t.parallel_arms, t.ranks, t.threads_per_rank, t.device, t.launcher)
 
 
-def train_arms(items: list, fit, workers: int, progress: bool, desc: str = "train arms") -> list:
-    """``fit`` over ``items`` (arms, or an ablation's runs), ``workers`` at once, results in
-    order. With more than one at once the ranks' own bars are off (they would interleave) and
-    one bar counts the finished runs."""
+def train_arms(arms: list[str], fit, workers: int, progress: bool) -> list:
+    """``fit`` over ``arms``, ``workers`` at once, results in order. With more than one at once
+    the ranks' own bars are off (they would interleave) and one bar counts the finished arms."""
     from tqdm.auto import tqdm
 
     from recsys.launch import run_concurrently
 
-    bar = tqdm(total=len(items), desc=f"{desc} ({workers} at once)", unit="run",
-               disable=not progress or workers <= 1)
-
-    def one(item):
-        res = fit(item)
-        bar.update(1)
-        return res
-    try:
-        return run_concurrently(one, items, workers)
-    finally:
-        bar.close()
+    with tqdm(total=len(arms), desc=f"train arms ({workers} at once)", unit="arm",
+              disable=not progress or workers <= 1) as bar:
+        return run_concurrently(fit, arms, workers, done=lambda: bar.update(1))
 
 
 def with_seed(table, seed: int):
