@@ -189,12 +189,11 @@ def check_consistent(cfg: QarmConfig) -> QarmConfig:
         raise ConfigError(f"online.keep_positives ({cfg.online.keep_positives}) is below "
                           f"examples.history_len ({cfg.examples.history_len}): the service "
                           "would score with shorter histories than the ranker trained on")
-    if cfg.train.parallel_arms < 0:
-        raise ConfigError(f"train.parallel_arms must be 0 (as many as the cores hold) or "
-                          f"positive, got {cfg.train.parallel_arms}")
-    if cfg.retrieval.parallel_towers < 0:
-        raise ConfigError(f"retrieval.parallel_towers must be 0 (as many as the cores hold) or "
-                          f"positive, got {cfg.retrieval.parallel_towers}")
+    for key, value in (("train.parallel_arms", cfg.train.parallel_arms),
+                       ("retrieval.parallel_towers", cfg.retrieval.parallel_towers)):
+        if value < 0:
+            raise ConfigError(f"{key} must be 0 (as many as the cores hold) or positive, "
+                              f"got {value}")
     if cfg.pairs.window_days is not None and cfg.pairs.window_days < 1:
         raise ConfigError(f"pairs.window_days must be >= 1 (or null: the whole training part), "
                           f"got {cfg.pairs.window_days}")

@@ -92,9 +92,9 @@ class TrainConfig:
     threads_per_rank: int = 1
     #: Arms (and ``qarm ablation``'s runs) trained at once, each on its own ``ranks``
     #: processes: 0 = as many as the cores hold (cores // (ranks x threads_per_rank), one at a
-    #: time on cuda or under torchrun). On 2 cores, 2 arms on 1 rank each train 1.65x faster
-    #: than one arm at a time on 2 ranks: at this size the ranks' collectives cost more than
-    #: they share. The results do not depend on it.
+    #: time on cuda or under torchrun). On 2 cores the demo's six arms, two at once on 1 rank
+    #: each, train 2.1x faster than one at a time on 2 ranks: at this size the ranks'
+    #: collectives cost more than they share. The results do not depend on it.
     parallel_arms: int = 0
     #: Register each trained arm in the MLflow model registry.
     register: bool = True

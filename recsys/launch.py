@@ -80,8 +80,8 @@ def run_concurrently(fn: Callable[[T], R], items: Iterable[T], workers: int,
         return [fn(x) for x in items]
     with ThreadPoolExecutor(min(workers, len(items))) as ex:
         futures = [ex.submit(fn, x) for x in items]
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        failed = [f for f in futures if f in done and f.exception() is not None]
+        finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = [f for f in futures if f in finished and f.exception() is not None]
         if failed:
             for f in futures:
                 f.cancel()
