@@ -312,6 +312,23 @@ def test_a_step_updates_exactly_the_code_rows_in_the_batch(data, tmp_path):
     assert not torch.equal(before["over.mlp.0.weight"], after["over.mlp.0.weight"])
 
 
+def test_ranks_forked_from_the_rank_server_train_as_fresh_interpreters_do(data, tmp_path):
+    """The default local launch forks each rank from a server that imported torch and
+    TorchRec once; a fresh ``python -m recsys.train`` per rank (``preloaded=False``) computes
+    the same steps, to the float."""
+    from recsys.launch import rank_server
+
+    cfg = train_cfg(max_steps=6, ranks=2)
+    forked = launch(_job(data, "codes", cfg, tmp_path / "forked"), 2, quiet=True)
+    fresh = launch(_job(data, "codes", cfg, tmp_path / "fresh"), 2, quiet=True,
+                   preloaded=False)
+    assert rank_server() is not None
+    assert forked["world"] == fresh["world"] == 2
+    assert forked["loss_curve"] == fresh["loss_curve"] and len(forked["loss_curve"]) == 6
+    # Each forked rank logged to its own file, as a subprocess does.
+    assert (tmp_path / "forked" / "rank1.log").stat().st_size > 0
+
+
 def test_two_ranks_give_the_loss_curve_of_one_rank(data, tmp_path):
     # Each rank draws its own dropout masks: only a model without dropout computes the same
     # steps on 1 and 2 ranks.
