@@ -273,6 +273,21 @@ def test_config_keys_mlflow_refuses_are_logged_under_clean_names(tmp_path):
     assert run.data.metrics["codes_plus_frozen.test.all.auc"] == 0.7
 
 
+def test_a_curve_is_logged_in_batches_as_one_metric_with_its_steps(tmp_path):
+    from jobs.tracking import Tracker
+
+    cfg = load_config(None, [f"paths.root={tmp_path / 'q'}"])
+    tracker = Tracker(cfg)
+    points = [(3 * i, 1.0 / (i + 1)) for i in range(2500)]       # more than one request holds
+    with tracker.run("curve") as run_id:
+        tracker.series("codes+frozen.train_loss", points)
+        tracker.series("codes.valid_auc", [])
+    history = mlflow.MlflowClient().get_metric_history(run_id, "codes_plus_frozen.train_loss")
+    assert sorted((m.step, m.value) for m in history) == points
+    Tracker(load_config(None, [f"paths.root={tmp_path / 'off'}", "mlflow.enabled=false"])
+            ).series("x", points)                                  # tracking off: nothing
+
+
 def test_the_scheduler_graph_is_the_dag_with_engines_and_upstream_edges(capsys):
     import json
 

@@ -215,8 +215,7 @@ def run(ctx: StageContext) -> RetrieveReport:
             ranker.spec.pred_tag_vocab), r.rerank, r)
         res.summary["two_stage"]["ranker"] = f"qarm-ranker v{version}"
     for name, t in res.towers.items():
-        for step, value in t.results[0]["valid_curve"]:
-            ctx.tracker.metrics({f"{name}.valid_ndcg_at_10": value}, step=int(step))
+        ctx.tracker.series(f"{name}.valid_ndcg_at_10", t.results[0]["valid_curve"])
     versions = register(ctx, res, feats, codes_facts, io.manifest("split_events").ref)
     serve = res.towers[res.serve]
     table = candidates_table(serve.models[0], feats, data, r, res.serve)

@@ -187,10 +187,10 @@ def run(ctx: StageContext) -> TrainReport:
     for arm, res in zip(t.arms, fitted):
         models[arm] = str(res.out_dir)
         curve = res.result["loss_curve"]
-        for step in range(0, len(curve), max(1, len(curve) // 200)):
-            ctx.tracker.metrics({f"{arm}.train_loss": curve[step]}, step=step)
-        for step, value in res.result["valid_curve"]:
-            ctx.tracker.metrics({f"{arm}.valid_{res.result['valid_metric']}": value}, step=step)
+        ctx.tracker.series(f"{arm}.train_loss", [
+            (step, curve[step]) for step in range(0, len(curve), max(1, len(curve) // 200))])
+        ctx.tracker.series(f"{arm}.valid_{res.result['valid_metric']}",
+                           res.result["valid_curve"])
         version = None
         if t.register:
             version = register_ranker(ctx, arm, res, facts, data.examples_ref)
