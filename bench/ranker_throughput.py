@@ -23,7 +23,11 @@ batch size can memorise its rows; every variant's loss must fall (the correctnes
 scaling grows with the batch; the JSON shows each. Each variant runs in its own process;
 examples/s excludes the first 5 (warm-up) steps; peak RSS per process, and each rank's busy
 share (CPU time / wall time: the rest is waiting). A torch.profiler table of 20 TorchRec steps
-(a separate run: profiling slows what it records) shows where the time goes.
+(a separate run: profiling slows what it records) shows where the time goes. The TorchRec ranks
+are forked from the launcher's rank server (``recsys.launch``), the plain variants are fresh
+interpreters; ``--fresh-ranks`` also runs every TorchRec variant with fresh-interpreter ranks,
+interleaved, and reports ``*_forked_vs_fresh`` (one run: 0.88-1.14, within this VM's noise:
+forking changes the start, not the steps).
 
 The data is production-like: 1M items and 200k users, Zipf popularity over shuffled ids (an
 id's number says nothing of its popularity), Parquet row groups of 64k rows (as Spark writes).
@@ -124,6 +128,9 @@ def main() -> None:
                     help="global batches of the further 1-rank vs 2-rank comparisons")
     ap.add_argument("--scale-examples", type=int, default=250_000,
                     help="examples/s of those comparisons is measured over up to this many")
+    ap.add_argument("--fresh-ranks", action="store_true",
+                    help="also run the TorchRec variants with each rank a fresh interpreter "
+                         "(launch(preloaded=False)), interleaved with the forked ones")
     ap.add_argument("--out", help="also write the JSON here")
     ap.add_argument("--plain-worker", dest="variant", help=argparse.SUPPRESS)
     ap.add_argument("--job", help=argparse.SUPPRESS)
@@ -157,12 +164,12 @@ def main() -> None:
     model = ModelConfig()
 
     def torchrec(ranks: int, threads: int, name: str, profile: int = 0,
-                 steps: int = args.steps, batch: int = args.batch) -> dict:
+                 steps: int = args.steps, batch: int = args.batch, fresh: bool = False) -> dict:
         cfg = TrainConfig(model=model, ranks=ranks, batch_size=batch, epochs=1,
                           max_steps=steps, threads_per_rank=threads, register=False)
         job = dataclasses.replace(make_job(spec, cfg, files, ev, tmp / name),
                                   profile_steps=profile)
-        r = launch(job, ranks, quiet=True)
+        r = launch(job, ranks, quiet=True, preloaded=not fresh)
         out = {"examples_per_second": r["examples_per_second"], "steps": r["steps"],
                "global_batch": batch, "first_loss": sum(r["loss_curve"][:10]) / 10,
                "final_loss": sum(r["loss_curve"][-10:]) / 10,
@@ -194,6 +201,14 @@ def main() -> None:
             runs[f"torchrec_{ranks}rank{'s' if ranks > 1 else ''}_batch{big}"] = (
                 lambda r=ranks, th=threads, b=big, st=scale_steps[big]:
                 torchrec(r, th, f"b{b}r{r}", steps=st, batch=b))
+    if args.fresh_ranks:       # the same runs with ranks started as fresh interpreters
+        for name in [n for n in runs if n.startswith("torchrec_")]:
+            ranks = 2 if "2ranks" in name else 1
+            big = int(name.split("batch")[1]) if "batch" in name else args.batch
+            runs[f"{name}_fresh"] = (
+                lambda r=ranks, b=big, n=name: torchrec(
+                    r, 1 if r > 1 else args.threads, f"{n}_fresh", fresh=True, batch=b,
+                    steps=scale_steps.get(b, args.steps) if b != args.batch else args.steps))
     # This VM's timings wander by +-15% between identical runs: every variant runs
     # ``repeats`` times, interleaved, and the best run counts (noise only ever slows a run).
     results: dict = {}
@@ -226,6 +241,9 @@ def main() -> None:
         key = f"torchrec_2ranks_vs_1rank_batch{big}"
         ratios[key] = eps(f"torchrec_2ranks_batch{big}") / eps(f"torchrec_1rank_batch{big}")
         targets[key] = 1.3
+    if args.fresh_ranks:       # not targets: what the rank server changes in a run's speed
+        for name in [n for n in results if n.endswith("_fresh")]:
+            ratios[f"{name[:-6]}_forked_vs_fresh"] = eps(name[:-6]) / eps(name)
     # What 2 ranks could reach if neither ever waited: the cores (2 x 1 thread) kept busy at
     # the CPU time per example the 2-rank run measured. Below a target, balancing the ranks
     # cannot meet it; only less work per example can.

@@ -6,7 +6,10 @@ Local ranks are forked from a server process that has imported torch and TorchRe
 4 s of CPU importing them, and a DAG run launches a dozen ranks (six arms, then the retriever's
 towers). The server never runs torch code, so no thread pool or CUDA context exists when it
 forks; each rank sets its own thread count (``torch.set_num_threads``) and environment. CUDA
-ranks are fresh interpreters still."""
+ranks are fresh interpreters still. As with any ``multiprocessing`` start method but ``fork``,
+a forked rank imports the caller's main script first (as ``__mp_main__``): a script that calls
+``launch`` keeps its work under ``if __name__ == "__main__":`` (``qarm`` and the benchmarks
+do); an unguarded one fails the rank with multiprocessing's bootstrapping error in its log."""
 
 from __future__ import annotations
 
