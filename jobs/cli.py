@@ -303,7 +303,6 @@ def print_outcomes(outcomes, store_root: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    errors = _user_errors()
     try:
         if getattr(args, "assign_only", False) and not args.codebook:
             raise ConfigError("--assign-only needs --codebook VERSION (an existing codebook)")
@@ -441,7 +440,12 @@ def main(argv: list[str] | None = None) -> int:
         if dag.last_report is not None:
             print(f"report: {dag.last_report}")
         return 0
-    except errors as e:
+    except Exception as e:
+        # The typed errors are imported only when one may have been raised: importing them
+        # all (TorchRec, the towers) costs every command ~3 s of start-up, and a scheduler
+        # runs one command per stage.
+        if not isinstance(e, _user_errors()):
+            raise
         print(f"qarm: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
 
