@@ -194,6 +194,12 @@ def check_consistent(cfg: QarmConfig) -> QarmConfig:
         if value < 0:
             raise ConfigError(f"{key} must be 0 (as many as the cores hold) or positive, "
                               f"got {value}")
+    for key, value in (("train.ranks", cfg.train.ranks),
+                       ("train.threads_per_rank", cfg.train.threads_per_rank),
+                       ("retrieval.ranks", cfg.retrieval.ranks),
+                       ("retrieval.threads_per_rank", cfg.retrieval.threads_per_rank)):
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}")
     if cfg.pairs.window_days is not None and cfg.pairs.window_days < 1:
         raise ConfigError(f"pairs.window_days must be >= 1 (or null: the whole training part), "
                           f"got {cfg.pairs.window_days}")

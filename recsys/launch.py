@@ -114,6 +114,8 @@ def launch(job: TrainJob, ranks: int, launcher: str = "local", quiet: bool = Fal
     others and raises TrainError with its log's tail. ``preloaded``: fork CPU ranks from the
     rank server (``rank_server``); with False, on CUDA, and where the platform has no
     forkserver, each rank is a fresh interpreter."""
+    if ranks < 1:
+        raise TrainError(f"arm {job.arm}: ranks must be at least 1, got {ranks}")
     out = Path(job.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     job_path = out / "job.json"
@@ -180,7 +182,11 @@ def launch(job: TrainJob, ranks: int, launcher: str = "local", quiet: bool = Fal
         if path.exists():
             tail = "\n".join(path.read_text(errors="replace").splitlines()[-30:])
         raise TrainError(f"rank {i} of arm {job.arm} exited with {rc}; log {path}:\n{tail}")
-    return json.loads((out / "result.json").read_text())
+    result = out / "result.json"
+    if not result.exists():
+        raise TrainError(f"the ranks of arm {job.arm} exited without writing {result}; "
+                         f"their logs are in {out}")
+    return json.loads(result.read_text())
 
 
 def rank_server():

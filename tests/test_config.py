@@ -73,6 +73,16 @@ def test_choice_fields_refuse_other_values_when_the_config_loads(key, bad):
         load_config(None, [f"{key}={bad}"])
 
 
+@pytest.mark.parametrize("key, bad, says", [
+    ("train.ranks", 0, "at least 1"), ("retrieval.ranks", -1, "at least 1"),
+    ("train.threads_per_rank", 0, "at least 1"), ("retrieval.threads_per_rank", 0, "at least 1"),
+    ("train.parallel_arms", -1, "0 .as many as the cores hold. or positive"),
+    ("retrieval.parallel_towers", -2, "0 .as many as the cores hold. or positive")])
+def test_process_counts_below_their_minimum_are_refused_when_the_config_loads(key, bad, says):
+    with pytest.raises(ConfigError, match=f"{key} must be {says}, got {bad}"):
+        load_config(None, [f"{key}={bad}"])
+
+
 def test_each_package_owns_its_config_sections():
     import dataclasses
 

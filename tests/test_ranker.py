@@ -329,6 +329,19 @@ def test_ranks_forked_from_the_rank_server_train_as_fresh_interpreters_do(data, 
     assert (tmp_path / "forked" / "rank1.log").stat().st_size > 0
 
 
+def test_a_launch_without_ranks_or_without_a_result_is_a_clear_error(data, tmp_path,
+                                                                      monkeypatch):
+    job = _job(data, "codes", train_cfg(max_steps=1), tmp_path / "none")
+    with pytest.raises(TrainError, match="ranks must be at least 1, got 0"):
+        launch(job, 0, quiet=True)
+    # Ranks that exit 0 without writing result.json (here: a module that does nothing).
+    (tmp_path / "noop_rank.py").write_text("def main(argv=None):\n    pass\n\n\n"
+                                           "if __name__ == '__main__':\n    main()\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    with pytest.raises(TrainError, match="exited without writing .*result.json"):
+        launch(job, 1, quiet=True, module="noop_rank", preloaded=False)
+
+
 def test_two_ranks_give_the_loss_curve_of_one_rank(data, tmp_path):
     # Each rank draws its own dropout masks: only a model without dropout computes the same
     # steps on 1 and 2 ranks.
