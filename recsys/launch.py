@@ -216,6 +216,12 @@ def _forked_rank(module: str, job_path: str, env: dict, log_path: str | None) ->
         os.dup2(fd, 2)
         os.close(fd)
     sys.stdout.reconfigure(line_buffering=True)
+    # tqdm's default write lock is a multiprocessing RLock: a semaphore registered with the
+    # resource tracker the rank shares with the launching process, which a rank leaving with
+    # os._exit never unregisters ("leaked semaphore objects" when the launcher exits). A
+    # rank is one process: a thread lock serves.
+    from tqdm import tqdm
+    tqdm.set_lock(threading.RLock())
     importlib.import_module(module).main(["--job", job_path])
 
 

@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +23,8 @@ from recsys.job import TrainError
 from recsys.launch import launch
 from recsys.train import initial_state
 from recsys.testing import frozen_table, random_examples, write_examples
+
+REPO = Path(__file__).resolve().parents[1]
 
 SPEC_ARGS = dict(dim=8, history_len=5, levels=2, codes_per_level=8, n_items=50, n_users=20,
                  frozen_dim=4, vq_k=3, match_thresholds=(0.3, 0.8))
@@ -327,6 +332,14 @@ def test_ranks_forked_from_the_rank_server_train_as_fresh_interpreters_do(data, 
     assert forked["loss_curve"] == fresh["loss_curve"] and len(forked["loss_curve"]) == 6
     # Each forked rank logged to its own file, as a subprocess does.
     assert (tmp_path / "forked" / "rank1.log").stat().st_size > 0
+    # A launching process exits without multiprocessing's leaked-semaphore warning (tqdm's
+    # default lock in a rank that leaves with os._exit would be one).
+    p = subprocess.run([sys.executable, "-c", "from recsys.job import TrainJob; from "
+                        "recsys.launch import launch; launch(TrainJob.load("
+                        f"{str(tmp_path / 'forked' / 'job.json')!r}), 2, quiet=True)"],
+                       capture_output=True, text=True, cwd=str(REPO))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "leaked" not in p.stderr, p.stderr[-2000:]
 
 
 def test_a_launch_without_ranks_or_without_a_result_is_a_clear_error(data, tmp_path,
