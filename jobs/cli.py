@@ -430,20 +430,16 @@ def main(argv: list[str] | None = None) -> int:
                 print("\nchosen on the validation part (seed 0); to train with them:\n"
                       + tuned_yaml(res["chosen"]))
             return 0
-        if args.command == "run":
-            outcomes = dag.run(ds, until=args.until, only=args.only, force=args.force,
-                               progress=not args.no_progress)
-        else:
-            outcomes = dag.run(ds, only=args.command, force=args.force,
-                               progress=not args.no_progress)
+        run = args.command == "run"
+        outcomes = dag.run(ds, until=args.until if run else None,
+                           only=args.only if run else args.command, force=args.force,
+                           progress=not args.no_progress)
         print_outcomes(outcomes, dag.store.root)
         if dag.last_report is not None:
             print(f"report: {dag.last_report}")
         return 0
     except Exception as e:
-        # The typed errors are imported only when one may have been raised: importing them
-        # all (TorchRec, the towers) costs every command ~3 s of start-up, and a scheduler
-        # runs one command per stage.
+        # Imported only now: the typed errors pull in TorchRec and the towers (~3 s).
         if not isinstance(e, _user_errors()):
             raise
         print(f"qarm: error: {type(e).__name__}: {e}", file=sys.stderr)
