@@ -204,11 +204,11 @@ def main() -> None:
     if args.fresh_ranks:       # the same runs with ranks started as fresh interpreters
         for name in [n for n in runs if n.startswith("torchrec_")]:
             ranks = 2 if "2ranks" in name else 1
-            big = int(name.split("batch")[1]) if "batch" in name else args.batch
+            big = int(name.split("batch")[1]) if "batch" in name else 0
             runs[f"{name}_fresh"] = (
                 lambda r=ranks, b=big, n=name: torchrec(
-                    r, 1 if r > 1 else args.threads, f"{n}_fresh", fresh=True, batch=b,
-                    steps=scale_steps.get(b, args.steps) if b != args.batch else args.steps))
+                    r, 1 if r > 1 else args.threads, f"{n}_fresh", fresh=True,
+                    batch=b or args.batch, steps=scale_steps[b] if b else args.steps))
     # This VM's timings wander by +-15% between identical runs: every variant runs
     # ``repeats`` times, interleaved, and the best run counts (noise only ever slows a run).
     results: dict = {}

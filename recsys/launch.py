@@ -137,7 +137,7 @@ def launch(job: TrainJob, ranks: int, launcher: str = "local", quiet: bool = Fal
     elif launcher == "local":
         # CUDA ranks start fresh: each initialises its own device, and they run one job at a
         # time, so the imports are a small share of their time.
-        ctx = rank_server() if preloaded and getattr(job, "device", "cpu") == "cpu" else None
+        ctx = rank_server() if preloaded and job.device == "cpu" else None
         for r in range(ranks):
             env = {**base, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(ranks),
                    "LOCAL_WORLD_SIZE": str(ranks)}
