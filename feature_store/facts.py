@@ -63,6 +63,8 @@ class SplitFacts:
     test_users_new: int
     #: per_user: users with too few positives to be split (all their events are training).
     users_too_short: int
+    #: split.mode auto: which mode it chose and why (None when the mode was configured).
+    auto: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -200,6 +200,9 @@ def check_consistent(cfg: QarmConfig) -> QarmConfig:
                        ("retrieval.threads_per_rank", cfg.retrieval.threads_per_rank)):
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
+    if not 0.0 <= cfg.split.auto_min_known <= 1.0:
+        raise ConfigError(f"split.auto_min_known is a share of test events, between 0 and 1; "
+                          f"got {cfg.split.auto_min_known}")
     if cfg.pairs.window_days is not None and cfg.pairs.window_days < 1:
         raise ConfigError(f"pairs.window_days must be >= 1 (or null: the whole training part), "
                           f"got {cfg.pairs.window_days}")

@@ -140,7 +140,12 @@ class SplitConfig:
     #: timestamps only order each user's sequence.
     #: ``last_days``: the daily job's protocol (test = the last ``test_days`` whole days,
     #: validation the ``valid_days`` before them; ``pipelines/split.py``).
-    mode: Literal["global_time", "per_user", "last_days"] = "global_time"
+    #: ``auto`` (default): the global time cut when at least ``auto_min_known`` of its test
+    #: events come from users the training part has seen, else (or when the cut leaves a part
+    #: empty) per_user; the split report says which and why.
+    mode: Literal["auto", "global_time", "per_user", "last_days"] = "auto"
+    #: auto: the least share of the global cut's test events whose user has training events.
+    auto_min_known: float = 0.5
     #: global_time: explicit test start (ISO-8601, UTC); events at or after it are test.
     train_end: Optional[str] = None
     #: global_time: otherwise this share of the events' time range precedes the test part.

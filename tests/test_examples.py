@@ -19,7 +19,7 @@ from pipelines.split import split_events
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 END = T0 + dt.timedelta(hours=10)
 #: The test part starts at END; the validation part is the last 20% before it (from 8.2 h).
-SPLIT = SplitConfig(train_end=END.isoformat(), valid_share=0.2)
+SPLIT = SplitConfig(mode="global_time", train_end=END.isoformat(), valid_share=0.2)
 
 
 def _ts(h):

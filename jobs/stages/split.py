@@ -22,6 +22,8 @@ class SplitReport(StageReport):
                 f"{f.users_too_short} users with too few positives are training only")
         table = text_table([("part", "s"), ("events", "d"), ("positives", "d"), ("users", "d")],
                            [(p, f.rows[p], f.positives[p], f.users[p]) for p in f.rows])
+        if f.auto:
+            head = f"split.mode auto chose {f.auto}\n{head}"
         return (f"{head}\n{table}\ntest users: {f.test_users_known} also in training (known), "
                 f"{f.test_users_new} not (new)")
 
@@ -38,12 +40,16 @@ def run(ctx: StageContext) -> SplitReport:
 
     from feature_store import schemas
     from pipelines.accounting import check_rows
-    from pipelines.split import split_events, split_facts
+    from pipelines.split import auto_split, split_events, split_facts
 
     io, cfg = ctx.io, ctx.cfg.split
-    split, bounds = split_events(io.spark(ctx.spark, "events"), cfg)
-    split = split.persist(StorageLevel.MEMORY_AND_DISK)
-    facts = split_facts(split, cfg, bounds)
+    events = io.spark(ctx.spark, "events")
+    if cfg.mode == "auto":
+        split, bounds, facts = auto_split(events, cfg, StorageLevel.MEMORY_AND_DISK)
+    else:
+        split, bounds = split_events(events, cfg)
+        split = split.persist(StorageLevel.MEMORY_AND_DISK)
+        facts = split_facts(split, cfg, bounds)
     out = io.write_spark("split_events", split, schemas.split_events_schema(), facts=facts)
     split.unpersist()
     check_rows("split: events in, events with a part out", io.manifest("events").row_count,
@@ -53,5 +59,6 @@ def run(ctx: StageContext) -> SplitReport:
 
 STAGE = Stage(
     "split", run, engine="spark", inputs=("events",), outputs=("split_events",), config=("split",),
-    help="assign every event to the train, valid or test part (global time cut or per user); "
+    help="assign every event to the train, valid or test part (global time cut or per user, "
+         "auto: the global cut unless most of its test events are from new users); "
          "later stages learn only from the train part")
