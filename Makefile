@@ -18,7 +18,7 @@ SHELL := /bin/bash
 # once per package. Drop that noise, keep real warnings and errors.
 QUIET := 2>&1 | sed '/^WARNING: Location .* is ignored/d'
 
-.PHONY: setup demo test test-all bench clean report-check airflow-check tagger-check camoe-check gmu-check daily-check ceiling-check
+.PHONY: setup demo test test-all bench clean report-check airflow-check tagger-check camoe-check gmu-check daily-check ceiling-check generic-check
 
 setup: $(STAMP)
 
@@ -72,6 +72,10 @@ gmu-check: setup
 # test AUC with intervals (JSON on stdout; reads the demo's finished run).
 ceiling-check: demo
 	$(PY) checks/content_ceiling.py --root .qarm --config configs/demo.yaml
+
+# MovieLens through the generic source with no other config: the defaults' ablation (~35 min).
+generic-check: setup
+	$(PY) checks/generic_movielens.py
 
 # The daily job on the synthetic world (three days, a rebuild, a forced drift; ~30 min on 2 cores).
 daily-check: setup
