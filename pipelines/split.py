@@ -2,7 +2,7 @@
 
 Every stage that learns from behaviour (pair mining, alignment, the ranker's training examples,
 popularity for negative sampling) reads only the ``train`` part; ``valid`` and ``test`` events are
-scored, never learned from. Two modes (``split.mode``):
+scored, never learned from. The modes (``split.mode``):
 
 ``global_time``
     One cut for everyone. The test part starts at ``split.train_end``, or ``train_share`` of the
@@ -146,11 +146,14 @@ def auto_split(events: "DataFrame", cfg: SplitConfig, storage=None
 
     storage = storage or StorageLevel.MEMORY_AND_DISK
     glob = dataclasses.replace(cfg, mode="global_time")
+    split = None
     try:
         split, bounds = split_events(events, glob)
         split = split.persist(storage)
         facts = split_facts(split, glob, bounds)
     except UnusableData as e:
+        if split is not None:
+            split.unpersist()
         split, why, global_error = None, f"cannot be used ({e})", e
     else:
         trained = split.where(F.col("part") == "train").select("user_id").distinct()
