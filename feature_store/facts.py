@@ -65,6 +65,8 @@ class SplitFacts:
     users_too_short: int
     #: split.mode auto: which mode it chose and why (None when the mode was configured).
     auto: Optional[str] = None
+    #: Test events whose user has training events (None in manifests written before it).
+    test_events_known: Optional[int] = None
 
 
 @dataclass(frozen=True)

@@ -122,15 +122,19 @@ def split_facts(split: "DataFrame", cfg: SplitConfig, bounds: dict) -> SplitFact
     positives = {p: int(per_part[p]["positives"] or 0) if p in per_part else 0 for p in PARTS}
     users = {p: int(per_part[p]["users"]) if p in per_part else 0 for p in PARTS}
     trained = split.where(F.col("part") == "train").select("user_id").distinct()
-    tested = split.where(F.col("part") == "test").select("user_id").distinct()
-    known = tested.join(trained, "user_id").count()
+    # One join gives both the known test users and their test events (auto reads the latter).
+    k = (split.where(F.col("part") == "test").select("user_id")
+         .join(trained, "user_id", "left_semi")
+         .agg(F.count("*").alias("rows"), F.countDistinct("user_id").alias("users")).first())
+    known, known_rows = int(k["users"]), int(k["rows"])
     too_short = 0
     if cfg.mode == "per_user":
         need = cfg.test_last_n + cfg.valid_last_n + 1
         too_short = (split.groupBy("user_id").agg(F.sum(F.col("label").cast("int")).alias("n"))
                      .where(F.col("n") < need).count())
     facts = SplitFacts(cfg.mode, bounds["test_start"], bounds["valid_start"], rows, positives,
-                       users, known, users["test"] - known, too_short)
+                       users, known, users["test"] - known, too_short,
+                       test_events_known=known_rows)
     check_usable(facts, cfg)
     return facts
 
@@ -142,7 +146,6 @@ def auto_split(events: "DataFrame", cfg: SplitConfig, storage=None
     (persisted with ``storage``, default MEMORY_AND_DISK), its bounds and its facts, whose
     ``auto`` says what was chosen and why; :class:`UnusableData` when neither mode can be used."""
     from pyspark import StorageLevel
-    from pyspark.sql import functions as F
 
     storage = storage or StorageLevel.MEMORY_AND_DISK
     glob = dataclasses.replace(cfg, mode="global_time")
@@ -156,9 +159,7 @@ def auto_split(events: "DataFrame", cfg: SplitConfig, storage=None
             split.unpersist()
         split, why, global_error = None, f"cannot be used ({e})", e
     else:
-        trained = split.where(F.col("part") == "train").select("user_id").distinct()
-        known = (split.where(F.col("part") == "test").join(trained, "user_id", "left_semi")
-                 .count())
+        known = facts.test_events_known
         share = known / max(facts.rows["test"], 1)
         why = (f"gives {known} of its {facts.rows['test']} test events ({share:.1%}) to users "
                f"with training events")
