@@ -34,9 +34,9 @@ def write_inputs(out: Path, data: Path = DATA) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     movies = pd.read_csv(ml / "movies.csv")
     have = {p.name for p in posters.glob("*.jpg")}
+    image = [f"{i}.jpg" if f"{i}.jpg" in have else "" for i in movies.movieId]
     pd.DataFrame({"item_id": movies.movieId, "title": movies.title, "tags": movies.genres,
-                  "image": [f"{i}.jpg" if f"{i}.jpg" in have else "" for i in movies.movieId]}
-                 ).to_csv(out / "items.csv", index=False)
+                  "image": image}).to_csv(out / "items.csv", index=False)
     ratings = pd.read_csv(ml / "ratings.csv")
     pd.DataFrame({"user_id": ratings.userId, "item_id": ratings.movieId, "ts": ratings.timestamp,
                   "rating": ratings.rating}).to_csv(out / "events.csv", index=False)
@@ -44,8 +44,8 @@ def write_inputs(out: Path, data: Path = DATA) -> Path:
     cfg.write_text(f"paths:\n  root: {out / 'qarm'}\nsource:\n  kind: generic\n"
                    f"  items: {out / 'items.csv'}\n  events: {out / 'events.csv'}\n"
                    f"  images_dir: {posters.resolve()}\n")
-    print(f"{len(movies)} items ({sum(movies.movieId.astype(str).add('.jpg').isin(have))} with "
-          f"a poster), {len(ratings)} events; config {cfg}", file=sys.stderr)
+    print(f"{len(movies)} items ({sum(map(bool, image))} with a poster), {len(ratings)} events; "
+          f"config {cfg}", file=sys.stderr)
     return cfg
 
 
