@@ -23,7 +23,10 @@ batch size can memorise its rows; every variant's loss must fall (the correctnes
 scaling grows with the batch; the JSON shows each. Each variant runs in its own process;
 examples/s excludes the first 5 (warm-up) steps; peak RSS per process, and each rank's busy
 share (CPU time / wall time: the rest is waiting). A torch.profiler table of 20 TorchRec steps
-(a separate run: profiling slows what it records) shows where the time goes. The TorchRec ranks
+(a separate run: profiling slows what it records) shows where the time goes; ``phases`` times
+TorchRec 1 rank and plain SparseAdam in one process on the same prebuilt batches (forward,
+backward, optimizer step, the sparse lookups alone), so the step's compute is compared apart
+from batch reading, the pipeline and the process it runs in (``--phase-steps 0``: skip it). The TorchRec ranks
 are forked from the launcher's rank server (``recsys.launch``), the plain variants are fresh
 interpreters; ``--fresh-ranks`` also runs every TorchRec variant with fresh-interpreter ranks,
 interleaved, and reports ``*_forked_vs_fresh`` (one run: 0.88-1.14, within this VM's noise:
@@ -54,6 +57,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import emit, scratch_dir  # noqa: E402
 
 
+def plain_ranker(spec, cfg, state: dict, sparse: bool = True):
+    """The ranker on ``nn.Embedding`` tables, with the weights of a TorchRec ranker's
+    ``state``."""
+    from recsys.model import PlainSparse, Ranker
+
+    model = Ranker(spec, cfg, PlainSparse(spec, sparse=sparse))
+    model.load_state_dict({k.replace("sparse.ec.embeddings.", "sparse.emb.")
+                           .replace("sparse.ebc.embedding_bags.", "sparse.bags."): v
+                           for k, v in state.items()})
+    return model
+
+
 def plain_worker(args) -> None:
     """One plain-PyTorch variant in this process; prints a JSON line."""
     import resource
@@ -63,7 +78,7 @@ def plain_worker(args) -> None:
 
     from recsys.config import ModelConfig
     from recsys.data import ShardPlan, count_rows, train_batches
-    from recsys.model import PlainSparse, Ranker, build_ranker
+    from recsys.model import build_ranker
     from recsys.job import spec_from_dict
 
     job = json.loads(Path(args.job).read_text())
@@ -73,10 +88,7 @@ def plain_worker(args) -> None:
     cfg = ModelConfig(**job["model"])
     torch.manual_seed(0)
     ref = build_ranker(spec, cfg).state_dict()
-    model = Ranker(spec, cfg, PlainSparse(spec, sparse=args.variant != "plain_dense"))
-    model.load_state_dict({k.replace("sparse.ec.embeddings.", "sparse.emb.")
-                           .replace("sparse.ebc.embedding_bags.", "sparse.bags."): v
-                           for k, v in ref.items()})
+    model = plain_ranker(spec, cfg, ref, sparse=args.variant != "plain_dense")
     emb = list(model.sparse.parameters())
     dense = list(model.over.parameters())
     if args.variant == "plain_sparse_adam":
@@ -109,6 +121,96 @@ def plain_worker(args) -> None:
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
+def phase_worker(args) -> None:
+    """Where a step's time goes: TorchRec 1 rank against plain SparseAdam, in this one process,
+    on the same prebuilt batches (no batch reading), the same initial weights, interleaved
+    rounds. Per step: forward, backward (TorchRec's includes its fused row-wise Adagrad
+    update), optimizer step, and the sparse lookups alone (no autograd); prints a JSON line."""
+    import statistics
+
+    import torch
+    import torch.distributed as dist
+
+    from recsys import checkpoint as ck
+    from recsys.config import ModelConfig
+    from recsys.data import ShardPlan, count_rows, train_batches
+    from recsys.job import spec_from_dict
+    from recsys.launch import free_port
+    from recsys.train import TrainJob, build_dmp, initial_state
+
+    torch.set_num_threads(args.threads)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
+                      WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group("gloo")
+    job = TrainJob.load(args.job)
+    spec = spec_from_dict(job.spec)
+    plain_spec = dataclasses.replace(spec, dedup_ids=False)
+    plan = ShardPlan(count_rows(job.train_files), job.micro_batch, 1)
+    n = min(args.phase_steps, plan.steps_per_epoch)
+
+    def prebuilt(s):
+        it = train_batches(job.train_files, s, plan, 0, 1)
+        return [next(it) for _ in range(n)]
+
+    trec_batches, plain_batches = prebuilt(spec), prebuilt(plain_spec)
+    dmp, opt, _, _, _ = build_dmp(job, torch.device("cpu"), dist.GroupMember.WORLD)
+    init = initial_state(job)
+    with torch.no_grad():
+        for path, v in ck.flatten(dmp.state_dict()).items():
+            ck.copy_full(v, init[path])
+    plain = plain_ranker(plain_spec, ModelConfig(**job.model), init)
+    plain_opts = [torch.optim.SparseAdam(list(plain.sparse.parameters()), lr=1e-3),
+                  torch.optim.Adam(list(plain.over.parameters()), lr=2e-3)]
+
+    def trec_step(b, t):
+        a = time.perf_counter()
+        loss, _ = dmp(b)
+        c = time.perf_counter()
+        loss.backward()
+        d = time.perf_counter()
+        opt.step()
+        opt.zero_grad()
+        t["forward"].append(c - a), t["backward"].append(d - c)
+        t["optimizer"].append(time.perf_counter() - d)
+
+    def plain_step(b, t):
+        a = time.perf_counter()
+        loss, _ = plain(b)
+        c = time.perf_counter()
+        for o in plain_opts:
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        d = time.perf_counter()
+        for o in plain_opts:
+            o.step()
+        t["forward"].append(c - a), t["backward"].append(d - c)
+        t["optimizer"].append(time.perf_counter() - d)
+
+    sides = {"torchrec_1rank": (trec_step, trec_batches, dmp.module.sparse),
+             "plain_sparse_adam": (plain_step, plain_batches, plain.sparse)}
+    for step, batches, _ in sides.values():          # warm-up: first-call costs
+        for b in batches[:5]:
+            step(b, {"forward": [], "backward": [], "optimizer": []})
+    rounds = {name: [] for name in sides}
+    for _ in range(args.repeats + 1):                 # interleaved rounds; the best counts
+        for name, (step, batches, sparse) in sides.items():
+            t = {"forward": [], "backward": [], "optimizer": [], "lookups": []}
+            for b in batches:
+                step(b, t)
+            with torch.no_grad():
+                for b in batches:
+                    a = time.perf_counter()
+                    sparse(b)
+                    t["lookups"].append(time.perf_counter() - a)
+            ms = {k: 1e3 * statistics.median(v) for k, v in t.items()}
+            ms["step"] = ms["forward"] + ms["backward"] + ms["optimizer"]
+            rounds[name].append(ms)
+    best = {name: min(r, key=lambda m: m["step"]) for name, r in rounds.items()}
+    print(json.dumps({"steps": n, "batch": job.micro_batch, "ms_per_step": best,
+                      "all_step_ms": {k: sorted(round(m["step"], 2) for m in r)
+                                      for k, r in rounds.items()}}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--examples", type=int, default=60_000)
@@ -132,11 +234,17 @@ def main() -> None:
                     help="also run the TorchRec variants with each rank a fresh interpreter "
                          "(launch(preloaded=False)), interleaved with the forked ones")
     ap.add_argument("--out", help="also write the JSON here")
+    ap.add_argument("--phase-steps", type=int, default=40,
+                    help="steps per round of the in-process phase breakdown (0 = none)")
     ap.add_argument("--plain-worker", dest="variant", help=argparse.SUPPRESS)
+    ap.add_argument("--phase-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--job", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.variant:
         plain_worker(args)
+        return
+    if args.phase_worker:
+        phase_worker(args)
         return
 
     from recsys.config import ModelConfig, TrainConfig
@@ -224,6 +332,20 @@ def main() -> None:
         r["all_examples_per_second"] = sorted(every[name])
     # The profiler slows the steps it records: a separate short run, not a timed one.
     results["torchrec_1rank_profile"] = torchrec(1, args.threads, "prof", profile=20, steps=30)
+    phases = None
+    if args.phase_steps:
+        # Where the 1-rank step goes, TorchRec against SparseAdam (see phase_worker).
+        p = subprocess.run([sys.executable, __file__, "--phase-worker", "--job",
+                            str(tmp / "tr1" / "job.json"), "--threads", str(args.threads),
+                            "--repeats", str(args.repeats), "--phase-steps",
+                            str(args.phase_steps)], capture_output=True, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+        if p.returncode:
+            raise SystemExit(f"phase breakdown failed:\n{p.stderr[-3000:]}")
+        phases = json.loads(p.stdout.strip().splitlines()[-1])
+        t, q = phases["ms_per_step"]["torchrec_1rank"], phases["ms_per_step"]["plain_sparse_adam"]
+        phases["torchrec_minus_plain_ms"] = {k: t[k] - q[k] for k in t}
+        phases["step_ratio_plain_over_torchrec"] = q["step"] / t["step"]
 
     def eps(name):
         return results[name]["examples_per_second"]
@@ -268,7 +390,7 @@ def main() -> None:
                     "mean_history": mean_hist, "batch": args.batch, "steps": args.steps,
                     "zipf": args.zipf, "scale_batches": scale,
                     "arm": "codes", "dim": 16},
-          "results": results, "ratios": ratios, "scaling_bound": bound,
+          "results": results, "ratios": ratios, "scaling_bound": bound, "phases": phases,
           "targets_met": {k: ratios[k] >= v for k, v in targets.items()}}, args.out)
 
 
