@@ -169,6 +169,8 @@ class OverArch(nn.Module):
         super().__init__()
         self.spec = spec
         self.dot = cfg.dot
+        self.bias = cfg.bias
+        self.detach_history = cfg.detach_history
         d = spec.dim
         self.n_parts = len(spec.item_parts) + spec.frozen_slots     # slots of width d per item
         item_w = d * self.n_parts
@@ -205,6 +207,8 @@ class OverArch(nn.Module):
         parts = self.spec.item_parts
         t_parts = [emb["item_id"]] + [emb[p] for p in parts[1:]]
         h_parts = [emb["hist_item_id"]] + [emb[f"hist_{p}"] for p in parts[1:]]
+        if self.detach_history:
+            h_parts = [h.detach() for h in h_parts]
         mask = batch.hist_mask                                                   # [B, N]
         if self.frozen is not None:
             t_vec = self.frozen_table[batch.item_ids]                            # [B, D]
@@ -243,9 +247,13 @@ class OverArch(nn.Module):
         logit = self.mlp(self.cross(self.dropout(x))).squeeze(1)
         if self.dot:
             # An explicit user x item term (an MLP learns dot products poorly): the user's
-            # vector against the sum of the target's parts.
-            d = self.spec.dim
-            logit = logit + (user * target.view(-1, self.n_parts, d).sum(1)).sum(1)
+            # vector against the sum of the target's parts; with ``bias``, their first values
+            # are the user's and the item's biases and the rest is the dot product.
+            item = target.view(-1, self.n_parts, self.spec.dim).sum(1)
+            if self.bias:
+                logit = logit + (user[:, 1:] * item[:, 1:]).sum(1) + user[:, 0] + item[:, 0]
+            else:
+                logit = logit + (user * item).sum(1)
         return logit
 
 

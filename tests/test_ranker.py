@@ -249,6 +249,37 @@ def test_plain_pytorch_lookups_compute_the_same_model_as_torchrec(n_items):
         PlainSparse(s)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_explicit_term_is_biases_plus_a_dot_product(bias):
+    """With ``model.bias`` the first value of the user's vector and of the target's summed
+    parts are biases, the rest their dot product; without it, the whole vectors' dot."""
+    from recsys.model import build_ranker
+
+    s = spec("codes")
+    cfg = ModelConfig(dim=8, attention_dim=8, cross_rank=8, mlp=[16], bias=bias)
+    torch.manual_seed(0)
+    model = build_ranker(s, cfg).eval()
+    with torch.no_grad():                             # the deep part's output is 0
+        model.over.mlp[-1].weight.zero_()
+        model.over.mlp[-1].bias.zero_()
+    b = to_batch(random_examples(16, seed=5), s)
+    emb = model.sparse(b)
+    u = emb["user_id"]
+    i = emb["item_id"] + sum(emb[p] for p in s.item_parts[1:])
+    want = (u[:, 1:] * i[:, 1:]).sum(1) + u[:, 0] + i[:, 0] if bias else (u * i).sum(1)
+    torch.testing.assert_close(model.over(emb, b), want)
+
+
+def test_older_jobs_and_models_keep_the_model_they_were_trained_with():
+    from recsys.job import model_config
+
+    old = dataclasses.asdict(ModelConfig())
+    del old["bias"], old["detach_history"]
+    assert (model_config(old).bias, model_config(old).detach_history) == (False, False)
+    new = dataclasses.asdict(ModelConfig())
+    assert (model_config(new).bias, model_config(new).detach_history) == (True, True)
+
+
 def test_dropout_keeps_each_value_with_probability_1_minus_p_and_rescales():
     from recsys.model import Dropout
 
@@ -294,10 +325,14 @@ def _job(data, arm, cfg, out):
     return make_job(spec(arm), cfg, train, ev, out, str(root / "frozen.npy"))
 
 
-def test_a_step_updates_exactly_the_code_rows_in_the_batch(data, tmp_path):
+@pytest.mark.parametrize("detach_history", [True, False])
+def test_a_step_updates_exactly_the_code_rows_in_the_batch(data, tmp_path, detach_history):
     """One DMP step with the fused row-wise Adagrad changes the embedding rows of the ids and
-    codes in the batch (codes are learned by the ranking loss) and leaves every other row."""
-    cfg = train_cfg(max_steps=1)
+    codes in the batch (codes are learned by the ranking loss) and leaves every other row. With
+    ``detach_history`` (the default) a row that only appears in histories keeps its value: the
+    history features read it without training it."""
+    cfg = train_cfg(max_steps=1, model=dataclasses.replace(
+        train_cfg().model, detach_history=detach_history))
     job = _job(data, "codes", cfg, tmp_path / "one_step")
     launch(job, 1, quiet=True)
     before = initial_state(job)
@@ -305,15 +340,32 @@ def test_a_step_updates_exactly_the_code_rows_in_the_batch(data, tmp_path):
     first_b = next(train_batches(job.train_files, spec("codes"), ShardPlan(1280, 64, 1), 0, 1,
                                   seed=job.seed))
     b = first_b
-    ids = {**{k: v.values() for k, v in b.seq.to_dict().items()},
-           **{k: v.values() for k, v in b.pooled.to_dict().items()}}
-    touched = {"rq_l1": {"rq_l1", "hist_rq_l1"}, "rq_l2": {"rq_l2", "hist_rq_l2"},
-               "vq": {"vq"}, "item": {"item_id", "hist_item_id"}, "user": {"user_id"}}
-    for table, feats in touched.items():
+    seq, pooled = b.seq.to_dict(), b.pooled.to_dict()
+    s = spec("codes")
+    # Each table's ids in the batch: (as a target, anywhere). A deduplicated table's target
+    # feature holds its distinct ids, and the batch's index says which are targets.
+    where: dict = {t.features[0]: t for t in s.dedup_tables}
+    ids = {}
+    for t in s.sequence_tables:
+        cand, hist = t.features
+        if cand in where:
+            rows = seq[cand].values()
+            k = list(where).index(cand)
+            ids[t.name] = (set(rows[b.seq_index[k][:, 0]].tolist()), set(rows.tolist()))
+        else:
+            target = set(seq[cand].values().tolist())
+            ids[t.name] = (target, target | set(seq[hist].values().tolist()))
+    for t in s.bag_tables:
+        every = set(pooled[t.features[0]].values().tolist())
+        ids[t.name] = (every, every)
+    history_only = 0
+    for table, (target, anywhere) in ids.items():
         key = next(k for k in before if k.endswith(f".{table}.weight"))
-        in_batch = set(torch.cat([ids[f] for f in feats]).tolist())
+        in_batch = target if detach_history else anywhere
+        history_only += len(anywhere - target)
         changed = set(torch.nonzero((after[key] != before[key]).any(1)).flatten().tolist())
         assert changed == in_batch, table
+    assert history_only > 0           # the batch has rows that only its histories read
     assert not torch.equal(before["over.mlp.0.weight"], after["over.mlp.0.weight"])
 
 
