@@ -88,8 +88,6 @@ def spec_from_dict(d: dict):
 
 
 def model_config(d: dict):
-    """The ranker's ``ModelConfig`` from a job or a saved model. Keys added since keep the
-    behaviour the older file was trained with (no bias split, history gradient)."""
     from recsys.config import ModelConfig
 
-    return ModelConfig(**{"bias": False, "detach_history": False, **d})
+    return ModelConfig(**d)

@@ -276,8 +276,8 @@ def test_older_jobs_and_models_keep_the_model_they_were_trained_with():
     old = dataclasses.asdict(ModelConfig())
     del old["bias"], old["detach_history"]
     assert (model_config(old).bias, model_config(old).detach_history) == (False, False)
-    new = dataclasses.asdict(ModelConfig())
-    assert (model_config(new).bias, model_config(new).detach_history) == (True, True)
+    on = {**old, "bias": True, "detach_history": True}
+    assert (model_config(on).bias, model_config(on).detach_history) == (True, True)
 
 
 def test_dropout_keeps_each_value_with_probability_1_minus_p_and_rescales():
