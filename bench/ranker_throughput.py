@@ -131,12 +131,11 @@ def phase_worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from recsys import checkpoint as ck
     from recsys.config import ModelConfig
     from recsys.data import ShardPlan, count_rows, train_batches
     from recsys.job import spec_from_dict
     from recsys.launch import free_port
-    from recsys.train import TrainJob, build_dmp, initial_state
+    from recsys.train import TrainJob, build_dmp, initial_state, load_initial_state
 
     torch.set_num_threads(args.threads)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
@@ -154,11 +153,8 @@ def phase_worker(args) -> None:
 
     trec_batches, plain_batches = prebuilt(spec), prebuilt(plain_spec)
     dmp, opt, _, _, _ = build_dmp(job, torch.device("cpu"), dist.GroupMember.WORLD)
-    init = initial_state(job)
-    with torch.no_grad():
-        for path, v in ck.flatten(dmp.state_dict()).items():
-            ck.copy_full(v, init[path])
-    plain = plain_ranker(plain_spec, ModelConfig(**job.model), init)
+    load_initial_state(dmp, job)
+    plain = plain_ranker(plain_spec, ModelConfig(**job.model), initial_state(job))
     plain_opts = [torch.optim.SparseAdam(list(plain.sparse.parameters()), lr=1e-3),
                   torch.optim.Adam(list(plain.over.parameters()), lr=2e-3)]
 

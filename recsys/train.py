@@ -93,6 +93,18 @@ def initial_state(job: TrainJob) -> dict:
     return state
 
 
+def load_initial_state(dmp, job: TrainJob) -> None:
+    """Copy the seeded initial weights (``initial_state``) into this rank's shards of ``dmp``."""
+    import torch
+
+    from recsys import checkpoint as ck
+
+    init = initial_state(job)
+    with torch.no_grad():
+        for path, v in ck.flatten(dmp.state_dict()).items():
+            ck.copy_full(v, init[path])
+
+
 def warm_start(state: dict, previous: dict, hashed: set[str] = frozenset()) -> None:
     """Copy a previous model's weights into ``state`` in place: equal shapes whole; a table
     that has grown (more rows, as items and users arrive) keeps every previous row and its own
@@ -215,10 +227,7 @@ def run_rank(job: TrainJob) -> None:
             log.info("resumed from %s (step %d, written by %d ranks, now %d)", resume, start,
                      meta["world"], world)
     else:
-        with torch.no_grad():
-            init = initial_state(job)
-            for path, v in ck.flatten(dmp.state_dict()).items():
-                ck.copy_full(v, init[path])
+        load_initial_state(dmp, job)
         # init_state stepped Adam once with zero gradients: reset its step counters.
         for st in dense_opt.state.values():
             if torch.is_tensor(st.get("step")):
