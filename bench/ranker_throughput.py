@@ -76,16 +76,15 @@ def plain_worker(args) -> None:
     import numpy as np
     import torch
 
-    from recsys.config import ModelConfig
     from recsys.data import ShardPlan, count_rows, train_batches
     from recsys.model import build_ranker
-    from recsys.job import spec_from_dict
+    from recsys.job import model_config, spec_from_dict
 
     job = json.loads(Path(args.job).read_text())
     torch.set_num_threads(args.threads)
     # The hand-written baseline looks up every id occurrence (no dedup in its batches).
     spec = dataclasses.replace(spec_from_dict(job["spec"]), dedup_ids=False)
-    cfg = ModelConfig(**job["model"])
+    cfg = model_config(job["model"])
     torch.manual_seed(0)
     ref = build_ranker(spec, cfg).state_dict()
     model = plain_ranker(spec, cfg, ref, sparse=args.variant != "plain_dense")
@@ -131,9 +130,8 @@ def phase_worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from recsys.config import ModelConfig
     from recsys.data import ShardPlan, count_rows, train_batches
-    from recsys.job import spec_from_dict
+    from recsys.job import model_config, spec_from_dict
     from recsys.launch import free_port
     from recsys.train import TrainJob, build_dmp, initial_state, load_initial_state
 
@@ -154,7 +152,7 @@ def phase_worker(args) -> None:
     trec_batches, plain_batches = prebuilt(spec), prebuilt(plain_spec)
     dmp, opt, _, _, _ = build_dmp(job, torch.device("cpu"), dist.GroupMember.WORLD)
     load_initial_state(dmp, job)
-    plain = plain_ranker(plain_spec, ModelConfig(**job.model), initial_state(job))
+    plain = plain_ranker(plain_spec, model_config(job.model), initial_state(job))
     plain_opts = [torch.optim.SparseAdam(list(plain.sparse.parameters()), lr=1e-3),
                   torch.optim.Adam(list(plain.over.parameters()), lr=2e-3)]
 

@@ -87,7 +87,13 @@ def spec_from_dict(d: dict):
         pred_tag_vocab=tuple(d.get("pred_tag_vocab", ())), dedup_ids=d.get("dedup_ids", True))
 
 
+#: ModelConfig keys that came after models were saved without them, each with the value that
+#: rebuilds those older models (the default of a new run may differ: ``bias`` is on since).
+ADDED_MODEL_KEYS = {"bias": False, "detach_history": False}
+
+
 def model_config(d: dict):
+    """The ModelConfig of a job file or a saved model; keys it predates read as they were."""
     from recsys.config import ModelConfig
 
-    return ModelConfig(**d)
+    return ModelConfig(**{**ADDED_MODEL_KEYS, **d})

@@ -271,13 +271,17 @@ def test_the_explicit_term_is_biases_plus_a_dot_product(bias):
 
 
 def test_older_jobs_and_models_keep_the_model_they_were_trained_with():
+    """A job file or saved model from before ``bias`` and ``detach_history`` loads with both
+    off, as it was trained, though a new run has ``bias`` on by default."""
     from recsys.job import model_config
 
+    assert (ModelConfig().bias, ModelConfig().detach_history) == (True, False)
     old = dataclasses.asdict(ModelConfig())
     del old["bias"], old["detach_history"]
     assert (model_config(old).bias, model_config(old).detach_history) == (False, False)
     on = {**old, "bias": True, "detach_history": True}
     assert (model_config(on).bias, model_config(on).detach_history) == (True, True)
+    assert model_config(dataclasses.asdict(ModelConfig())) == ModelConfig()
 
 
 def test_dropout_keeps_each_value_with_probability_1_minus_p_and_rescales():
