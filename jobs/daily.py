@@ -6,7 +6,9 @@ refits, each arm the previous day trained starts from that day's weights (``recs
 warm_start``: grown tables keep their rows) and trains on the examples of the last
 ``daily.warm_days`` days (1, the default: the day that became training data since the previous
 day's split; null: every training example), early-stopped on today's validation part, the
-starting weights included. A refit (or a changed codebook) trains from scratch on everything.
+starting weights included. A refit, a changed codebook or a changed model architecture (an arm
+whose ``train.model`` now builds another model: :data:`ARCHITECTURE`) trains from scratch on
+everything.
 """
 
 from __future__ import annotations
@@ -17,6 +19,24 @@ import logging
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+#: ModelConfig fields that decide what a trained ranker's weights mean (the others only steer
+#: training): a previous model with other values is no start for today's.
+ARCHITECTURE = ("dim", "item_hash_size", "user_hash_size", "attention_dim", "cross_layers",
+                "cross_rank", "mlp", "dot", "bias", "pred_tags")
+
+
+def architecture_change(folder: Path, model) -> str:
+    """How the ranker trained in ``folder`` (its ``job.json``) differs from ``model`` (a
+    ModelConfig) in :data:`ARCHITECTURE`; "" when it does not. A job file from before a key
+    existed reads as it was trained (``recsys.job.model_config``)."""
+    import json
+
+    from recsys.job import model_config
+
+    prev = model_config(json.loads((Path(folder) / "job.json").read_text())["model"])
+    return ", ".join(f"{k} {getattr(prev, k)!r} (today {getattr(model, k)!r})"
+                     for k in ARCHITECTURE if getattr(prev, k) != getattr(model, k))
 
 
 def warm_starts(ctx, data, runs: Path) -> dict[str, tuple[object, str]]:
@@ -55,6 +75,11 @@ def warm_starts(ctx, data, runs: Path) -> dict[str, tuple[object, str]]:
         folder = pf.models.get(arm)
         if not folder or not (Path(folder) / "model" / "meta.json").exists():
             log.info("train: %s has no finished model of the previous day: from scratch", arm)
+            continue
+        changed = architecture_change(Path(folder), ctx.cfg.train.for_arm(arm).model)
+        if changed:
+            log.warning("train: %s's previous model was built with %s: from scratch", arm,
+                        changed)
             continue
         init = save_initial(Path(folder), runs / f"init_{arm.replace('+', '_')}.pt")
         out[arm] = (dataclasses.replace(data, train_files=files), init)

@@ -113,6 +113,28 @@ def test_warm_start_keeps_old_rows_initialises_new_ones_and_refuses_other_shapes
         warm_start({"other": torch.zeros(1)}, prev)
 
 
+def test_a_previous_model_of_another_architecture_is_no_warm_start(tmp_path):
+    """The previous day's ranker is a start only for a model built the same way: the bias
+    term (the default since) gives the same weights another meaning, a width other shapes;
+    settings that only steer training do not count."""
+    import dataclasses
+    import json
+
+    from jobs.daily import architecture_change
+    from recsys.config import ModelConfig
+
+    old = dataclasses.asdict(ModelConfig())
+    del old["bias"], old["detach_history"]                   # a job file from before the keys
+    (tmp_path / "job.json").write_text(json.dumps({"model": old}))
+    assert architecture_change(tmp_path, ModelConfig()) == "bias False (today True)"
+    same = ModelConfig(bias=False)
+    assert architecture_change(tmp_path, same) == ""
+    assert architecture_change(tmp_path, dataclasses.replace(
+        same, l2=0.1, dropout=0.6, init_scale=0.01, detach_history=True)) == ""
+    assert architecture_change(tmp_path, dataclasses.replace(same, dim=32)) == \
+        "dim 16 (today 32)"
+
+
 def test_content_hash_follows_every_input_of_the_encoder(spark):
     from pipelines.embed import increment, with_content_hash
 
