@@ -30,11 +30,9 @@ def architecture_change(folder: Path, model) -> str:
     """How the ranker trained in ``folder`` (its ``job.json``) differs from ``model`` (a
     ModelConfig) in :data:`ARCHITECTURE`; "" when it does not. A job file from before a key
     existed reads as it was trained (``recsys.job.model_config``)."""
-    import json
+    from recsys.job import TrainJob, model_config
 
-    from recsys.job import model_config
-
-    prev = model_config(json.loads((Path(folder) / "job.json").read_text())["model"])
+    prev = model_config(TrainJob.load(Path(folder) / "job.json").model)
     return ", ".join(f"{k} {getattr(prev, k)!r} (today {getattr(model, k)!r})"
                      for k in ARCHITECTURE if getattr(prev, k) != getattr(model, k))
 

@@ -118,14 +118,16 @@ def test_a_previous_model_of_another_architecture_is_no_warm_start(tmp_path):
     term (the default since) gives the same weights another meaning, a width other shapes;
     settings that only steer training do not count."""
     import dataclasses
-    import json
 
     from jobs.daily import architecture_change
     from recsys.config import ModelConfig
+    from recsys.job import TrainJob
 
     old = dataclasses.asdict(ModelConfig())
     del old["bias"], old["detach_history"]                   # a job file from before the keys
-    (tmp_path / "job.json").write_text(json.dumps({"model": old}))
+    TrainJob(arm="codes", spec={}, model=old, train_files=[], eval_files=[],
+             out_dir=str(tmp_path), micro_batch=64, epochs=1, max_steps=0, sparse_lr=0.1,
+             dense_lr=1e-3, seed=0, checkpoint_every=0).save(tmp_path / "job.json")
     assert architecture_change(tmp_path, ModelConfig()) == "bias False (today True)"
     same = ModelConfig(bias=False)
     assert architecture_change(tmp_path, same) == ""
