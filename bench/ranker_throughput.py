@@ -267,8 +267,10 @@ def main() -> None:
 
     def torchrec(ranks: int, threads: int, name: str, profile: int = 0,
                  steps: int = args.steps, batch: int = args.batch, fresh: bool = False) -> dict:
+        # No weight averaging: the plain trainers do not average, and this compares steps.
         cfg = TrainConfig(model=model, ranks=ranks, batch_size=batch, epochs=1,
-                          max_steps=steps, threads_per_rank=threads, register=False)
+                          max_steps=steps, threads_per_rank=threads, register=False,
+                          average=0.0)
         job = dataclasses.replace(make_job(spec, cfg, files, ev, tmp / name),
                                   profile_steps=profile)
         r = launch(job, ranks, quiet=True, preloaded=not fresh)

@@ -12,13 +12,14 @@ Folders under an arm's output folder::
 
     checkpoints/step_<N>/   model, optimizer state and step (every ``checkpoint_every`` steps)
     checkpoints/best_<N>/   the weights of the best validation so far (saved when it improves)
+    checkpoints/average_<N>/  the weight average at step N (``train.average``; recsys/averaging.py)
     model/                  the final weights
 
 Each folder is complete once ``meta.json`` exists: it is written (to a temporary name, then
 renamed) by rank 0 after DCP has written every rank's data and its ``.metadata`` and after a
 barrier, so a run killed while saving resumes from the previous complete checkpoint. ``meta.json``
 holds the step, the world size that wrote it, the early-stopping state and the ``best_<N>``
-folder it goes with. Each rank's RNG state (dropout masks) is kept as ``rng_rank<r>.npy``.
+and ``average_<N>`` folders it goes with. Each rank's RNG state (dropout masks) is kept as ``rng_rank<r>.npy``.
 """
 
 from __future__ import annotations

@@ -55,6 +55,10 @@ class TrainJob:
     #: previous day) that the initial weights come from instead of the seeded initialisation;
     #: tables that have grown since (new items or users) keep its rows and initialise the rest.
     init_from: str = ""
+    #: Polyak averaging: validation, early stopping and the saved model use an exponential
+    #: moving average of the weights with this decay per step (0 = the last weights, as jobs
+    #: written before it existed).
+    average: float = 0.0
 
     def resume_key(self) -> dict:
         """What must match for a run to resume another's checkpoints: everything but the

@@ -38,6 +38,9 @@ def make_job(spec: FeatureSpec, cfg: TrainConfig, train_files: list[str],
     if spec.frozen_rows and not frozen_table:
         raise FeatureSpecError(f"arm {spec.arm} needs the frozen content table "
                                "(item embeddings by item id)")
+    if not (cfg.average == 0 or 0 < cfg.average < 1):
+        raise ValueError(f"train.average must be 0 (off) or a decay in (0, 1), got "
+                         f"{cfg.average}")
     if cfg.batch_size % cfg.ranks:
         raise ValueError(f"train.batch_size {cfg.batch_size} must divide evenly over "
                          f"train.ranks {cfg.ranks}")
@@ -53,7 +56,7 @@ def make_job(spec: FeatureSpec, cfg: TrainConfig, train_files: list[str],
                     patience=cfg.patience, valid_metric=cfg.valid_metric,
                     sparse_optimizer=cfg.sparse_optimizer,
                     dense_weight_decay=cfg.dense_weight_decay, world=cfg.ranks,
-                    init_from=init_from)
+                    init_from=init_from, average=cfg.average)
 
 
 def prepare_out_dir(job: TrainJob) -> bool:

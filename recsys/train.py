@@ -171,6 +171,7 @@ def run_rank(job: TrainJob) -> None:
 
     from feature_store.schemas import PREDICTION_KEYS
     from recsys import checkpoint as ck
+    from recsys.averaging import WeightAverage
     from recsys.data import ShardPlan, count_rows, eval_batches, train_batches
 
     rank = int(os.environ.get("RANK", "0"))
@@ -204,6 +205,7 @@ def run_rank(job: TrainJob) -> None:
                          f"{sp.global_batch}: lower train.batch_size")
     dense_opt.init_state()            # so a checkpoint's Adam state has tensors to land in
     start = 0
+    average = None
     # Validation runs whenever there are validation files (keeping the best weights); patience
     # 0 only turns off stopping.
     validating = bool(job.valid_files)
@@ -217,7 +219,13 @@ def run_rank(job: TrainJob) -> None:
             best_folder = ckpt_root / meta["best"]
             ck.load(best_folder, {"model": dmp.state_dict()})
             best = ck.local_pieces(dmp.state_dict())
+        if job.average:
+            average = WeightAverage(dmp, job.average)
+            if meta.get("average"):
+                average.load(ckpt_root / meta["average"])
         ck.load(resume, {"model": dmp.state_dict(), "optim": opt.state_dict()["state"]})
+        if average is not None and not meta.get("average"):
+            average.reset()       # a checkpoint written without averaging: start from it
         rng = ck.load_rng(resume, rank) if meta["world"] == world else None
         if rng is not None:       # dropout masks: the same draws as an uninterrupted run
             torch.set_rng_state(rng)
@@ -232,6 +240,8 @@ def run_rank(job: TrainJob) -> None:
         for st in dense_opt.state.values():
             if torch.is_tensor(st.get("step")):
                 st["step"].zero_()
+        if job.average:
+            average = WeightAverage(dmp, job.average)
 
     every = job.valid_every or sp.steps_per_epoch
     losses: list[float] = []
@@ -246,11 +256,15 @@ def run_rank(job: TrainJob) -> None:
             ck.save(best_folder, {"model": dmp.state_dict()}, rank,
                     meta={"step": 0, "world": world, "arm": job.arm})
     def save_checkpoint(done: int) -> None:
+        if average is not None:
+            average.save(ckpt_root / f"average_{done}", rank,
+                         meta={"step": done, "world": world, "arm": job.arm})
         ck.save(ckpt_root / f"step_{done}",
                 {"model": dmp.state_dict(), "optim": opt.state_dict()["state"]}, rank,
                 meta={"step": done, "world": world, "arm": job.arm,
                       "early_stopping": stopper.state(),
-                      "best": best_folder.name if best_folder is not None else None},
+                      "best": best_folder.name if best_folder is not None else None,
+                      "average": f"average_{done}" if average is not None else None},
                 rng=torch.get_rng_state())
 
     bar = None
@@ -292,6 +306,8 @@ def run_rank(job: TrainJob) -> None:
             loss, _, _ = pipeline.progress(it)
             losses.append(float(loss))
             done = step + 1
+            if average is not None:
+                average.update(done)
             if bar is not None:
                 bar.update(1)
                 if done % 20 == 0:
@@ -307,6 +323,8 @@ def run_rank(job: TrainJob) -> None:
         pipeline.detach()
         if validating:
             tv = time.perf_counter()
+            # Validation, and the best weights, are the average's (when averaging).
+            live = average.swap_in() if average is not None else None
             value = validate(dmp, job, spec, device, world, rank)
             valid_s += time.perf_counter() - tv
             if stopper.update(step, value):
@@ -316,6 +334,8 @@ def run_rank(job: TrainJob) -> None:
                     best_folder = ckpt_root / f"best_{step}"
                     ck.save(best_folder, {"model": dmp.state_dict()}, rank,
                             meta={"step": step, "world": world, "arm": job.arm})
+            if live is not None:
+                average.swap_out(live)
             if bar is not None:
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}",
                                 **{f"valid_{job.valid_metric}": f"{value:.4f}"})
@@ -331,8 +351,10 @@ def run_rank(job: TrainJob) -> None:
         prof.__exit__(None, None, None)
     if bar is not None:
         bar.close()
-    if best is not None and stopper.best_step != step:
+    if best is not None and (stopper.best_step != step or average is not None):
         ck.restore_local(dmp.state_dict(), best)  # the weights of the best validation
+    elif average is not None:
+        average.swap_in()                         # no validation: the final average
 
     # Local loss per step -> the global (mean over ranks) curve.
     curves = [None] * world

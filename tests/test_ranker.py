@@ -43,8 +43,10 @@ def data(tmp_path_factory):
 
 
 def train_cfg(**kw) -> TrainConfig:
+    # No weight averaging unless a test asks for it: most tests check the training steps.
     base = dict(model=ModelConfig(dim=8, attention_dim=8, cross_rank=8, mlp=[16]), ranks=1,
-                batch_size=64, epochs=1, sparse_lr=0.1, dense_lr=5e-3, register=False)
+                batch_size=64, epochs=1, sparse_lr=0.1, dense_lr=5e-3, register=False,
+                average=0.0)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -414,11 +416,13 @@ def test_a_launch_without_ranks_or_without_a_result_is_a_clear_error(data, tmp_p
 def test_two_ranks_give_the_loss_curve_of_one_rank(data, tmp_path):
     # Each rank draws its own dropout masks: only a model without dropout computes the same
     # steps on 1 and 2 ranks.
+    # The weights scored are the average (train.average), kept per rank on its own shards.
     model = ModelConfig(dim=8, attention_dim=8, cross_rank=8, mlp=[16], dropout=0.0)
-    one = train_arm(spec("codes"), train_cfg(batch_size=64, ranks=1, model=model), data[0],
+    one = train_arm(spec("codes"), train_cfg(batch_size=64, ranks=1, model=model,
+                                             average=0.9), data[0],
                     data[1], tmp_path / "r1", quiet=True)
     two = train_arm(spec("codes"), train_cfg(batch_size=64, ranks=2, launcher="torchrun",
-                                             model=model),
+                                             model=model, average=0.9),
                     data[0], data[1], tmp_path / "r2", quiet=True)
     c1, c2 = np.asarray(one.result["loss_curve"]), np.asarray(two.result["loss_curve"])
     assert len(c1) == len(c2) == 20 and c1[-1] < c1[0]
@@ -439,11 +443,12 @@ def test_two_ranks_give_the_loss_curve_of_one_rank(data, tmp_path):
 def test_a_killed_run_resumes_from_its_checkpoint_to_the_uninterrupted_result(
         data, tmp_path, monkeypatch, resume_ranks):
     # Validation every 6 steps (patience too large to stop): the checkpoints carry the early
-    # stopping state and the best weights, and the final model is the best validation's. The
-    # checkpoint of 2 ranks also resumes on 1 (no dropout: each rank draws its own masks).
+    # stopping state, the best weights and the weight average, and the final model is the best
+    # validation's average. The checkpoint of 2 ranks also resumes on 1 (no dropout: each rank
+    # draws its own masks).
     model = ModelConfig(dim=8, attention_dim=8, cross_rank=8, mlp=[16], dropout=0.0)
     cfg = train_cfg(ranks=2, batch_size=64, epochs=2, checkpoint_every=8, valid_every=6,
-                    patience=50, model=model)
+                    patience=50, model=model, average=0.8)
     full = train_arm(spec("codes"), cfg, data[0], data[1], tmp_path / "full", quiet=True,
                      valid_files=data[1])
     out = tmp_path / "killed"
@@ -457,6 +462,7 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_uninterrupted_result(
     assert sorted(f.name for f in (out / "checkpoints" / "step_16").glob("*.distcp")) == [
         "__0_0.distcp", "__1_0.distcp"]
     assert not (out / "model" / "meta.json").exists()
+    assert ck.read_meta(out / "checkpoints" / "step_16")["average"] == "average_16"
     resumed = train_arm(spec("codes"), dataclasses.replace(cfg, ranks=resume_ranks), data[0],
                         data[1], out, quiet=True, valid_files=data[1])
     assert resumed.resumed and resumed.result["resumed_from"] == 16

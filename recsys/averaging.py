@@ -1,0 +1,111 @@
+"""Polyak averaging of a sharded ranker's weights: an exponential moving average (EMA) of every
+rank-local weight, kept beside the training weights. Validation, early stopping and the saved
+model read the average; training keeps stepping the live weights.
+
+With row-wise Adagrad at the learning rates the grid chooses, the live weights of the tables
+wander from step to step (the validation AUC of the demo moves by +-0.005 between epochs); the
+average smooths that walk. Measured on the demo world (``codes``, seeds 0/1/2, test AUC): 0.7475,
+0.7484, 0.7531 without it, 0.7555, 0.7519, 0.7536 with a decay of 0.99 (README, the ranker's
+training).
+
+Cost: one more copy of the rank's weights in memory, and one multiply-add over them per update.
+The update runs every step while the rank holds at most ``VALUES_PER_UPDATE`` values, and every
+``ceil(values / VALUES_PER_UPDATE)`` steps beyond (with the decay raised to that power, so the
+horizon in steps stays ``1 / (1 - decay)``): big tables pay at most that many values per step.
+
+The frozen content table is constant and skipped; so are integer buffers. The average is kept
+in checkpoints (``checkpoints/average_<N>/``, beside ``step_<N>``), so a resumed run ends with
+the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from recsys import checkpoint as ck
+
+#: Values one update may touch per training step, on average.
+VALUES_PER_UPDATE = 1 << 22
+
+
+def _views(state: dict) -> dict[str, Any]:
+    """path -> the rank-local tensor(s) of every averaged weight (views, not copies)."""
+    sharded = ck._sharded_type()
+    out: dict[str, Any] = {}
+    for path, v in ck.flatten(state).items():
+        if path.endswith("frozen_table"):
+            continue
+        if isinstance(v, sharded):
+            local = [s.tensor for s in v.local_shards()]
+            if local and local[0].is_floating_point():
+                out[path] = local
+        elif isinstance(v, torch.Tensor) and v.is_floating_point():
+            out[path] = v
+    return out
+
+
+class WeightAverage:
+    """The EMA of ``dmp``'s rank-local weights, starting from its current weights."""
+
+    def __init__(self, dmp, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"train.average must be in (0, 1) or 0 (off), got {decay}")
+        self.dmp = dmp
+        self.views = _views(dmp.state_dict())
+        self.avg = {k: [t.detach().clone() for t in v] if isinstance(v, list)
+                    else v.detach().clone() for k, v in self.views.items()}
+        values = sum(sum(t.numel() for t in v) if isinstance(v, list) else v.numel()
+                     for v in self.views.values())
+        self.every = max(1, math.ceil(values / VALUES_PER_UPDATE))
+        self.decay = decay ** self.every
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Restart the average from the model's current weights."""
+        for a, live in self._pairs():
+            a.copy_(live)
+
+    def _pairs(self):
+        for k, v in self.views.items():
+            if isinstance(v, list):
+                yield from zip(self.avg[k], v)
+            else:
+                yield self.avg[k], v
+
+    @torch.no_grad()
+    def update(self, done: int) -> None:
+        """After the optimizer step that completes global step ``done``."""
+        if done % self.every:
+            return
+        for a, live in self._pairs():
+            a.lerp_(live, 1.0 - self.decay)   # exact where a row did not move
+
+    @torch.no_grad()
+    def swap_in(self) -> dict[str, Any]:
+        """Put the average into the model; returns the live weights for :meth:`swap_out`."""
+        live = ck.local_pieces(self.dmp.state_dict())
+        for a, v in self._pairs():
+            v.copy_(a)
+        return live
+
+    def swap_out(self, live: dict[str, Any]) -> None:
+        ck.restore_local(self.dmp.state_dict(), live)
+
+    # Checkpoints: the average goes through the model's own (sharded) state dict, so DCP
+    # reshards it like the weights when a run resumes on another number of ranks.
+    def save(self, folder: Path, rank: int, meta: dict) -> None:
+        live = self.swap_in()
+        ck.save(folder, {"model": self.dmp.state_dict()}, rank, meta=meta)
+        self.swap_out(live)
+
+    @torch.no_grad()
+    def load(self, folder: Path) -> None:
+        """Read a saved average (call before loading the live weights: it goes through the
+        model)."""
+        ck.load(folder, {"model": self.dmp.state_dict()})
+        for a, v in self._pairs():
+            a.copy_(v)
