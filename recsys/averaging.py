@@ -13,6 +13,11 @@ The update runs every step while the rank holds at most ``VALUES_PER_UPDATE`` va
 ``ceil(values / VALUES_PER_UPDATE)`` steps beyond (with the decay raised to that power, so the
 horizon in steps stays ``1 / (1 - decay)``): big tables pay at most that many values per step.
 
+The average is normalised (bias-corrected like Adam's moments): the first update takes the
+live weights whole, so the untrained initial weights never weigh in, and a short run is not
+pulled back to its start. Its horizon is at most one validation interval (``valid_every``, or
+an epoch): data of a few steps per epoch average over those steps.
+
 The frozen content table is constant and skipped; so are integer buffers. The average is kept
 in checkpoints (``checkpoints/average_<N>/``, beside ``step_<N>``), so a resumed run ends with
 the same weights as an uninterrupted one.
@@ -49,12 +54,18 @@ def _views(state: dict) -> dict[str, Any]:
 
 
 class WeightAverage:
-    """The EMA of ``dmp``'s rank-local weights, starting from its current weights."""
+    """The EMA of ``dmp``'s rank-local weights (``decay`` per step, at most one
+    ``max_horizon`` of steps long)."""
 
-    def __init__(self, dmp, decay: float):
+    def __init__(self, dmp, decay: float, max_horizon: int = 0):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"train.average must be in (0, 1) or 0 (off), got {decay}")
+        if max_horizon > 1:
+            # The average reaches back at most one validation interval: a run of a few steps
+            # per epoch averages over those, not over a horizon longer than its training.
+            decay = min(decay, 1.0 - 1.0 / max_horizon)
         self.dmp = dmp
+        self.updates = 0
         self.views = _views(dmp.state_dict())
         self.avg = {k: [t.detach().clone() for t in v] if isinstance(v, list)
                     else v.detach().clone() for k, v in self.views.items()}
@@ -66,6 +77,7 @@ class WeightAverage:
     @torch.no_grad()
     def reset(self) -> None:
         """Restart the average from the model's current weights."""
+        self.updates = 0
         for a, live in self._pairs():
             a.copy_(live)
 
@@ -81,8 +93,13 @@ class WeightAverage:
         """After the optimizer step that completes global step ``done``."""
         if done % self.every:
             return
+        # The normalised average of the weights after each update so far (bias-corrected, as
+        # Adam's moments): the first update takes the live weights whole, so the initial
+        # weights never weigh in; later ones tend to 1 - decay.
+        self.updates += 1
+        w = (1.0 - self.decay) / (1.0 - self.decay ** self.updates)
         for a, live in self._pairs():
-            a.lerp_(live, 1.0 - self.decay)   # exact where a row did not move
+            a.lerp_(live, w)                  # exact where a row did not move
 
     @torch.no_grad()
     def swap_in(self) -> dict[str, Any]:
@@ -99,13 +116,14 @@ class WeightAverage:
     # reshards it like the weights when a run resumes on another number of ranks.
     def save(self, folder: Path, rank: int, meta: dict) -> None:
         live = self.swap_in()
-        ck.save(folder, {"model": self.dmp.state_dict()}, rank, meta=meta)
+        ck.save(folder, {"model": self.dmp.state_dict()}, rank,
+                meta={**meta, "updates": self.updates})
         self.swap_out(live)
 
     @torch.no_grad()
     def load(self, folder: Path) -> None:
         """Read a saved average (call before loading the live weights: it goes through the
         model)."""
-        ck.load(folder, {"model": self.dmp.state_dict()})
+        self.updates = ck.load(folder, {"model": self.dmp.state_dict()}).get("updates", 0)
         for a, v in self._pairs():
             a.copy_(v)

@@ -220,7 +220,7 @@ def run_rank(job: TrainJob) -> None:
             ck.load(best_folder, {"model": dmp.state_dict()})
             best = ck.local_pieces(dmp.state_dict())
         if job.average:
-            average = WeightAverage(dmp, job.average)
+            average = WeightAverage(dmp, job.average, job.valid_every or sp.steps_per_epoch)
             if meta.get("average"):
                 average.load(ckpt_root / meta["average"])
         ck.load(resume, {"model": dmp.state_dict(), "optim": opt.state_dict()["state"]})
@@ -241,7 +241,7 @@ def run_rank(job: TrainJob) -> None:
             if torch.is_tensor(st.get("step")):
                 st["step"].zero_()
         if job.average:
-            average = WeightAverage(dmp, job.average)
+            average = WeightAverage(dmp, job.average, job.valid_every or sp.steps_per_epoch)
 
     every = job.valid_every or sp.steps_per_epoch
     losses: list[float] = []

@@ -19,22 +19,31 @@ from recsys.testing import random_examples, write_examples
 from recsys.train import initial_state
 
 
-def test_the_average_is_an_ema_that_swaps_in_and_out_and_thins_out_on_big_models(
+def test_the_average_is_a_normalised_ema_that_swaps_in_and_out_and_thins_out_on_big_models(
         monkeypatch):
     torch.manual_seed(0)
     m = torch.nn.Linear(3, 2)
     w0 = m.weight.detach().clone()
     avg = WeightAverage(m, 0.9)
-    assert avg.every == 1
+    assert avg.every == 1 and avg.decay == pytest.approx(0.9)
     with torch.no_grad():
         m.weight.add_(1.0)
     avg.update(1)
-    torch.testing.assert_close(avg.avg["weight"], w0 + 0.1)
+    # The first update takes the live weights whole (the initial ones never weigh in).
+    torch.testing.assert_close(avg.avg["weight"], w0 + 1.0)
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    avg.update(2)
+    # (0.9 (w0 + 1) + (w0 + 2)) / 1.9
+    torch.testing.assert_close(avg.avg["weight"], w0 + 2.9 / 1.9)
     torch.testing.assert_close(avg.avg["bias"], m.bias.detach())   # unmoved: exactly itself
     live = avg.swap_in()
-    torch.testing.assert_close(m.weight.detach(), w0 + 0.1)
+    torch.testing.assert_close(m.weight.detach(), w0 + 2.9 / 1.9)
     avg.swap_out(live)
-    torch.testing.assert_close(m.weight.detach(), w0 + 1.0)
+    torch.testing.assert_close(m.weight.detach(), w0 + 2.0)
+    # The horizon is at most one validation interval.
+    assert WeightAverage(m, 0.99, max_horizon=10).decay == pytest.approx(0.9)
+    assert WeightAverage(m, 0.99, max_horizon=1000).decay == pytest.approx(0.99)
 
     # 8 values over a budget of 4 per update: every 2nd step, with the decay squared so the
     # horizon in steps stays the same.
@@ -47,7 +56,11 @@ def test_the_average_is_an_ema_that_swaps_in_and_out_and_thins_out_on_big_models
     avg.update(1)
     torch.testing.assert_close(avg.avg["weight"], before)
     avg.update(2)
-    torch.testing.assert_close(avg.avg["weight"], before + 0.19)
+    torch.testing.assert_close(avg.avg["weight"], before + 1.0)
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    avg.update(4)
+    torch.testing.assert_close(avg.avg["weight"], before + 1.0 + 1.0 / 1.81)
     with pytest.raises(ValueError, match="train.average"):
         WeightAverage(m, 1.0)
 
@@ -59,9 +72,10 @@ def _load(folder, job):
 
 
 def test_a_trained_arm_keeps_the_average_of_its_weights_in_checkpoints_and_model(tmp_path):
-    """Train 4 steps with ``average`` 0.5 and a checkpoint after every step: each
-    ``average_<N>`` folder is half the previous average plus half the live weights of
-    ``step_<N>``, and the saved model is the average, not the last weights."""
+    """Train 4 steps with ``average`` 0.5 and a checkpoint after every step: ``average_1`` is
+    the live weights of ``step_1``, each later ``average_<N>`` the previous average moved by
+    w_N = 0.5 / (1 - 0.5^N) towards the live weights of ``step_<N>``, and the saved model is
+    the average, not the last weights."""
     spec = build_spec("codes", dim=8, history_len=5, levels=2, codes_per_level=8, n_items=50,
                       n_users=20, vq_k=3)
     train = write_examples(tmp_path / "train", random_examples(1280, seed=1))
@@ -74,19 +88,20 @@ def test_a_trained_arm_keeps_the_average_of_its_weights_in_checkpoints_and_model
     job = make_job(spec, cfg, train, ev, out)
     prev = initial_state(job)
     for n in (1, 2, 3):
+        w = 0.5 / (1 - 0.5 ** n)
         assert ck.read_meta(out / "checkpoints" / f"step_{n}")["average"] == f"average_{n}"
         live = _load(out / "checkpoints" / f"step_{n}", job)
         got = _load(out / "checkpoints" / f"average_{n}", job)
         moved = 0
         for k, a in got.items():
             if a.is_floating_point():
-                torch.testing.assert_close(a, 0.5 * prev[k] + 0.5 * live[k], msg=k)
+                torch.testing.assert_close(a, (1 - w) * prev[k] + w * live[k], msg=k)
                 moved += int(not torch.equal(live[k], prev[k]))
         assert moved > 0
         prev = got
     # Averaging leaves the training path alone: the same run without it steps through the
     # same live weights, and ends at the live weights of step 4 (no validation). The saved
-    # model with averaging is half average_3 plus half of those.
+    # model with averaging is average_3 moved by w_4 = 8/15 towards those.
     plain = tmp_path / "plain"
     train_arm(spec, dataclasses.replace(cfg, average=0.0), train, ev, plain, quiet=True)
     for k, a in _load(plain / "checkpoints" / "step_3", job).items():
@@ -94,7 +109,7 @@ def test_a_trained_arm_keeps_the_average_of_its_weights_in_checkpoints_and_model
     live4, final = load_trained(plain).state_dict(), load_trained(out).state_dict()
     for k, a in final.items():
         if a.is_floating_point():
-            torch.testing.assert_close(a, 0.5 * prev[k] + 0.5 * live4[k], msg=k)
+            torch.testing.assert_close(a, (7 * prev[k] + 8 * live4[k]) / 15, msg=k)
 
 
 def test_an_average_outside_0_1_is_a_clear_error(tmp_path):
