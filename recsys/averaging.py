@@ -39,7 +39,7 @@ VALUES_PER_UPDATE = 1 << 22
 
 def _views(state: dict) -> dict[str, Any]:
     """path -> the rank-local tensor(s) of every averaged weight (views, not copies)."""
-    sharded = ck._sharded_type()
+    sharded = ck.sharded_type()
     out: dict[str, Any] = {}
     for path, v in ck.flatten(state).items():
         if path.endswith("frozen_table"):
@@ -102,15 +102,19 @@ class WeightAverage:
             a.lerp_(live, w)                  # exact where a row did not move
 
     @torch.no_grad()
-    def swap_in(self) -> dict[str, Any]:
-        """Put the average into the model; returns the live weights for :meth:`swap_out`."""
-        live = ck.local_pieces(self.dmp.state_dict())
+    def swap_in(self) -> list[torch.Tensor]:
+        """Put the average into the model; returns the live weights for :meth:`swap_out`
+        (copies of the averaged ones only: the frozen table and integer buffers stay put)."""
+        live = []
         for a, v in self._pairs():
+            live.append(v.clone())
             v.copy_(a)
         return live
 
-    def swap_out(self, live: dict[str, Any]) -> None:
-        ck.restore_local(self.dmp.state_dict(), live)
+    @torch.no_grad()
+    def swap_out(self, live: list[torch.Tensor]) -> None:
+        for (_, v), saved in zip(self._pairs(), live):
+            v.copy_(saved)
 
     # Checkpoints: the average goes through the model's own (sharded) state dict, so DCP
     # reshards it like the weights when a run resumes on another number of ranks.

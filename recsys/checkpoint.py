@@ -45,7 +45,7 @@ def save_state(model: torch.nn.Module, path: Path) -> str:
     return str(path)
 
 
-def _sharded_type():
+def sharded_type():
     # TorchRec's sharded tables are ShardedTensors; torchrec re-exports the class.
     from torchrec.distributed.types import ShardedTensor
 
@@ -67,7 +67,7 @@ def local_pieces(state: dict) -> dict[str, Any]:
     """Detached copies of the rank-local content of a (nested) state dict: the local shards of
     every sharded tensor, the whole of every plain tensor (kept in memory, e.g. the best
     validation's weights)."""
-    sharded = _sharded_type()
+    sharded = sharded_type()
     out: dict[str, Any] = {}
     for path, v in flatten(state).items():
         if isinstance(v, sharded):
@@ -79,7 +79,7 @@ def local_pieces(state: dict) -> dict[str, Any]:
 
 def restore_local(state: dict, pieces: dict[str, Any]) -> None:
     """Copy :func:`local_pieces` of the same model back in place."""
-    sharded = _sharded_type()
+    sharded = sharded_type()
     with torch.no_grad():
         for path, v in flatten(state).items():
             if isinstance(v, sharded):
@@ -93,7 +93,7 @@ def copy_full(dst: Any, full: torch.Tensor) -> None:
     """Copy a full (unsharded) tensor into ``dst``: the rank's shards of a sharded tensor (each
     at its offsets), or the whole of a plain tensor. Used for the seeded initial state, which
     every rank computes whole."""
-    if isinstance(dst, _sharded_type()):
+    if isinstance(dst, sharded_type()):
         for s in dst.local_shards():
             idx = tuple(slice(o, o + n) for o, n in zip(s.metadata.shard_offsets,
                                                          s.tensor.shape))
