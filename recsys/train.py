@@ -206,6 +206,7 @@ def run_rank(job: TrainJob) -> None:
     dense_opt.init_state()            # so a checkpoint's Adam state has tensors to land in
     start = 0
     average = None
+    every = job.valid_every or sp.steps_per_epoch
     # Validation runs whenever there are validation files (keeping the best weights); patience
     # 0 only turns off stopping.
     validating = bool(job.valid_files)
@@ -220,7 +221,7 @@ def run_rank(job: TrainJob) -> None:
             ck.load(best_folder, {"model": dmp.state_dict()})
             best = ck.local_pieces(dmp.state_dict())
         if job.average:
-            average = WeightAverage(dmp, job.average, job.valid_every or sp.steps_per_epoch)
+            average = WeightAverage(dmp, job.average, every)
             if meta.get("average"):
                 average.load(ckpt_root / meta["average"])
         ck.load(resume, {"model": dmp.state_dict(), "optim": opt.state_dict()["state"]})
@@ -241,9 +242,8 @@ def run_rank(job: TrainJob) -> None:
             if torch.is_tensor(st.get("step")):
                 st["step"].zero_()
         if job.average:
-            average = WeightAverage(dmp, job.average, job.valid_every or sp.steps_per_epoch)
+            average = WeightAverage(dmp, job.average, every)
 
-    every = job.valid_every or sp.steps_per_epoch
     losses: list[float] = []
     if validating and job.init_from and start == 0 and resume is None:
         # A warm start's own weights are a candidate too: when training on the new data only
