@@ -16,7 +16,10 @@ MLP; only the embedding lookups differ):
 
 Ratios: torchrec_1rank / plain_sparse_adam (target >= 1.0), torchrec_1rank / plain_dense
 (target >= 2.5), torchrec_2ranks / torchrec_1rank (target >= 1.3), the last at the default global
-batch and at each of ``--scale-batches`` (the same global batch for both: strong scaling). Every
+batch and at each of ``--scale-batches`` (the same global batch for both: strong scaling). At
+each of those batches ``independent_2x1thread`` trains two one-thread processes at half the batch
+at once, with no communication: ``scaling_bound``'s ``ratio_without_communication`` (their
+examples/s summed over one rank's) is the most any 2-rank layout can reach on these cores. Every
 variant sees each row at most once (the examples are as many as the longest run needs), so no
 batch size can memorise its rows; every variant's loss must fall (the correctness check). A
 2-rank step issues about 14 gloo collectives whose latency does not shrink with the batch, so
@@ -293,6 +296,21 @@ def main() -> None:
             raise SystemExit(f"{variant} failed:\n{p.stderr[-3000:]}")
         return json.loads(p.stdout.strip().splitlines()[-1])
 
+    def independent(batch: int, steps: int) -> dict:
+        # What the cores allow with no communication at all: two one-thread processes, each
+        # at half the global batch, trained at once (they share the memory bandwidth and
+        # caches as 2 ranks do). Their examples/s summed bounds any 2-rank layout.
+        from recsys.launch import run_concurrently
+
+        both = run_concurrently(lambda k: torchrec(1, 1, f"ind{batch}_{k}", steps=2 * steps,
+                                                   batch=batch // 2), [0, 1], 2)
+        return {"examples_per_second": sum(r["examples_per_second"] for r in both),
+                "per_process": [r["examples_per_second"] for r in both],
+                "global_batch": batch,
+                # Conservative for the correctness check: the worst end below the best start.
+                "first_loss": min(r["first_loss"] for r in both),
+                "final_loss": max(r["final_loss"] for r in both)}
+
     runs = {
         "torchrec_1rank": lambda: torchrec(1, args.threads, "tr1"),
         "torchrec_2ranks": lambda: torchrec(2, 1, "tr2"),
@@ -305,6 +323,8 @@ def main() -> None:
             runs[f"torchrec_{ranks}rank{'s' if ranks > 1 else ''}_batch{big}"] = (
                 lambda r=ranks, th=threads, b=big, st=scale_steps[big]:
                 torchrec(r, th, f"b{b}r{r}", steps=st, batch=b))
+        runs[f"independent_2x1thread_batch{big}"] = (
+            lambda b=big, st=scale_steps[big]: independent(b, st))
     if args.fresh_ranks:       # the same runs with ranks started as fresh interpreters
         for name in [n for n in runs if n.startswith("torchrec_")]:
             ranks = 2 if "2ranks" in name else 1
@@ -375,6 +395,10 @@ def main() -> None:
         c1, c2 = cpu_us(one), cpu_us(two)
         bound[two] = {"cpu_us_per_example_1rank": c1, "cpu_us_per_example_2ranks": c2,
                       "ratio_if_never_waiting": 2 * 1e6 / c2 / eps(one)}
+        ind = one.replace("torchrec_1rank", "independent_2x1thread")
+        if ind in results:
+            # The ceiling of any 2-rank layout on these cores: no collectives, no waits.
+            bound[two]["ratio_without_communication"] = eps(ind) / eps(one)
     # Correctness: every variant trained (finite loss, lower at the end than at the start).
     learned = {name: bool(math.isfinite(r["final_loss"]) and r["final_loss"] < r["first_loss"])
                for name, r in results.items() if name != "torchrec_1rank_profile"}
