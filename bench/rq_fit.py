@@ -196,12 +196,14 @@ def assign_case(n, d, pool, k_vq, repeats=3):
     spark.stop()
     local_codes = pq.read_table(tmp / "codes_local.parquet").sort_by("item_id")
     spark_codes = pq.read_table(tmp / "codes_spark.parquet").sort_by("item_id")
-    agree = (local_codes.num_rows == spark_codes.num_rows == n
-             and np.array_equal(local_codes.column("item_id").to_numpy(),
-                                spark_codes.column("item_id").to_numpy())
-             and all(np.array_equal(local_codes.column(c).combine_chunks().flatten(),
-                                    spark_codes.column(c).combine_chunks().flatten())
-                     for c in ("rq", "vq")))
+    same_rows = (local_codes.num_rows == spark_codes.num_rows == n
+                 and np.array_equal(local_codes.column("item_id").to_numpy(),
+                                    spark_codes.column("item_id").to_numpy()))
+    vq_check = compare_vq(local_codes, spark_codes, x, cb.vq.pool_vectors, k_vq) if same_rows \
+        else {"agree": False}
+    agree = (same_rows and np.array_equal(local_codes.column("rq").combine_chunks().flatten(),
+                                          spark_codes.column("rq").combine_chunks().flatten())
+             and vq_check["agree"])
     local_s, spark_s = min(local_t), min(spark_t)
     return {"items": n, "d": d, "vq_pool": pool, "vq_k": k_vq, "rq": "3 x 256",
             "repeats": repeats, "single_process_seconds": [round(t, 2) for t in local_t],
@@ -209,7 +211,34 @@ def assign_case(n, d, pool, k_vq, repeats=3):
             "single_process_items_per_s": round(n / local_s),
             "spark_items_per_s": round(n / spark_s),
             "ratio_spark_over_single_process": round(local_s / spark_s, 3),
-            "target_ratio": 0.8, "codes_agree": bool(agree)}
+            "target_ratio": 0.8, "codes_agree": bool(agree), "vq": vq_check}
+
+
+def compare_vq(a, b, x: np.ndarray, pool: np.ndarray, k: int, tol: float = 1e-5) -> dict:
+    """Whether two writers gave every item the same VQ code: the *set* of its k nearest pool
+    items (the ranker pools it as a bag). Its order is the search's rank order, and a search
+    split into other batches or threads (Spark tasks against one process) rounds the scores
+    differently, so neighbours whose scores tie may come in another order, or swap across the
+    k-th place: a set may differ only by items whose inner products with the item are within
+    ``tol`` of the k-th neighbour's (either choice is then a nearest set)."""
+    va = np.asarray(a.column("vq").combine_chunks().flatten()).reshape(-1, k)
+    vb = np.asarray(b.column("vq").combine_chunks().flatten()).reshape(-1, k)
+    differ = np.flatnonzero(np.any(va != vb, axis=1))
+    other_order, boundary, bad = 0, 0, 0
+    for i in differ:
+        sa, sb = set(va[i].tolist()), set(vb[i].tolist())
+        if sa == sb:
+            other_order += 1
+            continue
+        scores = pool[va[i]] @ x[i]
+        kth = scores.min()
+        swapped = np.array(sorted(sa ^ sb))
+        if np.all(np.abs(pool[swapped] @ x[i] - kth) <= tol):
+            boundary += 1
+        else:
+            bad += 1
+    return {"agree": bad == 0, "rows_in_another_order": other_order,
+            "rows_swapped_at_a_tie": boundary, "rows_with_other_neighbours": bad}
 
 
 def main() -> None:
